@@ -1,0 +1,112 @@
+"""saelab's own format, which is SAELens's: `cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from saelab.config import ConfigError, to_dict
+from saelab.io.atomic import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from saelab.saes.base import SAE
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+
+
+class FileFormatError(ValueError):
+    """A file that is missing, truncated, corrupt or inconsistent with its config."""
+
+
+def save_sae(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Path:
+    """Write an SAE directory. `sparsity` is the log10 firing density of each latent, when known."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path / WEIGHTS_FILE, safetensors_bytes(sae.weights_for_saving()))
+    if sparsity is not None:
+        atomic_write_bytes(path / SPARSITY_FILE, safetensors_bytes({"sparsity": sparsity.detach().float().cpu()}))
+    # The config goes last: a directory with a cfg.json has its weights.
+    atomic_write_text(path / CFG_FILE, json.dumps(to_dict(sae.cfg), indent=2))
+    return path
+
+
+def read_safetensors(file: Path) -> dict[str, Tensor]:
+    """Tensors of a safetensors file, or a FileFormatError that names the file."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise FileFormatError(f"{file}: file not found") from None
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise FileFormatError(f"{file}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+
+
+def read_json(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileFormatError(f"{file}: file not found") from None
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{file}: not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{file}: invalid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> "SAE":
+    """Load an SAE directory written by `save_sae` (any architecture), exactly as it was saved."""
+    from saelab.saes.base import make_config, sae_from_config
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileFormatError(f"{path}: not a directory containing {CFG_FILE} and {WEIGHTS_FILE}")
+    options = read_json(path / CFG_FILE)
+    if device is not None:
+        options["device"] = device
+    if dtype is not None:
+        options["dtype"] = dtype
+    try:
+        cfg = make_config(options)
+    except ConfigError as e:
+        raise FileFormatError(f"{path / CFG_FILE}: {e}") from None
+    sae = sae_from_config(cfg)
+    weights = read_safetensors(path / WEIGHTS_FILE)
+    check_weights(sae, weights, path / WEIGHTS_FILE)
+    sae.load_saved_weights({name: t.to(device=sae.device) for name, t in weights.items()})
+    return sae
+
+
+def check_weights(sae: "SAE", weights: dict[str, Tensor], file: Path) -> None:
+    """Raise FileFormatError unless `weights` has exactly the SAE's tensors with the SAE's shapes."""
+    expected = {name: tuple(t.shape) for name, t in sae.weights_for_saving().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise FileFormatError(
+            f"{file}: tensors do not match a {sae.cfg.architecture} SAE: missing {missing}, unexpected {unexpected}"
+        )
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise FileFormatError(
+                f"{file}: '{name}' has shape {tuple(weights[name].shape)} but cfg.json implies {shape}"
+            )
+
+
+def load_sparsity(path: str | Path) -> Tensor | None:
+    """The saved log10 feature density of an SAE directory, or None when it has none."""
+    file = Path(path) / SPARSITY_FILE
+    return read_safetensors(file)["sparsity"] if file.exists() else None

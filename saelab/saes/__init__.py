@@ -1,0 +1,26 @@
+"""SAE architectures, one per file, each registered by name."""
+
+from saelab.saes import batchtopk, gated, jumprelu, matryoshka, standard, topk  # noqa: F401  (registers them)
+from saelab.saes.base import (
+    SAE,
+    SAEConfig,
+    TrainOutput,
+    architecture_class,
+    available_architectures,
+    create_sae,
+    make_config,
+    register,
+    sae_from_config,
+)
+
+__all__ = [
+    "SAE",
+    "SAEConfig",
+    "TrainOutput",
+    "architecture_class",
+    "available_architectures",
+    "create_sae",
+    "make_config",
+    "register",
+    "sae_from_config",
+]

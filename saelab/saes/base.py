@@ -1,0 +1,347 @@
+"""The SAE interface shared by every architecture, its config, and the registry of architectures.
+
+Parameter names and shapes follow SAELens / SAEBench: `W_enc (d_in, d_sae)`, `W_dec (d_sae, d_out)`,
+`b_enc (d_sae)`, `b_dec (d_out)`, so encoding is `x @ W_enc + b_enc` and decoding `z @ W_dec + b_dec`.
+An SAE whose output is another activation than its input (`transcoder`) is the same module with `d_out`
+and, optionally, a linear skip connection `W_skip (d_out, d_in)`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from saelab.config import ConfigError, from_dict, unknown_key_error
+
+Normalization = Literal["none", "expected_average_only_in", "layer_norm"]
+
+
+@dataclass
+class SAEConfig:
+    """Shape, wiring and normalisation shared by every architecture."""
+
+    d_in: int
+    """Width of the activations the SAE reads."""
+    d_sae: int
+    """Number of latents in the dictionary."""
+    architecture: str = "standard"
+    """Registered architecture name (see `saelab.available_architectures()`)."""
+    d_out: int | None = None
+    """Width of the activations it reconstructs; defaults to d_in. Differing from d_in makes a transcoder."""
+    transcoder: bool = False
+    """Reconstruct a different activation (hook_name_out) than the one read; implied by d_out != d_in or skip."""
+    skip_connection: bool = False
+    """Add a learned linear map of the input to the output (W_skip), as in skip transcoders."""
+    apply_b_dec_to_input: bool | None = None
+    """Subtract b_dec from the input before encoding; defaults to true for SAEs and false for transcoders."""
+    normalize_activations: Normalization = "none"
+    """'none'; 'expected_average_only_in' (scale inputs so E||x|| = sqrt(d_in) while training, folded into the
+    weights on save); or 'layer_norm' (normalise each input, undo it on the output)."""
+    decoder_init_norm: float | None = None
+    """Norm of each decoder row at initialisation; None uses the architecture's default."""
+    normalize_decoder: bool | None = None
+    """Keep decoder rows at unit norm during training (parallel gradient removed, rows renormalised after each
+    step); None uses the architecture's default."""
+    b_dec_init: Literal["zeros", "mean", "geometric_median"] = "zeros"
+    """How the trainer initialises b_dec from a sample of targets before training."""
+    dtype: str = "float32"
+    """Parameter dtype."""
+    device: str = "cpu"
+    """Parameter device."""
+    model_name: str | None = None
+    """Name or path of the model whose activations the SAE reads."""
+    hook_name: str | None = None
+    """Hook point the SAE reads."""
+    hook_layer: int | None = None
+    """Layer index of hook_name."""
+    hook_name_out: str | None = None
+    """Hook point a transcoder reconstructs."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (dataset, context size, training settings)."""
+
+    def __post_init__(self) -> None:
+        if self.d_out is None:
+            self.d_out = self.d_in
+        self.transcoder = bool(
+            self.transcoder or self.d_out != self.d_in or self.skip_connection or self.hook_name_out
+        )
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = not self.transcoder
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work together."""
+        for name in ("d_in", "d_sae", "d_out"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.apply_b_dec_to_input and self.transcoder:
+            raise ConfigError("apply_b_dec_to_input needs an SAE, not a transcoder: b_dec lives in output space")
+        if self.normalize_activations == "layer_norm" and self.transcoder:
+            raise ConfigError("normalize_activations='layer_norm' is only defined for SAEs, not transcoders")
+        try:
+            getattr(torch, self.dtype)
+        except AttributeError:
+            raise ConfigError(f"unknown dtype '{self.dtype}'") from None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class TrainOutput:
+    """What one training forward pass produces; losses read from it."""
+
+    sae_in: Tensor
+    hidden_pre: Tensor
+    latents: Tensor
+    output: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SAE(nn.Module):
+    """Base class: a dictionary that encodes activations into latents and decodes them back.
+
+    Architectures override `activate` (latents from pre-activations) and, where they differ, the loss hooks
+    `sparsity_loss` and `auxiliary_loss`. Everything else (wiring, normalisation, folding, saving) is shared.
+    """
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    architecture: ClassVar[str] = ""
+    default_decoder_init_norm: ClassVar[float] = 0.1
+    default_normalize_decoder: ClassVar[bool] = False
+    sparsity_coefficient_name: ClassVar[str | None] = None  # config field weighting `sparsity_loss`
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._layer_norm_stats: tuple[Tensor, Tensor] | None = None
+        self.create_parameters()
+        self.reset_parameters()
+
+    # ----- parameters --------------------------------------------------------------------------------
+    def _empty(self, *shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.zeros(*shape, dtype=self.cfg.torch_dtype, device=self.cfg.device))
+
+    def create_parameters(self) -> None:
+        c = self.cfg
+        self.W_enc = self._empty(c.d_in, c.d_sae)
+        self.b_enc = self._empty(c.d_sae)
+        self.W_dec = self._empty(c.d_sae, c.d_out)
+        self.b_dec = self._empty(c.d_out)
+        if c.skip_connection:
+            self.W_skip = self._empty(c.d_out, c.d_in)
+
+    @property
+    def decoder_init_norm(self) -> float:
+        return self.cfg.decoder_init_norm or self.default_decoder_init_norm
+
+    @property
+    def normalize_decoder(self) -> bool:
+        flag = self.cfg.normalize_decoder
+        return self.default_normalize_decoder if flag is None else flag
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit decoder directions scaled to `decoder_init_norm`; the encoder is their transpose."""
+        directions = torch.randn_like(self.W_dec)
+        self.W_dec.copy_(directions / directions.norm(dim=1, keepdim=True) * self.decoder_init_norm)
+        if self.cfg.d_in == self.cfg.d_out:
+            self.W_enc.copy_(self.W_dec.T)
+        else:
+            directions = torch.randn_like(self.W_enc)
+            self.W_enc.copy_(directions / directions.norm(dim=0, keepdim=True) * self.decoder_init_norm)
+
+    # ----- the interface -----------------------------------------------------------------------------
+    def _sae_input(self, x: Tensor) -> Tensor:
+        if self.cfg.normalize_activations == "layer_norm":
+            mean = x.mean(dim=-1, keepdim=True)
+            std = (x - mean).pow(2).mean(dim=-1, keepdim=True).add(1e-5).sqrt()
+            self._layer_norm_stats = (mean, std)
+            x = (x - mean) / std
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x
+
+    def pre_activation(self, sae_in: Tensor) -> Tensor:
+        """Encoder pre-activations of an already centred/normalised input."""
+        return sae_in @ self.W_enc + self.b_enc
+
+    def activate(self, hidden_pre: Tensor) -> Tensor:
+        """Latents from pre-activations. Overridden by each architecture."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations `(..., d_sae)` of inputs `(..., d_in)`."""
+        return self.activate(self.pre_activation(self._sae_input(x)))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Reconstruction `(..., d_out)` from latents (without the skip connection, which needs the input)."""
+        return self._sae_output(latents @ self.W_dec + self.b_dec)
+
+    def _sae_output(self, out: Tensor) -> Tensor:
+        """Undo input normalisation on a decoded output."""
+        if self.cfg.normalize_activations == "layer_norm" and self._layer_norm_stats is not None:
+            mean, std = self._layer_norm_stats
+            out = out * std + mean
+        return out
+
+    def skip(self, x: Tensor) -> Tensor | None:
+        return x @ self.W_skip.T if self.cfg.skip_connection else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of `x` (or, for a transcoder, prediction of its target)."""
+        out = self.decode(self.encode(x))
+        skip = self.skip(x)
+        return out if skip is None else out + skip
+
+    # ----- training ----------------------------------------------------------------------------------
+    def training_forward(self, x: Tensor) -> TrainOutput:
+        """Forward pass that keeps what the losses need."""
+        sae_in = self._sae_input(x)
+        hidden_pre = self.pre_activation(sae_in)
+        latents = self.activate(hidden_pre)
+        output = self.decode(latents)
+        skip = self.skip(x)
+        if skip is not None:
+            output = output + skip
+        return TrainOutput(sae_in=sae_in, hidden_pre=hidden_pre, latents=latents, output=output)
+
+    def reconstruction_loss(self, out: TrainOutput, target: Tensor) -> Tensor:
+        """Squared error summed over the activation dimension, averaged over tokens (as in SAELens)."""
+        return (out.output - target).pow(2).sum(dim=-1).mean()
+
+    def sparsity_loss(self, out: TrainOutput) -> Tensor | None:
+        """Unweighted sparsity penalty, or None when the architecture enforces sparsity by construction."""
+        return None
+
+    def auxiliary_loss(self, out: TrainOutput, target: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+        """Unweighted auxiliary loss (gated's gate reconstruction, TopK's AuxK), or None."""
+        return None
+
+    @property
+    def sparsity_coefficient(self) -> float:
+        name = self.sparsity_coefficient_name
+        return float(getattr(self.cfg, name)) if name else 0.0
+
+    @property
+    def aux_coefficient(self) -> float:
+        return float(getattr(self.cfg, "aux_coefficient", 0.0))
+
+    def update_after_step(self, out: TrainOutput) -> None:
+        """Non-gradient state updates after an optimiser step (e.g. BatchTopK's running threshold)."""
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each decoder row, so unit-norm rows stay on the sphere."""
+        if self.W_dec.grad is None:
+            return
+        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        parallel = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * rows
+
+    @torch.no_grad()
+    def normalize_decoder_rows(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def initialize_b_dec(self, sample: Tensor) -> None:
+        """Set b_dec from a sample of targets, as `cfg.b_dec_init` says."""
+        from saelab.saes.init import geometric_median
+
+        if self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(sample.mean(dim=0))
+        elif self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(sample.to(self.b_dec)))
+
+    # ----- normalisation folding and saving ----------------------------------------------------------
+    @torch.no_grad()
+    def fold_activation_scale(self, in_scale: float, out_scale: float | None = None) -> None:
+        """Make an SAE trained on `x * in_scale` (targets `* out_scale`) work on raw activations.
+
+        Latents are unchanged; only weights move: pre-activations of `x` through `in_scale * W_enc` equal
+        those of the scaled input, and dividing the decoder by `out_scale` returns outputs to raw units.
+        """
+        out_scale = in_scale if out_scale is None else out_scale
+        self.W_enc *= in_scale
+        self.W_dec /= out_scale
+        self.b_dec /= out_scale
+        if self.cfg.skip_connection:
+            self.W_skip *= in_scale / out_scale
+        self.fold_extra(in_scale, out_scale)
+
+    def fold_extra(self, in_scale: float, out_scale: float) -> None:
+        """Architecture-specific part of folding (none by default)."""
+
+    def weights_for_saving(self) -> dict[str, Tensor]:
+        """Tensors under their SAELens names."""
+        return {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+
+    def load_saved_weights(self, weights: dict[str, Tensor]) -> None:
+        """Inverse of `weights_for_saving`."""
+        self.load_state_dict(weights, strict=True)
+
+    def save(self, path: str, sparsity: Tensor | None = None) -> None:
+        """Write `cfg.json`, `sae_weights.safetensors` (and `sparsity.safetensors`) to directory `path`."""
+        from saelab.io.saelens_format import save_sae
+
+        save_sae(self, path, sparsity=sparsity)
+
+    def clone(self) -> "SAE":
+        return copy.deepcopy(self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+
+# ----- registry ----------------------------------------------------------------------------------------
+_ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def register(name: str):
+    """Class decorator adding an architecture under `name`."""
+
+    def add(cls: type[SAE]) -> type[SAE]:
+        cls.architecture = name
+        _ARCHITECTURES[name] = cls
+        return cls
+
+    return add
+
+
+def available_architectures() -> list[str]:
+    """Names accepted by `create_sae`."""
+    return sorted(_ARCHITECTURES)
+
+
+def architecture_class(name: str) -> type[SAE]:
+    if name not in _ARCHITECTURES:
+        raise unknown_key_error(name, _ARCHITECTURES, "architectures")
+    return _ARCHITECTURES[name]
+
+
+def make_config(options: dict[str, Any]) -> SAEConfig:
+    """Validated config of the right architecture class from a plain dict (YAML, cfg.json, kwargs)."""
+    options = dict(options)
+    name = options.setdefault("architecture", "standard")
+    cls = architecture_class(name)
+    return from_dict(cls.config_class, options, where=f"SAE config ({name})")
+
+
+def create_sae(architecture: str, d_in: int, d_sae: int, **options: Any) -> SAE:
+    """A freshly initialised SAE, e.g. `create_sae("topk", d_in=576, d_sae=4608, k=32)`."""
+    cfg = make_config({"architecture": architecture, "d_in": d_in, "d_sae": d_sae, **options})
+    return sae_from_config(cfg)
+
+
+def sae_from_config(cfg: SAEConfig) -> SAE:
+    return architecture_class(cfg.architecture)(cfg)

@@ -1,0 +1,109 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024): a latent passes only above its own learned threshold.
+
+The threshold is trained in log space (positive, scale-free steps) through straight-through estimators:
+the step function's derivative is replaced by a rectangle kernel of width `bandwidth` around the threshold,
+so only pre-activations within bandwidth/2 of a threshold move it. Sparsity is an L0 penalty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
+
+
+def rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """x * H(x - threshold); d/dthreshold = -(threshold / bandwidth) * K((x - threshold) / bandwidth)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return x * (x > threshold).to(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, threshold = ctx.saved_tensors
+        kernel = rectangle((x - threshold) / ctx.bandwidth)
+        grad_x = (x > threshold).to(x) * grad
+        grad_threshold = (-(threshold / ctx.bandwidth) * kernel * grad).reshape(-1, x.shape[-1]).sum(0)
+        return grad_x, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(x - threshold); d/dthreshold = -(1 / bandwidth) * K((x - threshold) / bandwidth)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return (x > threshold).to(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        x, threshold = ctx.saved_tensors
+        kernel = rectangle((x - threshold) / ctx.bandwidth)
+        grad_threshold = (-(1.0 / ctx.bandwidth) * kernel * grad).reshape(-1, x.shape[-1]).sum(0)
+        return None, grad_threshold, None
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    l0_coefficient: float = 1.0
+    """Weight of the (straight-through) L0 penalty."""
+    bandwidth: float = 0.05
+    """Width of the rectangle kernel that estimates the threshold's gradient."""
+    init_threshold: float = 0.1
+    """Threshold of every latent at initialisation (in normalised units). Lower starts (SAELens uses 0.01) need
+    many thousands of steps for the threshold to climb to the pre-activation scale; 0.1 converges in hundreds."""
+
+
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    config_class = JumpReLUConfig
+    sparsity_coefficient_name = "l0_coefficient"
+
+    def create_parameters(self) -> None:
+        super().create_parameters()
+        init = torch.full((self.cfg.d_sae,), math.log(self.cfg.init_threshold), dtype=self.cfg.torch_dtype)
+        self.log_threshold = torch.nn.Parameter(init.to(self.cfg.device))
+        # The exact threshold used outside training and written to disk. A log parameter cannot hold
+        # every float threshold exactly, so loading a file sets this buffer rather than exp(log).
+        self.register_buffer("threshold", init.exp().to(self.cfg.device))
+
+    def current_threshold(self) -> Tensor:
+        return self.log_threshold.exp() if self.training else self.threshold
+
+    def activate(self, hidden_pre: Tensor) -> Tensor:
+        if self.training:
+            return _JumpReLU.apply(hidden_pre, self.log_threshold.exp(), self.cfg.bandwidth)
+        return torch.relu(hidden_pre) * (hidden_pre > self.threshold).to(hidden_pre)
+
+    def sparsity_loss(self, out: TrainOutput) -> Tensor:
+        fired = _Step.apply(out.hidden_pre, self.log_threshold.exp(), self.cfg.bandwidth)
+        return fired.sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_after_step(self, out: TrainOutput) -> None:
+        self.threshold.copy_(self.log_threshold.exp())
+
+    def weights_for_saving(self) -> dict[str, Tensor]:
+        weights = super().weights_for_saving()
+        del weights["log_threshold"]
+        return weights
+
+    @torch.no_grad()
+    def load_saved_weights(self, weights: dict[str, Tensor]) -> None:
+        threshold = weights["threshold"]
+        # A threshold <= 0 acts as 0 after the ReLU; log(0) = -inf and exp(-inf) = 0 keep that exactly.
+        self.log_threshold.data = threshold.clamp_min(0).log().to(self.log_threshold)
+        super().load_saved_weights({**weights, "log_threshold": self.log_threshold.data})

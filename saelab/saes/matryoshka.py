@@ -1,0 +1,55 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025): nested prefixes of the dictionary must each reconstruct.
+
+The first w_1 latents alone, then the first w_2, ..., then all of them, each pay their own reconstruction
+loss. Early latents therefore learn general features and later ones refine them, which curbs absorption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from saelab.config import ConfigError
+from saelab.saes.base import TrainOutput, register
+from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+
+
+@dataclass
+class MatryoshkaConfig(BatchTopKConfig):
+    matryoshka_widths: list[int] = field(default_factory=list)
+    """Sizes of the nested prefix dictionaries, increasing; d_sae is added as the last one. Empty means
+    [d_sae // 8, d_sae // 4, d_sae // 2]."""
+
+    def validate(self) -> None:
+        super().validate()
+        widths = self.prefix_widths
+        if any(w < 1 for w in widths) or widths != sorted(set(widths)) or widths[-1] != self.d_sae:
+            raise ConfigError(
+                f"matryoshka_widths must increase strictly within 1..d_sae ({self.d_sae}), got {self.matryoshka_widths}"
+            )
+
+    @property
+    def prefix_widths(self) -> list[int]:
+        widths = list(self.matryoshka_widths) or [self.d_sae // 8, self.d_sae // 4, self.d_sae // 2]
+        widths = [w for w in widths if w > 0]
+        return widths if widths and widths[-1] == self.d_sae else [*widths, self.d_sae]
+
+
+@register("matryoshka")
+class MatryoshkaSAE(BatchTopKSAE):
+    config_class = MatryoshkaConfig
+
+    def reconstruction_loss(self, out: TrainOutput, target: Tensor) -> Tensor:
+        """Sum over prefixes of each prefix's squared error; the last prefix is the whole dictionary."""
+        partial = self.b_dec
+        skip = self.skip(out.sae_in)
+        start, loss = 0, 0.0
+        for width in self.cfg.prefix_widths:
+            partial = partial + out.latents[..., start:width] @ self.W_dec[start:width]
+            start = width
+            prediction = self._sae_output(partial)
+            if skip is not None:
+                prediction = prediction + skip
+            loss = loss + (prediction - target).pow(2).sum(dim=-1).mean()
+        return loss  # type: ignore[return-value]

@@ -1,0 +1,39 @@
+"""Standard SAE: ReLU latents and an L1 penalty weighted by decoder row norms (SAELens >= 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
+
+
+@dataclass
+class StandardConfig(SAEConfig):
+    l1_coefficient: float = 5.0
+    """Weight of the L1 penalty on latents times decoder row norms."""
+    lp_norm: float = 1.0
+    """The p of the sparsity penalty (1 = L1)."""
+
+
+def decoder_weighted_lp(latents: Tensor, W_dec: Tensor, p: float) -> Tensor:
+    """Mean over tokens of the Lp norm of latents scaled by their decoder row norms.
+
+    Weighting by row norm stops the optimiser from shrinking latents and growing decoder rows to dodge
+    the penalty, so the decoder need not be constrained to unit norm.
+    """
+    return (latents * W_dec.norm(dim=1)).norm(p=p, dim=-1).mean()
+
+
+@register("standard")
+class StandardSAE(SAE):
+    config_class = StandardConfig
+    sparsity_coefficient_name = "l1_coefficient"
+
+    def activate(self, hidden_pre: Tensor) -> Tensor:
+        return torch.relu(hidden_pre)
+
+    def sparsity_loss(self, out: TrainOutput) -> Tensor:
+        return decoder_weighted_lp(out.latents, self.W_dec, self.cfg.lp_norm)

@@ -1,0 +1,74 @@
+"""TopK SAE (Gao et al. 2024): exactly the k largest pre-activations of each token fire.
+
+Sparsity is enforced by construction; AuxK feeds a reconstruction gradient to dead latents by letting the
+k_aux largest of them model the residual the live latents leave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saelab.config import ConfigError
+from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    k: int = 32
+    """Number of active latents per token."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss; None means d_sae // 2."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.k <= self.d_sae:
+            raise ConfigError(f"k must be between 1 and d_sae ({self.d_sae}), got {self.k}")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise ConfigError(f"k_aux must be positive, got {self.k_aux}")
+
+
+def keep_topk(values: Tensor, k: int) -> Tensor:
+    """Zero all but the k largest entries of each row, then ReLU."""
+    top = values.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(values).scatter_(-1, top.indices, torch.relu(top.values))
+
+
+def auxk_loss(sae: SAE, out: TrainOutput, target: Tensor, dead_mask: Tensor | None, k_aux: int) -> Tensor | None:
+    """Squared error of the dead latents' top-k_aux reconstruction of the live latents' residual.
+
+    Scaled by min(1, dead / k_aux) so that it fades as latents revive (Gao et al., appendix A.2).
+    """
+    if dead_mask is None:
+        return None
+    num_dead = int(dead_mask.sum())
+    if num_dead == 0:
+        return None
+    residual = (target - out.output).detach()
+    k_aux = min(k_aux, num_dead)
+    dead_pre = out.hidden_pre.masked_fill(~dead_mask, float("-inf"))
+    aux_latents = keep_topk(dead_pre, k_aux)
+    predicted = aux_latents @ sae.W_dec
+    scale = min(1.0, num_dead / k_aux)
+    return scale * (predicted - residual).pow(2).sum(dim=-1).mean()
+
+
+@register("topk")
+class TopKSAE(SAE):
+    config_class = TopKConfig
+    default_decoder_init_norm = 1.0
+    default_normalize_decoder = True
+
+    def activate(self, hidden_pre: Tensor) -> Tensor:
+        return keep_topk(hidden_pre, self.cfg.k)
+
+    @property
+    def k_aux(self) -> int:
+        return self.cfg.k_aux or self.cfg.d_sae // 2
+
+    def auxiliary_loss(self, out: TrainOutput, target: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+        return auxk_loss(self, out, target, dead_mask, self.k_aux)

@@ -1,0 +1,17 @@
+"""Training: one trainer, composable objectives, schedules."""
+
+from saelab.training.config import TrainConfig
+from saelab.training.objectives import Auxiliary, Objective, Reconstruction, Sparsity, StepContext, local_objectives
+from saelab.training.trainer import Trainer, TrainingDiverged
+
+__all__ = [
+    "Auxiliary",
+    "Objective",
+    "Reconstruction",
+    "Sparsity",
+    "StepContext",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "local_objectives",
+]

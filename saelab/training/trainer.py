@@ -1,0 +1,321 @@
+"""One training loop for any number of SAEs that read one stream of activation batches.
+
+Per step: take a batch, and for every SAE: forward, add up its objectives, backward, clip, Adam step, keep
+the decoder on the sphere if asked, update firing statistics. Everything that decides the rest of the run
+is in `state_dict()`, so a checkpoint continues the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelab.config import to_dict
+from saelab.data.tensor_source import Batch
+from saelab.evals.metrics import explained_variance, l0, log_feature_density
+from saelab.io.atomic import atomic_write_text
+from saelab.io.state import load_state, save_state
+from saelab.saes.base import SAE
+from saelab.training.config import TrainConfig
+from saelab.training.logging import MetricsLogger
+from saelab.training.objectives import Objective, StepContext, local_objectives
+from saelab.training.schedules import lr_factor
+
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite."""
+
+
+@dataclass
+class _Unit:
+    """One SAE being trained, with its optimiser and running statistics."""
+
+    name: str
+    sae: SAE
+    objectives: list[Objective]
+    optimizer: torch.optim.Optimizer
+    tokens_since_fired: Tensor
+    fire_counts: Tensor
+    in_scale: float = 1.0
+    out_scale: float = 1.0
+    window: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+
+def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
+    """The (input, target) pair an SAE trains on, picked out of a batch."""
+    cfg = sae.cfg
+    if isinstance(batch, Tensor):
+        if cfg.transcoder:
+            raise ValueError("a transcoder needs (input, target) batches or batches keyed by hook name")
+        return batch, batch
+    if isinstance(batch, tuple):
+        return batch[0], batch[1]
+    names = list(batch)
+    x_name = cfg.hook_name if cfg.hook_name is not None or len(names) != 1 else names[0]
+    y_name = cfg.hook_name_out if cfg.transcoder else x_name
+    for name in (x_name, y_name):
+        if name not in batch:
+            raise KeyError(f"SAE reads hook '{name}' but the batch has only: {', '.join(names)}")
+    return batch[x_name], batch[y_name]
+
+
+class Trainer:
+    """Trains SAEs on batches from an activation source. `fit` runs the loop; `finish` saves the results."""
+
+    def __init__(
+        self,
+        saes: SAE | Sequence[SAE] | Mapping[str, SAE],
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        objectives: list[Objective] | None = None,
+    ):
+        if isinstance(saes, SAE):
+            saes = {"sae": saes}
+        elif not isinstance(saes, Mapping):
+            saes = {f"sae_{i}": sae for i, sae in enumerate(saes)}
+        self.cfg = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.units = [self._make_unit(name, sae, objectives) for name, sae in saes.items()]
+        self.step = 0
+        self.tokens = 0
+        self.prepared = False
+        self._source_state: dict[str, Any] | None = None
+        self.logger: MetricsLogger | None = None
+        self.last_record: dict[str, Any] = {}
+
+    def _make_unit(self, name: str, sae: SAE, objectives: list[Objective] | None) -> _Unit:
+        c = self.cfg
+        optimizer = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+        return _Unit(
+            name=name,
+            sae=sae.train(),
+            objectives=objectives or local_objectives(c.sparsity_warmup_steps),
+            optimizer=optimizer,
+            tokens_since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device),
+            fire_counts=torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device),
+        )
+
+    @property
+    def saes(self) -> dict[str, SAE]:
+        return {u.name: u.sae for u in self.units}
+
+    # ----- before the first step ---------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, batches: Iterable[Batch]) -> None:
+        """Estimate normalisation scales and initialise b_dec from a few batches (not trained on)."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError("the activation source yielded no batches")
+        for unit in self.units:
+            pairs = [select_inputs(b, unit.sae) for b in batches]
+            xs = torch.cat([x for x, _ in pairs]).to(unit.sae.device, unit.sae.dtype)
+            ys = torch.cat([y for _, y in pairs]).to(unit.sae.device, unit.sae.dtype)
+            if unit.sae.cfg.normalize_activations == "expected_average_only_in":
+                # Scale so that E||x|| = sqrt(d): coefficients then transfer between models and layers.
+                unit.in_scale = math.sqrt(xs.shape[-1]) / float(xs.norm(dim=-1).mean())
+                unit.out_scale = math.sqrt(ys.shape[-1]) / float(ys.norm(dim=-1).mean())
+            unit.sae.initialize_b_dec(ys * unit.out_scale)
+        self.prepared = True
+
+    # ----- the loop ----------------------------------------------------------------------------------
+    def fit(self, source: Iterable[Batch]) -> dict[str, SAE]:
+        """Train until `total_tokens`, then save (if out_dir) and return the SAEs ready for raw activations."""
+        if self._source_state is not None and hasattr(source, "load_state_dict"):
+            source.load_state_dict(self._source_state)
+        batches: Iterator[Batch] = iter(source)
+        if not self.prepared:
+            self.prepare(islice(batches, self.cfg.norm_estimate_batches))
+        total = self.cfg.total_steps
+        self.logger = MetricsLogger(self.out_dir, self.cfg.wandb_project, {"train": to_dict(self.cfg)})
+        bar = tqdm(total=total, initial=self.step, disable=not self.cfg.progress_bar, desc="training", unit="step")
+        try:
+            while self.step < total:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f"the activation source ran out after {self.step} of {total} steps") from None
+                self.train_step(batch)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == total:
+                    bar.set_postfix(self._log())
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < total:
+                    self.save_checkpoint(source)
+        finally:
+            bar.close()
+            self.logger.close()
+        return self.finish()
+
+    def train_step(self, batch: Batch) -> None:
+        lr_scale = lr_factor(self.step, self.cfg)
+        for unit in self.units:
+            x, target = select_inputs(batch, unit.sae)
+            x = x.to(unit.sae.device, unit.sae.dtype) * unit.in_scale
+            target = target.to(unit.sae.device, unit.sae.dtype) * unit.out_scale
+            self._step_unit(unit, x, target, lr_scale)
+        self.tokens += x.shape[0]
+
+    def _step_unit(self, unit: _Unit, x: Tensor, target: Tensor, lr_scale: float) -> None:
+        sae = unit.sae
+        out = sae.training_forward(x)
+        dead_mask = unit.tokens_since_fired >= self.cfg.dead_window_tokens
+        ctx = StepContext(sae=sae, out=out, target=target, dead_mask=dead_mask, step=self.step)
+        terms = {o.name: term for o in unit.objectives if (term := o(ctx)) is not None}
+        loss = torch.stack(list(terms.values())).sum()
+        if not torch.isfinite(loss):
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise TrainingDiverged(f"SAE '{unit.name}' at step {self.step}: loss is {float(loss)} ({values})")
+        unit.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if sae.normalize_decoder:
+            sae.remove_parallel_decoder_grad()
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.max_grad_norm)
+        for group in unit.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_scale
+        unit.optimizer.step()
+        if sae.normalize_decoder:
+            sae.normalize_decoder_rows()
+        sae.update_after_step(out)
+        with torch.no_grad():
+            fired = out.latents > 0
+            unit.tokens_since_fired += x.shape[0]
+            unit.tokens_since_fired[fired.any(dim=0)] = 0
+            unit.fire_counts += fired.sum(dim=0)
+            window = unit.window
+            window["loss"].append(float(loss))
+            for name, term in terms.items():
+                window[name].append(float(term))
+            window["l0"].append(l0(out.latents))
+            window["explained_variance"].append(explained_variance(target, out.output))
+
+    def _log(self) -> dict[str, float]:
+        record: dict[str, Any] = {"tokens": self.tokens, "lr": self.cfg.lr * lr_factor(self.step - 1, self.cfg)}
+        for unit in self.units:
+            prefix = "" if len(self.units) == 1 else f"{unit.name}/"
+            for name, values in unit.window.items():
+                record[prefix + name] = sum(values) / len(values)
+            record[prefix + "dead_fraction"] = self.dead_fraction(unit)
+            unit.window.clear()
+        assert self.logger is not None
+        self.logger.log(self.step, record)
+        self.last_record = record
+        first = "" if len(self.units) == 1 else f"{self.units[0].name}/"
+        return {k: round(record[first + k], 4) for k in ("loss", "l0", "explained_variance", "dead_fraction")}
+
+    def dead_fraction(self, unit: _Unit) -> float:
+        return float((unit.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
+
+    # ----- results -----------------------------------------------------------------------------------
+    def final_saes(self) -> dict[str, SAE]:
+        """Copies of the SAEs with normalisation folded into the weights, in eval mode."""
+        result = {}
+        for unit in self.units:
+            sae = unit.sae.clone().eval()
+            if sae.cfg.normalize_activations == "expected_average_only_in":
+                sae.fold_activation_scale(unit.in_scale, unit.out_scale)
+                sae.cfg.normalize_activations = "none"
+            result[unit.name] = sae
+        return result
+
+    def finish(self) -> dict[str, SAE]:
+        """Fold, save (SAE directories + summary.json when out_dir is set) and return the trained SAEs."""
+        saes = self.final_saes()
+        if self.out_dir is not None:
+            for unit in self.units:
+                density = log_feature_density(unit.fire_counts, self.tokens)
+                saes[unit.name].save(self.out_dir / unit.name, sparsity=density)
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(self.summary(), indent=2))
+        return saes
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per SAE: the metrics of the last logged window and the dead fraction now."""
+        result = {}
+        for unit in self.units:
+            prefix = "" if len(self.units) == 1 else f"{unit.name}/"
+            result[unit.name] = {
+                "architecture": unit.sae.cfg.architecture,
+                "steps": self.step,
+                "tokens": self.tokens,
+                "explained_variance": self.last_record.get(prefix + "explained_variance"),
+                "l0": self.last_record.get(prefix + "l0"),
+                "dead_fraction": self.dead_fraction(unit),
+            }
+        return result
+
+    # ----- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self, source: Any = None) -> dict[str, Any]:
+        """Everything that decides the rest of the run (the source position included, when it has one)."""
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "prepared": self.prepared,
+            "torch_rng": torch.get_rng_state(),
+            "source": source.state_dict() if hasattr(source, "state_dict") else None,
+            "units": {
+                u.name: {
+                    "sae": u.sae.state_dict(),
+                    "optimizer": u.optimizer.state_dict(),
+                    "tokens_since_fired": u.tokens_since_fired,
+                    "fire_counts": u.fire_counts,
+                    "in_scale": u.in_scale,
+                    "out_scale": u.out_scale,
+                }
+                for u in self.units
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.prepared = int(state["step"]), int(state["tokens"]), bool(state["prepared"])
+        torch.set_rng_state(state["torch_rng"])
+        self._source_state = state["source"]
+        for unit in self.units:
+            saved = state["units"][unit.name]
+            unit.sae.load_state_dict(saved["sae"])
+            unit.optimizer.load_state_dict(saved["optimizer"])
+            unit.tokens_since_fired.copy_(saved["tokens_since_fired"])
+            unit.fire_counts.copy_(saved["fire_counts"])
+            unit.in_scale, unit.out_scale = float(saved["in_scale"]), float(saved["out_scale"])
+
+    def save_checkpoint(self, source: Any = None) -> Path:
+        """Write `out_dir/checkpoints/step_N/`; it counts only once its COMPLETE marker exists."""
+        if self.out_dir is None:
+            raise ValueError("checkpoints need an out_dir")
+        root = self.out_dir / CHECKPOINT_DIR
+        path = root / f"step_{self.step:09d}"
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        save_state(self.state_dict(source), path)
+        atomic_write_text(path / COMPLETE_MARKER, str(self.step))
+        for old in complete_checkpoints(root)[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def resume(self, out_dir: str | Path | None = None) -> bool:
+        """Load the newest complete checkpoint under out_dir; False when there is none."""
+        checkpoints = complete_checkpoints(Path(out_dir or self.out_dir) / CHECKPOINT_DIR)
+        if not checkpoints:
+            return False
+        self.load_state_dict(load_state(checkpoints[-1]))
+        return True
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories whose completion marker was written, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE_MARKER).exists())
