@@ -17,7 +17,8 @@ from saelab.saes.standard import decoder_weighted_lp
 @dataclass
 class GatedConfig(SAEConfig):
     l1_coefficient: float = 3.0
-    """Weight of the L1 penalty on the gate's (ReLU'd) pre-activations times decoder row norms."""
+    """Weight of the L1 penalty, each latent weighted by its decoder row norm (gated: on the gate's ReLU'd
+    pre-activations)."""
     aux_coefficient: float = 1.0
     """Weight of the auxiliary loss: reconstructing the input from the gate path through a frozen decoder."""
 

@@ -13,7 +13,8 @@ from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
 @dataclass
 class StandardConfig(SAEConfig):
     l1_coefficient: float = 5.0
-    """Weight of the L1 penalty on latents times decoder row norms."""
+    """Weight of the L1 penalty, each latent weighted by its decoder row norm (gated: on the gate's ReLU'd
+    pre-activations)."""
     lp_norm: float = 1.0
     """The p of the sparsity penalty (1 = L1)."""
 

@@ -70,6 +70,7 @@ class SyntheticSource:
 
 def feature_recovery(decoder: Tensor, true_features: Tensor) -> float:
     """Mean over true features of the best cosine similarity with any decoder row."""
+    decoder = decoder.detach()
     learned = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
     truth = true_features / true_features.norm(dim=1, keepdim=True)
     return float((truth @ learned.T.to(truth)).max(dim=1).values.mean())

@@ -196,9 +196,9 @@ class Trainer:
             unit.tokens_since_fired[fired.any(dim=0)] = 0
             unit.fire_counts += fired.sum(dim=0)
             window = unit.window
-            window["loss"].append(float(loss))
+            window["loss"].append(float(loss.detach()))
             for name, term in terms.items():
-                window[name].append(float(term))
+                window[name].append(float(term.detach()))
             window["l0"].append(l0(out.latents))
             window["explained_variance"].append(explained_variance(target, out.output))
 

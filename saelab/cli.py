@@ -1,0 +1,152 @@
+"""The `saelab` command. Thin: it turns flags into a config and calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from saelab.config import ConfigError, closest, field_docs
+
+
+def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted flag name, help with default) for every field of a dataclass config, nested sections included."""
+    hints = typing.get_type_hints(type(config))
+    docs = field_docs(type(config))
+    flags = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            flags += _config_flags(value, f"{prefix}{f.name}.")
+        elif f.name != "sae":
+            flags.append((prefix + f.name, f"{docs.get(f.name, '')} (default: {value})"))
+    return flags
+
+
+def _sae_flags() -> list[tuple[str, str]]:
+    """One --sae.X flag per option of any architecture, saying which architectures take it."""
+    from saelab.saes.base import SAEConfig, _ARCHITECTURES
+
+    common = {f.name for f in dataclasses.fields(SAEConfig)}
+    flags = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
+    flags["expansion_factor"] = ("d_sae = expansion_factor * d_in when d_sae is not given.", None)
+    for arch, cls in sorted(_ARCHITECTURES.items()):
+        docs = field_docs(cls.config_class)
+        for f in dataclasses.fields(cls.config_class):
+            if f.name not in common:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                doc, archs = flags.get(f.name, (f"{docs.get(f.name, '')} (default: {default})", []))
+                flags[f.name] = (doc, [*(archs or []), arch])
+    return [(f"sae.{name}", doc + (f" [{', '.join(archs)}]" if archs else "")) for name, (doc, archs) in flags.items()]
+
+
+def _parse_value(text: str) -> Any:
+    """Flag values are YAML scalars/lists: 32 -> int, 3e-4 -> float, null -> None, [1, 2] -> list."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and value.lower().replace(".", "", 1).replace("e-", "", 1).isdigit():
+        return float(value)  # YAML 1.1 reads '3e-4' as a string
+    return value
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data.setdefault(key, {})
+    data[last] = value
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str]]) -> None:
+    for name, doc in flags:
+        parser.add_argument(f"--{name}", dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=doc)
+
+
+def _overrides(args: argparse.Namespace, flag_names: list[str]) -> dict:
+    data: dict = {}
+    for name in flag_names:
+        if hasattr(args, name):
+            _set_dotted(data, name, _parse_value(getattr(args, name)))
+    return data
+
+
+def _merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    from saelab.runner import RunConfig
+
+    parser = argparse.ArgumentParser(prog="saelab", description="Train and study sparse autoencoders.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train SAEs (with no flags: the built-in default run)",
+        description="Train SAEs. Settings come from the defaults, then --config FILE (YAML), then --section.key flags.",
+    )
+    train.add_argument("--config", metavar="FILE", help="YAML run config (see examples/)")
+    train.add_argument("--resume", metavar="OUT_DIR", help="continue the run in OUT_DIR from its newest checkpoint")
+    flags = _config_flags(RunConfig()) + _sae_flags()
+    _add_config_flags(train, flags)
+    return parser, [name for name, _ in flags]
+
+
+def _suggest_unknown(unknown: list[str], flag_names: list[str]) -> str:
+    flag = unknown[0].split("=")[0]
+    hint = closest(flag.lstrip("-"), flag_names)
+    return f"unknown option {flag}" + (f"; did you mean --{hint}?" if hint else "") + " (see saelab train --help)"
+
+
+def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
+    from saelab.runner import RUN_CONFIG_FILE, load_run_config, resume, train
+
+    if args.resume:
+        trained = resume(args.resume)
+        out_dir = Path(args.resume)
+    else:
+        data: dict = {}
+        if args.config:
+            data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if Path(args.config).exists() else None
+            if data is None:
+                raise ConfigError(f"config file not found or empty: {args.config}")
+        config = load_run_config(_merge(data, _overrides(args, flag_names)))
+        trained = train(config)
+        out_dir = Path(config.out_dir or ".")
+    summary_file = out_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    print(f"\nTrained {len(trained)} SAE(s); results in {out_dir}/ ({RUN_CONFIG_FILE}, metrics.jsonl, summary.json)")
+    for name, row in summary.items():
+        print(
+            f"  {name:<10} {row['architecture']:<11} explained variance {row['explained_variance']:.3f}"
+            f"   L0 {row['l0']:.1f}   dead latents {100 * row['dead_fraction']:.1f}%   -> {out_dir / name}/"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, flag_names = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, flag_names)}\n")
+    try:
+        if args.command == "train":
+            run_train(args, flag_names)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"saelab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""A whole training run from one config: data source, SAEs, trainer, outputs. The CLI calls this."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+import yaml
+
+from saelab.config import ConfigError, from_dict, to_dict
+from saelab.io.atomic import atomic_write_text
+from saelab.saes.base import SAE, make_config, sae_from_config
+from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
+from saelab.training.config import TrainConfig
+from saelab.training.trainer import Trainer
+
+RUN_CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; `saelab train` builds it from YAML and --section.key flags."""
+
+    sae: dict[str, Any] = field(default_factory=lambda: {"architecture": "topk", "k": 8, "expansion_factor": 8})
+    """SAE options: architecture plus that architecture's fields (see `saelab train --help`); d_in comes from
+    the data; give d_sae or expansion_factor (d_sae = expansion_factor * d_in)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(total_tokens=1_000_000, batch_size=1024, lr=1e-3))
+    """Optimisation settings."""
+    source: Literal["synthetic"] = "synthetic"
+    """Where activations come from: 'synthetic' (planted sparse features with known ground truth)."""
+    synthetic: PlantedFeatures = field(default_factory=lambda: PlantedFeatures(d_in=64, n_features=256, mean_active=4))
+    """Planted-feature generator used when source is 'synthetic'."""
+    out_dir: str | None = None
+    """Output directory; None means runs/<date>_<time>."""
+
+
+def load_run_config(data: Mapping[str, Any] | str | Path | None = None) -> RunConfig:
+    """A validated RunConfig from a dict, a YAML file path, or None (the defaults)."""
+    if data is None:
+        data = {}
+    elif isinstance(data, (str, Path)):
+        try:
+            data = yaml.safe_load(Path(data).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {data}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {data} is not valid YAML: {e}") from None
+    config = from_dict(RunConfig, data, where="config")
+    config.sae = _with_sae_defaults(config.sae)
+    return config
+
+
+def _with_sae_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the default SAE's options, those of its architecture only when that architecture is kept."""
+    defaults = dict(RunConfig().sae)
+    if options.get("architecture", defaults["architecture"]) != defaults["architecture"]:
+        defaults = {"expansion_factor": defaults["expansion_factor"]}
+    if "d_sae" in options:
+        defaults.pop("expansion_factor", None)
+    return {**defaults, **options}
+
+
+def build_saes(config: RunConfig, d_in: int) -> dict[str, SAE]:
+    """The run's SAE, its width set from d_in and expansion_factor when d_sae is not given."""
+    options = dict(config.sae)
+    expansion = options.pop("expansion_factor", None)
+    if "d_sae" not in options:
+        if expansion is None:
+            raise ConfigError("sae needs d_sae or expansion_factor")
+        options["d_sae"] = int(math.ceil(float(expansion) * d_in))
+    options.setdefault("d_in", d_in)
+    if options["d_in"] != d_in:
+        raise ConfigError(f"sae.d_in is {options['d_in']} but the activations have width {d_in}")
+    cfg = make_config(options)
+    return {"sae": sae_from_config(cfg)}
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resume: bool = False) -> dict[str, SAE]:
+    """Run training as configured and return the trained SAEs (also saved under out_dir)."""
+    if not isinstance(config, RunConfig):
+        config = load_run_config(config)
+    out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
+    config.out_dir = str(out_dir)
+    torch.manual_seed(config.train.seed)
+    source = SyntheticSource(config.synthetic, config.train.batch_size, seed=config.train.seed)
+    saes = build_saes(config, config.synthetic.d_in)
+    trainer = Trainer(saes, config.train, out_dir=out_dir)
+    if resume:
+        if not trainer.resume():
+            raise FileNotFoundError(f"no complete checkpoint under {out_dir / 'checkpoints'} to resume from")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / RUN_CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
+    saes = trainer.fit(source)
+    if config.source == "synthetic":  # ground truth is known: report how much of it each SAE found
+        summary = trainer.summary()
+        for name, sae in saes.items():
+            summary[name]["feature_recovery"] = feature_recovery(sae.W_dec, config.synthetic.features)
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    return saes
+
+
+def resume(out_dir: str | Path) -> dict[str, SAE]:
+    """Continue the run in out_dir from its newest complete checkpoint."""
+    config = load_run_config(Path(out_dir) / RUN_CONFIG_FILE)
+    config.out_dir = str(out_dir)
+    return train(config, resume=True)

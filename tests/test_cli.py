@@ -1,0 +1,79 @@
+"""The `saelab` command: a run from flags and YAML, its outputs, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+import saelab
+from saelab.cli import main
+
+SMALL = ["--train.total_tokens", "40960", "--train.batch_size", "512", "--train.progress_bar", "false",
+         "--synthetic.d_in", "16", "--synthetic.n_features", "32"]
+
+
+def test_train_writes_sae_metrics_and_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out_dir", str(out), "--sae.k", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "explained variance" in printed and str(out) in printed
+    sae = saelab.load_sae(out / "sae")
+    assert sae.cfg.architecture == "topk" and sae.cfg.k == 4 and sae.cfg.d_in == 16 and sae.cfg.d_sae == 128
+    summary = json.loads((out / "summary.json").read_text())["sae"]
+    assert 0 < summary["explained_variance"] <= 1 and summary["l0"] == 4.0
+    assert 0 <= summary["feature_recovery"] <= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 80
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["total_tokens"] == 40960
+
+
+def test_yaml_config_with_flag_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"sae": {"architecture": "jumprelu", "d_sae": 48}, "train": {"lr": 0.002}}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), *SMALL, "--sae.l0_coefficient", "0.5", "--out_dir", str(out)]) == 0
+    sae = saelab.load_sae(out / "sae")
+    assert sae.cfg.architecture == "jumprelu" and sae.cfg.d_sae == 48 and sae.cfg.l0_coefficient == 0.5
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.002
+
+
+def test_unknown_flag_suggests_the_close_name(capsys):
+    try:
+        main(["train", "--train.learning_rate", "3"])
+    except SystemExit as e:
+        assert e.code == 2
+    err = capsys.readouterr().err
+    assert "unknown option --train.learning_rate" in err
+
+
+def test_bad_values_give_one_clear_line_and_no_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--sae.k", "100000", "--out_dir", str(out)]) == 2
+    assert "k must be between 1 and d_sae" in capsys.readouterr().err
+    assert main(["train", *SMALL, "--train.lr", "fast", "--out_dir", str(out)]) == 2
+    assert "train.lr must be a number" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_from_cli(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--train.checkpoint_every", "20", "--out_dir", str(out)]) == 0
+    first = saelab.load_sae(out / "sae")
+    assert main(["train", "--resume", str(out)]) == 0  # continues from step 60's checkpoint to 80
+    again = saelab.load_sae(out / "sae")
+    assert first.cfg == again.cfg
+
+
+def test_every_train_option_has_help(capsys):
+    try:
+        main(["train", "--help"])
+    except SystemExit:
+        pass
+    text = capsys.readouterr().out
+    for flag in ("--train.lr", "--sae.k", "--sae.l1_coefficient", "--sae.matryoshka_widths", "--synthetic.d_in"):
+        assert flag in text
+    assert "Peak Adam learning rate" in text
