@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from saelab.config import ConfigError, closest, field_docs
+from saelab.config import ConfigError, closest, deep_merge, field_docs
 
 
 def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -77,15 +77,6 @@ def _overrides(args: argparse.Namespace, flag_names: list[str]) -> dict:
     return data
 
 
-def _merge(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     from saelab.runner import RunConfig
 
@@ -121,7 +112,7 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
             data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if Path(args.config).exists() else None
             if data is None:
                 raise ConfigError(f"config file not found or empty: {args.config}")
-        config = load_run_config(_merge(data, _overrides(args, flag_names)))
+        config = load_run_config(deep_merge(data, _overrides(args, flag_names)))
         trained = train(config)
         out_dir = Path(config.out_dir or ".")
     summary_file = out_dir / "summary.json"

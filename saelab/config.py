@@ -134,3 +134,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain, JSON-ready dict of a (nested) dataclass config."""
     return dataclasses.asdict(config)
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `update` laid over it, nested mappings merged key by key (base is modified)."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base

@@ -12,7 +12,7 @@ from typing import Any, Literal, Mapping
 import torch
 import yaml
 
-from saelab.config import ConfigError, from_dict, to_dict
+from saelab.config import ConfigError, deep_merge, from_dict, to_dict
 from saelab.io.atomic import atomic_write_text
 from saelab.saes.base import SAE, make_config, sae_from_config
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
@@ -50,7 +50,12 @@ def load_run_config(data: Mapping[str, Any] | str | Path | None = None) -> RunCo
             raise ConfigError(f"config file not found: {data}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {data} is not valid YAML: {e}") from None
-    config = from_dict(RunConfig, data, where="config")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a run config must be a mapping of sections, got {data!r}")
+    # Sections given in part keep the run's defaults for the rest (not the bare class defaults).
+    defaults = to_dict(RunConfig())
+    del defaults["sae"]
+    config = from_dict(RunConfig, deep_merge(defaults, data), where="config")
     config.sae = _with_sae_defaults(config.sae)
     return config
 

@@ -77,3 +77,16 @@ def test_every_train_option_has_help(capsys):
     for flag in ("--train.lr", "--sae.k", "--sae.l1_coefficient", "--sae.matryoshka_widths", "--synthetic.d_in"):
         assert flag in text
     assert "Peak Adam learning rate" in text
+
+
+def test_partial_sections_keep_the_run_defaults():
+    """Overriding one train field keeps the default run's other train settings, not the class defaults."""
+    from saelab.runner import RunConfig, load_run_config
+
+    config = load_run_config({"train": {"seed": 3}, "sae": {"k": 4}})
+    default = RunConfig()
+    assert config.train.lr == default.train.lr and config.train.batch_size == default.train.batch_size
+    assert config.train.seed == 3
+    assert config.sae == {**default.sae, "k": 4}
+    other = load_run_config({"sae": {"architecture": "standard"}})
+    assert "k" not in other.sae and other.sae["expansion_factor"] == default.sae["expansion_factor"]
