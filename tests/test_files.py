@@ -1,0 +1,118 @@
+"""SAE files: SAELens layout, exact round trips, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import saelab
+from saelab.io.state import load_state, save_state
+
+from test_saes import randomised
+
+ARCHITECTURES = saelab.available_architectures()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("shape", [{}, {"d_out": 6, "skip_connection": True}])
+def test_save_load_round_trip_is_exact(tmp_path, architecture, shape):
+    sae = randomised(saelab.create_sae(architecture, 8, 32, hook_name="blocks.3.hook_resid_post", **shape))
+    sae.save(tmp_path / "sae")
+    loaded = saelab.load_sae(tmp_path / "sae").eval()
+    assert loaded.cfg == sae.cfg
+    saved, again = sae.weights_for_saving(), loaded.weights_for_saving()
+    assert saved.keys() == again.keys()
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
+    x = torch.randn(16, 8)
+    assert torch.equal(sae.encode(x), loaded.encode(x)) and torch.equal(sae(x), loaded(x))
+
+
+def test_saelens_layout(tmp_path):
+    sae = saelab.create_sae("jumprelu", 8, 32)
+    sae.save(tmp_path / "j", sparsity=torch.full((32,), -2.0))
+    weights = load_file(tmp_path / "j" / "sae_weights.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "W_enc": (8, 32), "W_dec": (32, 8), "b_enc": (32,), "b_dec": (8,), "threshold": (32,)
+    }
+    assert load_file(tmp_path / "j" / "sparsity.safetensors")["sparsity"].shape == (32,)
+    cfg = json.loads((tmp_path / "j" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["d_in"] == 8 and cfg["d_sae"] == 32
+    saelab.create_sae("gated", 8, 32).save(tmp_path / "g")
+    assert set(load_file(tmp_path / "g" / "sae_weights.safetensors")) == {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    saelab.create_sae("topk", 8, 32, k=4).save(tmp_path / "sae")
+    return tmp_path / "sae"
+
+
+def test_truncated_weights(saved):
+    file = saved / "sae_weights.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(saelab.FileFormatError, match="sae_weights.safetensors: not a valid safetensors file"):
+        saelab.load_sae(saved)
+
+
+def test_random_bytes_weights(saved):
+    (saved / "sae_weights.safetensors").write_bytes(np.random.default_rng(0).bytes(300))
+    with pytest.raises(saelab.FileFormatError, match="not a valid safetensors file"):
+        saelab.load_sae(saved)
+
+
+def test_invalid_json_config(saved):
+    (saved / "cfg.json").write_text('{"d_in": 8, "d_sae"')
+    with pytest.raises(saelab.FileFormatError, match="cfg.json: invalid JSON"):
+        saelab.load_sae(saved)
+
+
+def test_unknown_config_key_suggests_close_name(saved):
+    cfg = json.loads((saved / "cfg.json").read_text())
+    cfg["kk"] = cfg.pop("k")
+    (saved / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(saelab.FileFormatError, match="unknown key 'kk'.*Did you mean 'k'"):
+        saelab.load_sae(saved)
+
+
+def test_config_disagreeing_with_weights(saved):
+    cfg = json.loads((saved / "cfg.json").read_text())
+    cfg["d_sae"] = 64
+    (saved / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(saelab.FileFormatError, match=r"'W_enc' has shape \(8, 32\) but cfg.json implies \(8, 64\)"):
+        saelab.load_sae(saved)
+
+
+def test_missing_files(saved, tmp_path):
+    (saved / "sae_weights.safetensors").unlink()
+    with pytest.raises(saelab.FileFormatError, match="file not found"):
+        saelab.load_sae(saved)
+    with pytest.raises(saelab.FileFormatError, match="not a directory"):
+        saelab.load_sae(tmp_path / "nowhere")
+
+
+def test_no_temporary_files_left_behind(saved):
+    assert sorted(p.name for p in saved.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+def test_state_round_trip(tmp_path):
+    state = {
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "rng": torch.get_rng_state(),
+        "python": (3, (1, 2, 3), None),
+        "numpy": np.arange(5, dtype=np.uint32),
+        "scale": 1.5,
+    }
+    save_state(state, tmp_path)
+    back = load_state(tmp_path)
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert torch.equal(back["rng"], state["rng"]) and back["python"] == state["python"]
+    assert np.array_equal(back["numpy"], state["numpy"]) and back["numpy"].dtype == np.uint32
+    file = tmp_path / "state.safetensors"
+    file.write_bytes(file.read_bytes()[:40])
+    with pytest.raises(saelab.FileFormatError):
+        load_state(tmp_path)

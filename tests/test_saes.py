@@ -1,0 +1,191 @@
+"""The maths of each architecture, checked against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saelab
+from saelab.saes.base import TrainOutput
+
+ARCHITECTURES = saelab.available_architectures()
+
+
+def randomised(sae: saelab.SAE) -> saelab.SAE:
+    """Perturb every parameter and buffer so that no bias or threshold is trivially zero."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        if hasattr(sae, "log_threshold"):
+            sae.log_threshold.fill_(-2.0)
+            sae.threshold.copy_(sae.log_threshold.exp())
+        if hasattr(sae, "topk_threshold"):
+            sae.topk_threshold.fill_(0.05)
+    return sae.eval()
+
+
+def test_topk_keeps_exactly_the_k_largest():
+    torch.manual_seed(0)
+    sae = saelab.create_sae("topk", 16, 64, k=5)
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # all pre-activations positive: ReLU never zeroes a kept value
+    x = torch.randn(32, 16)
+    latents = sae.encode(x)
+    assert ((latents != 0).sum(dim=-1) == 5).all()
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(5, dim=-1)
+    assert torch.equal(latents.gather(-1, top.indices), top.values)
+
+
+def test_batchtopk_keeps_k_times_batch_and_exports_to_jumprelu():
+    torch.manual_seed(0)
+    sae = saelab.create_sae("batchtopk", 16, 64, k=4, threshold_lr=0.1)
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)
+        sae.b_enc[:8] += torch.arange(8.0)  # some latents favoured: rows differ in how many they use
+    x = torch.randn(32, 16)
+    out = sae.training_forward(x)
+    assert int((out.latents != 0).sum()) == 4 * 32
+    assert len(set((out.latents != 0).sum(-1).tolist())) > 1
+    sae.update_after_step(out)
+    smallest = out.latents[out.latents > 0].min()
+    assert torch.equal(sae.topk_threshold, smallest)  # first update takes the observed value
+    out2 = sae.training_forward(torch.randn(32, 16) * 2)
+    sae.update_after_step(out2)
+    assert torch.allclose(sae.topk_threshold, smallest + 0.1 * (out2.latents[out2.latents > 0].min() - smallest))
+    sae.eval()
+    jump = sae.to_jumprelu()
+    assert jump.cfg.architecture == "jumprelu"
+    x = torch.randn(64, 16)
+    assert torch.equal(sae.encode(x), jump.encode(x))
+    assert torch.equal(sae(x), jump(x))
+
+
+def test_jumprelu_threshold_gradient_only_inside_the_kernel():
+    sae = saelab.create_sae("jumprelu", 4, 3, bandwidth=0.2, init_threshold=1.0)
+    threshold, bandwidth = 1.0, 0.2
+    # latent 0: one value inside the window (|1.05 - 1| < 0.1); latent 1: two inside; latent 2: none
+    hidden_pre = torch.tensor([[1.05, 0.95, 3.0], [0.2, 1.09, 1.5], [0.0, 0.5, -1.0]], requires_grad=True)
+    out = TrainOutput(sae_in=torch.zeros(3, 4), hidden_pre=hidden_pre, latents=hidden_pre, output=torch.zeros(3, 4))
+    sae.sparsity_loss(out).backward()
+    in_window = torch.tensor([1.0, 2.0, 0.0])
+    # d(mean L0)/d(log t) = -(1/bandwidth) * count / batch * t   (chain rule through t = exp(log t))
+    expected = -(1 / bandwidth) * in_window / 3 * threshold
+    assert torch.allclose(sae.log_threshold.grad, expected)
+    assert sae.log_threshold.grad[2] == 0
+
+
+def test_jumprelu_inference_is_relu_above_threshold():
+    sae = randomised(saelab.create_sae("jumprelu", 8, 16))
+    x = torch.randn(10, 8)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert torch.equal(sae.encode(x), torch.relu(pre) * (pre > sae.threshold))
+
+
+def test_standard_l1_is_weighted_by_decoder_row_norms():
+    sae = randomised(saelab.create_sae("standard", 8, 16)).train()
+    x = torch.randn(10, 8)
+    out = sae.training_forward(x)
+    by_hand = (out.latents.abs() * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    assert torch.allclose(sae.sparsity_loss(out), by_hand)
+    with torch.no_grad():
+        sae.W_dec[3] *= 2
+    doubled = sae.sparsity_loss(out)
+    assert torch.allclose(doubled - by_hand, (out.latents[:, 3].abs() * sae.W_dec[3].norm() / 2).mean())
+
+
+def test_gated_encoding_and_auxiliary_loss():
+    sae = randomised(saelab.create_sae("gated", 8, 16)).train()
+    x = torch.randn(10, 8)
+    centred = x - sae.b_dec
+    gate = centred @ sae.W_enc + sae.b_gate
+    magnitude = torch.relu(centred @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag)
+    assert torch.allclose(sae.encode(x), (gate > 0) * magnitude)
+    out = sae.training_forward(x)
+    aux = sae.auxiliary_loss(out, x, None)
+    by_hand = (torch.relu(gate) @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
+    assert aux is not None and torch.allclose(aux, by_hand)
+    aux.backward()
+    assert sae.W_dec.grad is None and sae.b_gate.grad.abs().sum() > 0 and sae.W_enc.grad.abs().sum() > 0
+
+
+def test_matryoshka_sums_prefix_reconstructions():
+    sae = randomised(saelab.create_sae("matryoshka", 8, 16, k=4, matryoshka_widths=[4, 8])).train()
+    x = torch.randn(10, 8)
+    out = sae.training_forward(x)
+    by_hand = sum(
+        (out.latents[:, :w] @ sae.W_dec[:w] + sae.b_dec - x).pow(2).sum(-1).mean() for w in (4, 8, 16)
+    )
+    assert torch.allclose(sae.reconstruction_loss(out, x), by_hand)
+    with pytest.raises(saelab.ConfigError, match="increase"):
+        saelab.create_sae("matryoshka", 8, 16, k=4, matryoshka_widths=[8, 4])
+
+
+def test_auxk_reconstructs_the_residual_from_dead_latents():
+    sae = randomised(saelab.create_sae("topk", 8, 16, k=2, k_aux=3)).train()
+    x = torch.randn(10, 8)
+    out = sae.training_forward(x)
+    assert sae.auxiliary_loss(out, x, torch.zeros(16, dtype=torch.bool)) is None
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[1, 4, 6, 9, 12]] = True
+    residual = x - out.output.detach()
+    masked = out.hidden_pre.masked_fill(~dead, float("-inf"))
+    top = masked.topk(3, dim=-1)
+    aux_latents = torch.zeros_like(masked).scatter(-1, top.indices, torch.relu(top.values))
+    by_hand = min(1.0, 5 / 3) * (aux_latents @ sae.W_dec - residual).pow(2).sum(-1).mean()
+    assert torch.allclose(sae.auxiliary_loss(out, x, dead), by_hand)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_transcoder_with_skip(architecture):
+    sae = randomised(saelab.create_sae(architecture, 8, 64, d_out=5, skip_connection=True))
+    assert sae.cfg.transcoder and not sae.cfg.apply_b_dec_to_input
+    x = torch.randn(10, 8)
+    y = sae(x)
+    assert y.shape == (10, 5)
+    assert torch.allclose(y, sae.decode(sae.encode(x)) + x @ sae.W_skip.T)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_folding_the_scale_gives_the_same_output_on_raw_inputs(architecture, transcoder):
+    shape = {"d_out": 6, "skip_connection": True} if transcoder else {}
+    sae = randomised(saelab.create_sae(architecture, 8, 32, **shape))
+    in_scale, out_scale = (3.0, 0.25) if transcoder else (3.0, 3.0)
+    folded = sae.clone()
+    folded.fold_activation_scale(in_scale, out_scale)
+    x = torch.randn(20, 8)
+    assert torch.allclose(folded(x), sae(x * in_scale) / out_scale, atol=1e-5)
+    assert torch.equal(folded.encode(x) != 0, sae.encode(x * in_scale) != 0)
+
+
+def test_layer_norm_normalisation_is_undone_on_the_output():
+    sae = randomised(saelab.create_sae("topk", 8, 32, k=32, normalize_activations="layer_norm"))
+    x = torch.randn(5, 8) * 10 + 3
+    mean, std = x.mean(-1, keepdim=True), x.std(-1, unbiased=False, keepdim=True)
+    normalised = (x - mean) / (std**2 + 1e-5).sqrt()
+    plain = sae.clone()
+    plain.cfg.normalize_activations = "none"
+    assert torch.allclose(sae(x), plain(normalised) * (std**2 + 1e-5).sqrt() + mean, atol=1e-4)
+
+
+def test_unknown_options_are_rejected_with_a_suggestion():
+    with pytest.raises(saelab.ConfigError, match="Did you mean 'k'"):
+        saelab.create_sae("topk", 8, 16, kk=3)
+    with pytest.raises(saelab.ConfigError, match="Did you mean 'topk'"):
+        saelab.create_sae("topkk", 8, 16)
+    with pytest.raises(saelab.ConfigError, match="k must be between"):
+        saelab.create_sae("topk", 8, 16, k=17)
+    with pytest.raises(saelab.ConfigError, match="must be an integer"):
+        saelab.create_sae("topk", 8, 16, k="3")
+
+
+def test_geometric_median_resists_outliers():
+    from saelab.saes.init import geometric_median
+
+    points = torch.zeros(101, 3)
+    points[:100] = torch.randn(100, 3) * 0.01
+    points[100] = 1000.0
+    assert geometric_median(points).norm() < 0.05
+    assert points.mean(0).norm() > 5
