@@ -176,8 +176,8 @@ class Trainer:
         terms = {o.name: term for o in unit.objectives if (term := o(ctx)) is not None}
         loss = torch.stack(list(terms.values())).sum()
         if not torch.isfinite(loss):
-            values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise TrainingDiverged(f"SAE '{unit.name}' at step {self.step}: loss is {float(loss)} ({values})")
+            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            raise TrainingDiverged(f"SAE '{unit.name}' at step {self.step}: loss is {float(loss.detach())} ({values})")
         unit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sae.normalize_decoder:
