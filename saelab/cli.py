@@ -31,7 +31,7 @@ def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def _sae_flags() -> list[tuple[str, str]]:
     """One --sae.X flag per option of any architecture, saying which architectures take it."""
-    from saelab.saes.base import SAEConfig, _ARCHITECTURES
+    from saelab.saes.base import _ARCHITECTURES, SAEConfig
 
     common = {f.name for f in dataclasses.fields(SAEConfig)}
     flags = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_saes import randomised
 
 import saelab
 from saelab.io.state import load_state, save_state
-
-from test_saes import randomised
 
 ARCHITECTURES = saelab.available_architectures()
 

@@ -130,11 +130,15 @@ class SAE(nn.Module):
     def create_parameters(self) -> None:
         c = self.cfg
         self.W_enc = self._empty(c.d_in, c.d_sae)
-        self.b_enc = self._empty(c.d_sae)
+        self.create_encoder_biases()
         self.W_dec = self._empty(c.d_sae, c.d_out)
         self.b_dec = self._empty(c.d_out)
         if c.skip_connection:
             self.W_skip = self._empty(c.d_out, c.d_in)
+
+    def create_encoder_biases(self) -> None:
+        """The per-latent parameters of the encoder; gated replaces b_enc with its gate/magnitude pair."""
+        self.b_enc = self._empty(self.cfg.d_sae)
 
     @property
     def decoder_init_norm(self) -> float:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from saelab.config import ConfigError
 from saelab.saes.base import SAE, SAEConfig, TrainOutput, make_config, register, sae_from_config
-from saelab.saes.topk import TopKConfig, auxk_loss
+from saelab.saes.topk import TopKConfig, TopKSAE
 
 
 @dataclass
@@ -38,10 +38,10 @@ def keep_batch_topk(values: Tensor, k: int) -> Tensor:
 
 
 @register("batchtopk")
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(TopKSAE):
+    """TopK's decoder constraint and AuxK, with batch-level selection and a threshold for inference."""
+
     config_class = BatchTopKConfig
-    default_decoder_init_norm = 1.0
-    default_normalize_decoder = True
 
     def create_parameters(self) -> None:
         super().create_parameters()
@@ -51,13 +51,6 @@ class BatchTopKSAE(SAE):
         if self.training:
             return keep_batch_topk(hidden_pre, self.cfg.k)
         return torch.relu(hidden_pre) * (hidden_pre > self.topk_threshold).to(hidden_pre)
-
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.k_aux or self.cfg.d_sae // 2
-
-    def auxiliary_loss(self, out: TrainOutput, target: Tensor, dead_mask: Tensor | None) -> Tensor | None:
-        return auxk_loss(self, out, target, dead_mask, self.k_aux)
 
     @torch.no_grad()
     def update_after_step(self, out: TrainOutput) -> None:

@@ -32,16 +32,10 @@ class GatedSAE(SAE):
     default_normalize_decoder = True
     sparsity_coefficient_name = "l1_coefficient"
 
-    def create_parameters(self) -> None:
-        c = self.cfg
-        self.W_enc = self._empty(c.d_in, c.d_sae)
-        self.b_gate = self._empty(c.d_sae)
-        self.r_mag = self._empty(c.d_sae)
-        self.b_mag = self._empty(c.d_sae)
-        self.W_dec = self._empty(c.d_sae, c.d_out)
-        self.b_dec = self._empty(c.d_out)
-        if c.skip_connection:
-            self.W_skip = self._empty(c.d_out, c.d_in)
+    def create_encoder_biases(self) -> None:
+        self.b_gate = self._empty(self.cfg.d_sae)
+        self.r_mag = self._empty(self.cfg.d_sae)
+        self.b_mag = self._empty(self.cfg.d_sae)
 
     def gate_pre_activation(self, sae_in: Tensor) -> Tensor:
         return sae_in @ self.W_enc + self.b_gate
