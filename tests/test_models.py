@@ -1,0 +1,81 @@
+"""Hook points on tiny randomly initialised Hugging Face models built in the test (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from saelab.models import HookedModel, UnknownHookError
+
+
+def tiny_llama() -> HookedModel:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return HookedModel(LlamaForCausalLM(config))
+
+
+def tiny_gpt2() -> HookedModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    return HookedModel(GPT2LMHeadModel(config))
+
+
+TOKENS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_resid_post_matches_hidden_states_and_stops_early(make):
+    model = make()
+    full = model.model(input_ids=TOKENS, output_hidden_states=True).hidden_states
+    calls = []
+    last = model.blocks[-1].register_forward_hook(lambda *a: calls.append(1))
+    cached = model.run_with_cache(TOKENS, ["blocks.1.hook_resid_post", "blocks.0.hook_resid_pre"])
+    last.remove()
+    assert torch.equal(cached["blocks.1.hook_resid_post"], full[2])  # hidden_states[0] is the embedding
+    assert torch.equal(cached["blocks.0.hook_resid_pre"], full[0])
+    assert calls == []  # the last block never ran
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_attention_mlp_and_z_hooks(make):
+    model = make()
+    names = ["blocks.0.hook_attn_out", "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out", "blocks.0.hook_z"]
+    cached = model.run_with_cache(TOKENS, names)
+    for name in names:
+        assert cached[name].shape == (2, 11, 32), name  # hook_z: n_heads * d_head = 32
+    # the residual stream after block 0 = before + attention out + MLP out (pre-norm blocks)
+    both = model.run_with_cache(TOKENS, ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"])
+    total = both["blocks.0.hook_resid_pre"] + cached["blocks.0.hook_attn_out"] + cached["blocks.0.hook_mlp_out"]
+    assert torch.allclose(total, both["blocks.0.hook_resid_post"], atol=1e-5)
+
+
+def test_module_paths_work_as_hook_names():
+    model = tiny_llama()
+    cached = model.run_with_cache(TOKENS, ["model.layers.2.mlp", "model.layers.2.mlp:input", "blocks.2.hook_mlp_out"])
+    assert torch.equal(cached["model.layers.2.mlp"], cached["blocks.2.hook_mlp_out"])
+    assert cached["model.layers.2.mlp:input"].shape == (2, 11, 32)
+
+
+def test_unknown_hook_lists_the_valid_names():
+    model = tiny_llama()
+    with pytest.raises(UnknownHookError, match=r"unknown hook point 'blocks.1.hook_resid_pots'.*Did you mean 'blocks.1.hook_resid_post'.*Valid names: blocks.0.hook_resid_pre"):
+        model.run_with_cache(TOKENS, ["blocks.1.hook_resid_pots"])
+
+
+def test_writing_replaces_the_activation():
+    model = tiny_llama()
+    clean = model.logits(TOKENS)
+    assert torch.equal(model.logits(TOKENS, write={"blocks.1.hook_resid_post": lambda x: x}), clean)
+    ablated = model.logits(TOKENS, write={"blocks.1.hook_mlp_out": torch.zeros_like})
+    assert not torch.allclose(ablated, clean)
+    # writing then reading the same place sees the written value
+    with model.hooks(read=["blocks.2.hook_resid_pre"], write={"blocks.1.hook_resid_post": lambda x: x * 0 + 1}) as cache:
+        model.model(input_ids=TOKENS)
+    assert torch.equal(cache["blocks.2.hook_resid_pre"], torch.ones(2, 11, 32))
+
+
+def test_model_is_frozen():
+    model = tiny_llama()
+    assert not any(p.requires_grad for p in model.model.parameters())
