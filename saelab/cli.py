@@ -101,17 +101,13 @@ def _suggest_unknown(unknown: list[str], flag_names: list[str]) -> str:
 
 
 def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
-    from saelab.runner import RUN_CONFIG_FILE, load_run_config, resume, train
+    from saelab.runner import RUN_CONFIG_FILE, load_run_config, read_config_file, resume, train
 
     if args.resume:
         trained = resume(args.resume)
         out_dir = Path(args.resume)
     else:
-        data: dict = {}
-        if args.config:
-            data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if Path(args.config).exists() else None
-            if data is None:
-                raise ConfigError(f"config file not found or empty: {args.config}")
+        data = read_config_file(args.config) if args.config else {}
         config = load_run_config(deep_merge(data, _overrides(args, flag_names)))
         trained = train(config)
         out_dir = Path(config.out_dir or ".")

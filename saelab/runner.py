@@ -39,17 +39,27 @@ class RunConfig:
     """Output directory; None means runs/<date>_<time>."""
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, or a ConfigError saying what is wrong with the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_run_config(data: Mapping[str, Any] | str | Path | None = None) -> RunConfig:
     """A validated RunConfig from a dict, a YAML file path, or None (the defaults)."""
     if data is None:
         data = {}
     elif isinstance(data, (str, Path)):
-        try:
-            data = yaml.safe_load(Path(data).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {data}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {data} is not valid YAML: {e}") from None
+        data = read_config_file(data)
     if not isinstance(data, Mapping):
         raise ConfigError(f"a run config must be a mapping of sections, got {data!r}")
     # Sections given in part keep the run's defaults for the rest (not the bare class defaults).

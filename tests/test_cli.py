@@ -90,3 +90,14 @@ def test_partial_sections_keep_the_run_defaults():
     assert config.sae == {**default.sae, "k": 4}
     other = load_run_config({"sae": {"architecture": "standard"}})
     assert "k" not in other.sae and other.sae["expansion_factor"] == default.sae["expansion_factor"]
+
+
+def test_bad_config_files_give_one_clear_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sae: [unclosed")
+    assert main(["train", "--config", str(broken)]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    assert main(["train", "--config", str(listed)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
