@@ -77,38 +77,100 @@ def _overrides(args: argparse.Namespace, flag_names: list[str]) -> dict:
     return data
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+def _data_flags() -> list[tuple[str, str]]:
+    from saelab.data.config import DataConfig
+    from saelab.models.config import ModelConfig
+
+    return _config_flags(ModelConfig(), "model.") + _config_flags(DataConfig(), "data.")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
+    """The parser and, per command, the dotted config flags it accepts."""
     from saelab.runner import RunConfig
 
     parser = argparse.ArgumentParser(prog="saelab", description="Train and study sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True)
+    flag_names: dict[str, list[str]] = {}
+
     train = commands.add_parser(
         "train",
-        help="train SAEs (with no flags: the built-in default run)",
+        help="train SAEs (with no flags: a TopK SAE on SmolLM2-135M's residual stream and the built-in text)",
         description="Train SAEs. Settings come from the defaults, then --config FILE (YAML), then --section.key flags.",
     )
     train.add_argument("--config", metavar="FILE", help="YAML run config (see examples/)")
     train.add_argument("--resume", metavar="OUT_DIR", help="continue the run in OUT_DIR from its newest checkpoint")
     flags = _config_flags(RunConfig()) + _sae_flags()
     _add_config_flags(train, flags)
-    return parser, [name for name, _ in flags]
+    flag_names["train"] = [name for name, _ in flags]
+
+    pretokenize = commands.add_parser(
+        "pretokenize",
+        help="tokenise and pack a dataset into token shards (use the folder as --data.dataset)",
+        description="Tokenise data.dataset with model.name's tokenizer, pack it into contexts and save token shards.",
+    )
+    cache = commands.add_parser(
+        "cache-activations",
+        help="run the model over a dataset once and store its activations (train from it with --data.cache)",
+        description="Harvest activations at model.hook_name (or --hooks) into sharded safetensors files.",
+    )
+    for command in (pretokenize, cache):
+        command.add_argument("--config", metavar="FILE", help="YAML run config whose model and data sections are used")
+        command.add_argument("--out", metavar="DIR", required=True, help="output folder (must not exist or be empty)")
+    pretokenize.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens (default: all)")
+    cache.add_argument("--max_tokens", type=int, default=1_000_000, help="activation rows to store (default: 1000000)")
+    cache.add_argument("--hooks", metavar="NAMES", help="comma-separated hook points (default: model.hook_name)")
+    cache.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="storage dtype of the activations (default: float32)")
+    cache.add_argument("--shard_rows", type=int, default=65536, help="activation rows per shard file (default: 65536)")
+    flags = _data_flags()
+    for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations")):
+        _add_config_flags(command, flags)
+        flag_names[name] = [n for n, _ in flags]
+    return parser, flag_names
 
 
-def _suggest_unknown(unknown: list[str], flag_names: list[str]) -> str:
+def _suggest_unknown(unknown: list[str], flag_names: list[str], command: str) -> str:
     flag = unknown[0].split("=")[0]
     hint = closest(flag.lstrip("-"), flag_names)
-    return f"unknown option {flag}" + (f"; did you mean --{hint}?" if hint else "") + " (see saelab train --help)"
+    return f"unknown option {flag}" + (f"; did you mean --{hint}?" if hint else "") + f" (see saelab {command} --help)"
+
+
+def _run_config(args: argparse.Namespace, flag_names: list[str]):
+    from saelab.runner import load_run_config, read_config_file
+
+    data = read_config_file(args.config) if args.config else {}
+    return load_run_config(deep_merge(data, _overrides(args, flag_names)))
+
+
+def run_pretokenize(args: argparse.Namespace, flag_names: list[str]) -> None:
+    from saelab.data.pipeline import pretokenize_dataset
+
+    config = _run_config(args, flag_names)
+    out = pretokenize_dataset(config.model, config.data, args.out, args.max_tokens)
+    metadata = json.loads((out / "metadata.json").read_text())
+    print(f"{metadata['n_contexts']} contexts of {metadata['context_size']} tokens in {len(metadata['shards'])} "
+          f"shard(s) -> {out}/ (train on it with --data.dataset {out})")
+
+
+def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> None:
+    from saelab.data.pipeline import cache_activations
+
+    config = _run_config(args, flag_names)
+    hooks = [h.strip() for h in args.hooks.split(",")] if args.hooks else None
+    out = cache_activations(config.model, config.data, args.out, args.max_tokens, hooks, args.dtype, args.shard_rows)
+    metadata = json.loads((out / "metadata.json").read_text())
+    print(f"{metadata['rows']} activation rows of {metadata['hooks']} in {len(metadata['shards'])} shard(s) -> {out}/ "
+          f"(train on it with --data.cache {out})")
 
 
 def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
-    from saelab.runner import RUN_CONFIG_FILE, load_run_config, read_config_file, resume, train
+    from saelab.runner import RUN_CONFIG_FILE, resume, train
 
     if args.resume:
         trained = resume(args.resume)
         out_dir = Path(args.resume)
     else:
-        data = read_config_file(args.config) if args.config else {}
-        config = load_run_config(deep_merge(data, _overrides(args, flag_names)))
+        config = _run_config(args, flag_names)
         trained = train(config)
         out_dir = Path(config.out_dir or ".")
     summary_file = out_dir / "summary.json"
@@ -124,12 +186,13 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser, flag_names = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    names = flag_names[args.command]
     if unknown:
-        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, flag_names)}\n")
+        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, names, args.command)}\n")
+    commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations}
     try:
-        if args.command == "train":
-            run_train(args, flag_names)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        commands[args.command](args, names)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
         print(f"saelab: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,26 +13,35 @@ import torch
 import yaml
 
 from saelab.config import ConfigError, deep_merge, from_dict, to_dict
+from saelab.data.config import DataConfig
+from saelab.data.tensor_source import ActivationSource
 from saelab.io.atomic import atomic_write_text
+from saelab.models.config import ModelConfig
 from saelab.saes.base import SAE, make_config, sae_from_config
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training.config import TrainConfig
 from saelab.training.trainer import Trainer
 
 RUN_CONFIG_FILE = "config.yaml"
+DEFAULT_TOKENS = 1_000_000
 
 
 @dataclass
 class RunConfig:
     """Everything a training run needs; `saelab train` builds it from YAML and --section.key flags."""
 
-    sae: dict[str, Any] = field(default_factory=lambda: {"architecture": "topk", "k": 8, "expansion_factor": 8})
+    sae: dict[str, Any] = field(default_factory=lambda: {"architecture": "topk", "k": 32, "expansion_factor": 8})
     """SAE options: architecture plus that architecture's fields (see `saelab train --help`); d_in comes from
     the data; give d_sae or expansion_factor (d_sae = expansion_factor * d_in)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(total_tokens=1_000_000, batch_size=1024, lr=1e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(total_tokens=DEFAULT_TOKENS, batch_size=1024, lr=1e-3))
     """Optimisation settings."""
-    source: Literal["synthetic"] = "synthetic"
-    """Where activations come from: 'synthetic' (planted sparse features with known ground truth)."""
+    source: Literal["model", "synthetic"] = "model"
+    """Where activations come from: 'model' (the model's activations on the dataset, or data.cache when set)
+    or 'synthetic' (planted sparse features with known ground truth)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The language model and the hook point read."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Text, contexts and activation buffering."""
     synthetic: PlantedFeatures = field(default_factory=lambda: PlantedFeatures(d_in=64, n_features=256, mean_active=4))
     """Planted-feature generator used when source is 'synthetic'."""
     out_dir: str | None = None
@@ -80,8 +89,9 @@ def _with_sae_defaults(options: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **options}
 
 
-def build_saes(config: RunConfig, d_in: int) -> dict[str, SAE]:
-    """The run's SAE, its width set from d_in and expansion_factor when d_sae is not given."""
+def build_saes(config: RunConfig, d_in: int, origin: dict[str, Any] | None = None) -> dict[str, SAE]:
+    """The run's SAE, its width set from d_in and expansion_factor when d_sae is not given; `origin` (model,
+    hook, data settings) is recorded in its config."""
     options = dict(config.sae)
     expansion = options.pop("expansion_factor", None)
     if "d_sae" not in options:
@@ -91,8 +101,34 @@ def build_saes(config: RunConfig, d_in: int) -> dict[str, SAE]:
     options.setdefault("d_in", d_in)
     if options["d_in"] != d_in:
         raise ConfigError(f"sae.d_in is {options['d_in']} but the activations have width {d_in}")
+    if origin:
+        origin = dict(origin)
+        for key in ("model_name", "hook_name", "hook_layer"):
+            options.setdefault(key, origin.pop(key, None))
+        options["metadata"] = {**origin, **options.get("metadata", {})}
     cfg = make_config(options)
     return {"sae": sae_from_config(cfg)}
+
+
+def activation_source(config: RunConfig) -> tuple[ActivationSource, int, dict[str, Any]]:
+    """The run's batches, the width of the activations, and where they come from."""
+    batch_size, seed = config.train.batch_size, config.train.seed
+    if config.source == "synthetic":
+        return SyntheticSource(config.synthetic, batch_size, seed=seed), config.synthetic.d_in, {}
+    from saelab.data import pipeline
+
+    hook = config.model.hook_name
+    if config.data.cache:
+        cached = pipeline.cached_activations(config.data, batch_size, seed)
+        if hook not in cached.widths:
+            raise ConfigError(f"the cache {config.data.cache} holds {', '.join(cached.widths)}, not '{hook}' (model.hook_name)")
+        info = {k: v for k, v in cached.metadata.items() if k not in ("shards", "hooks", "format", "hook_layers")}
+        info.update(hook_name=hook, hook_layer=cached.metadata.get("hook_layers", {}).get(hook))
+        return cached, cached.widths[hook], info
+    model = pipeline.open_model(config.model)
+    store = pipeline.model_activations(model, config.data, [hook], batch_size, seed)
+    info = {**pipeline.data_info(config.model, config.data), "hook_name": hook, "hook_layer": model.hook_point(hook).layer}
+    return store, model.hook_widths([hook])[hook], info
 
 
 def default_out_dir() -> Path:
@@ -106,8 +142,8 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resu
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     config.out_dir = str(out_dir)
     torch.manual_seed(config.train.seed)
-    source = SyntheticSource(config.synthetic, config.train.batch_size, seed=config.train.seed)
-    saes = build_saes(config, config.synthetic.d_in)
+    source, d_in, origin = activation_source(config)
+    saes = build_saes(config, d_in, origin)
     trainer = Trainer(saes, config.train, out_dir=out_dir)
     if resume:
         if not trainer.resume():

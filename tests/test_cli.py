@@ -10,7 +10,7 @@ import saelab
 from saelab.cli import main
 
 SMALL = ["--train.total_tokens", "40960", "--train.batch_size", "512", "--train.progress_bar", "false",
-         "--synthetic.d_in", "16", "--synthetic.n_features", "32"]
+         "--source", "synthetic", "--synthetic.d_in", "16", "--synthetic.n_features", "32"]
 
 
 def test_train_writes_sae_metrics_and_summary(tmp_path, capsys):

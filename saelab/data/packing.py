@@ -43,8 +43,3 @@ def pack_tokens(
             yield torch.tensor(prefix + buffer[:body], dtype=torch.long)
             buffer = buffer[body:]
 
-
-def tokenize_documents(texts: Iterable[str], tokenizer) -> Iterator[list[int]]:
-    """Token ids of each text without special tokens (packing adds BOS and separators itself)."""
-    for text in texts:
-        yield tokenizer(text, add_special_tokens=False)["input_ids"]

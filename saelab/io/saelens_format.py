@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
@@ -40,12 +40,10 @@ def save_sae(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Pa
 
 def read_safetensors(file: Path) -> dict[str, Tensor]:
     """Tensors of a safetensors file, or a FileFormatError that names the file."""
+    if not file.is_file():
+        raise FileFormatError(f"{file}: file not found")
     try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise FileFormatError(f"{file}: file not found") from None
-    try:
-        return load_safetensors_bytes(data)
+        return load_file(file)  # memory-mapped: no second copy of the bytes
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise FileFormatError(f"{file}: not a valid safetensors file (truncated or corrupt?): {e}") from None
 

@@ -190,6 +190,12 @@ class HookedModel:
                 pass
         return {name: cache[name] for name in names}
 
+    def hook_widths(self, names: Sequence[str]) -> dict[str, int]:
+        """The width of the activation at each hook point (from a two-token forward pass)."""
+        device = next(self.model.parameters()).device
+        acts = self.run_with_cache(torch.zeros(1, 2, dtype=torch.long, device=device), names)
+        return {name: value.shape[-1] for name, value in acts.items()}
+
     def logits(
         self, input_ids: Tensor, write: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
         attention_mask: Tensor | None = None,

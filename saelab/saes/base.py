@@ -92,15 +92,48 @@ class SAEConfig:
         return getattr(torch, self.dtype)
 
 
-@dataclass
 class TrainOutput:
-    """What one training forward pass produces; losses read from it."""
+    """What one training forward pass produces; losses read from it.
 
-    sae_in: Tensor
-    hidden_pre: Tensor
-    latents: Tensor
-    output: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    Sparse forwards (TopK) give `active = (indices, values)` of the nonzero latents instead of the dense
+    `latents`, which are then built only if something asks for them.
+    """
+
+    def __init__(
+        self,
+        sae_in: Tensor,
+        hidden_pre: Tensor,
+        latents: Tensor | None,
+        output: Tensor,
+        extras: dict[str, Tensor] | None = None,
+        active: tuple[Tensor, Tensor] | None = None,
+    ):
+        if latents is None and active is None:
+            raise ValueError("a TrainOutput needs latents or active (indices, values)")
+        self.sae_in, self.hidden_pre, self.output = sae_in, hidden_pre, output
+        self.extras = extras or {}
+        self.active = active
+        self._latents = latents
+
+    @property
+    def latents(self) -> Tensor:
+        """Dense latents `(..., d_sae)`."""
+        if self._latents is None:
+            assert self.active is not None
+            indices, values = self.active
+            flat = torch.zeros(indices.shape[0], self.hidden_pre.shape[-1], dtype=values.dtype, device=values.device)
+            self._latents = flat.scatter(-1, indices, values).reshape(self.hidden_pre.shape)
+        return self._latents
+
+    @torch.no_grad()
+    def firing_counts(self) -> Tensor:
+        """Per latent, the number of tokens it fired on (float)."""
+        d_sae = self.hidden_pre.shape[-1]
+        if self._latents is None and self.active is not None:
+            indices, values = self.active
+            return torch.bincount(indices[values > 0], minlength=d_sae).to(values.dtype)
+        # float sums run much faster than bool sums on CPU
+        return (self._latents != 0).reshape(-1, d_sae).to(self.output.dtype).sum(dim=0)
 
 
 class SAE(nn.Module):
@@ -161,15 +194,17 @@ class SAE(nn.Module):
             self.W_enc.copy_(directions / directions.norm(dim=0, keepdim=True) * self.decoder_init_norm)
 
     # ----- the interface -----------------------------------------------------------------------------
-    def _sae_input(self, x: Tensor) -> Tensor:
+    def _normalize_input(self, x: Tensor) -> Tensor:
         if self.cfg.normalize_activations == "layer_norm":
             mean = x.mean(dim=-1, keepdim=True)
             std = (x - mean).pow(2).mean(dim=-1, keepdim=True).add(1e-5).sqrt()
             self._layer_norm_stats = (mean, std)
             x = (x - mean) / std
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
         return x
+
+    def _sae_input(self, x: Tensor) -> Tensor:
+        x = self._normalize_input(x)
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_activation(self, sae_in: Tensor) -> Tensor:
         """Encoder pre-activations of an already centred/normalised input."""

@@ -41,6 +41,8 @@ def keep_batch_topk(values: Tensor, k: int) -> Tensor:
 class BatchTopKSAE(TopKSAE):
     """TopK's decoder constraint and AuxK, with batch-level selection and a threshold for inference."""
 
+    sparse_training = False  # the number of latents per token varies
+
     config_class = BatchTopKConfig
 
     def create_parameters(self) -> None:

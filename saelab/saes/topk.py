@@ -13,6 +13,7 @@ from torch import Tensor
 
 from saelab.config import ConfigError
 from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
+from saelab.saes.fused_topk import sparse_decode, topk_encode
 
 
 @dataclass
@@ -63,8 +64,28 @@ class TopKSAE(SAE):
     default_decoder_init_norm = 1.0
     default_normalize_decoder = True
 
+    sparse_training = True
+    """Train with the sparse kernels of fused_topk (subclasses that pick latents differently turn it off)."""
+
     def activate(self, hidden_pre: Tensor) -> Tensor:
         return keep_topk(hidden_pre, self.cfg.k)
+
+    def training_forward(self, x: Tensor) -> TrainOutput:
+        """As the dense forward, but decoding only the k active latents of each token (same values)."""
+        if not self.sparse_training:
+            return super().training_forward(x)
+        normalized = self._normalize_input(x)
+        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        sae_in = normalized if shift is None else normalized - shift.detach()  # for losses that read it
+        flat = normalized.reshape(-1, self.cfg.d_in)
+        top_values, indices, hidden_pre = topk_encode(flat, self.W_enc, self.b_enc, self.cfg.k, shift)
+        values = torch.relu(top_values)
+        output = self._sae_output((sparse_decode(indices, values, self.W_dec) + self.b_dec).reshape(*x.shape[:-1], -1))
+        skip = self.skip(x)
+        if skip is not None:
+            output = output + skip
+        hidden_pre = hidden_pre.reshape(*x.shape[:-1], self.cfg.d_sae)
+        return TrainOutput(sae_in, hidden_pre, None, output, active=(indices, values))
 
     @property
     def k_aux(self) -> int:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import to_dict
 from saelab.data.tensor_source import Batch
-from saelab.evals.metrics import explained_variance, l0, log_feature_density
+from saelab.evals.metrics import explained_variance, log_feature_density
 from saelab.io.atomic import atomic_write_text
 from saelab.io.state import load_state, save_state
 from saelab.saes.base import SAE
@@ -72,6 +72,15 @@ def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
     return batch[x_name], batch[y_name]
 
 
+def check_widths(x: Tensor, target: Tensor, sae: SAE, name: str) -> None:
+    """A clear error when the activations do not fit the SAE (wrong model, hook or layer)."""
+    where = f" at '{sae.cfg.hook_name}'" if sae.cfg.hook_name else ""
+    if x.shape[-1] != sae.cfg.d_in:
+        raise ValueError(f"SAE '{name}' takes inputs of width {sae.cfg.d_in} but the activations{where} have width {x.shape[-1]}")
+    if target.shape[-1] != sae.cfg.d_out:
+        raise ValueError(f"SAE '{name}' reconstructs width {sae.cfg.d_out} but its targets have width {target.shape[-1]}")
+
+
 class Trainer:
     """Trains SAEs on batches from an activation source. `fit` runs the loop; `finish` saves the results."""
 
@@ -98,7 +107,7 @@ class Trainer:
 
     def _make_unit(self, name: str, sae: SAE, objectives: list[Objective] | None) -> _Unit:
         c = self.cfg
-        optimizer = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+        optimizer = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), fused=True)
         return _Unit(
             name=name,
             sae=sae.train(),
@@ -121,6 +130,7 @@ class Trainer:
             raise ValueError("the activation source yielded no batches")
         for unit in self.units:
             pairs = [select_inputs(b, unit.sae) for b in batches]
+            check_widths(*pairs[0], unit.sae, unit.name)
             xs = torch.cat([x for x, _ in pairs]).to(unit.sae.device, unit.sae.dtype)
             ys = torch.cat([y for _, y in pairs]).to(unit.sae.device, unit.sae.dtype)
             if unit.sae.cfg.normalize_activations == "expected_average_only_in":
@@ -163,6 +173,7 @@ class Trainer:
         lr_scale = lr_factor(self.step, self.cfg)
         for unit in self.units:
             x, target = select_inputs(batch, unit.sae)
+            check_widths(x, target, unit.sae, unit.name)
             x = x.to(unit.sae.device, unit.sae.dtype) * unit.in_scale
             target = target.to(unit.sae.device, unit.sae.dtype) * unit.out_scale
             self._step_unit(unit, x, target, lr_scale)
@@ -191,15 +202,16 @@ class Trainer:
             sae.normalize_decoder_rows()
         sae.update_after_step(out)
         with torch.no_grad():
-            fired = out.latents > 0
-            unit.tokens_since_fired += x.shape[0]
-            unit.tokens_since_fired[fired.any(dim=0)] = 0
-            unit.fire_counts += fired.sum(dim=0)
+            per_latent = out.firing_counts()
+            n_tokens = x.shape[0]
+            unit.tokens_since_fired += n_tokens
+            unit.tokens_since_fired[per_latent > 0] = 0
+            unit.fire_counts += per_latent
             window = unit.window
             window["loss"].append(float(loss.detach()))
             for name, term in terms.items():
                 window[name].append(float(term.detach()))
-            window["l0"].append(l0(out.latents))
+            window["l0"].append(float(per_latent.sum()) / n_tokens)
             window["explained_variance"].append(explained_variance(target, out.output))
 
     def _log(self) -> dict[str, float]:

@@ -1,0 +1,161 @@
+"""An on-disk activation cache: harvest once, train many times.
+
+Layout of a cache folder:
+    metadata.json                  model, hook names and widths, dtype, context settings, shards
+    acts-NNNNN.safetensors         one tensor per hook `(rows, width)` and `token_ids (rows,)`
+
+The folder is written under a staging name and renamed when complete, so a cache that exists is whole.
+Reading visits the shards in a new random order each epoch, one shard in memory at a time, through a
+shuffle buffer: memory is one shard plus the buffer, whatever the size of the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from saelab.data.activation_store import Harvester, concat_hooks, split_hooks
+from saelab.data.shuffle_buffer import ShuffleBuffer
+from saelab.data.tensor_source import Batch
+from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
+
+CACHE_FORMAT = "saelab-activations"
+METADATA_FILE = "metadata.json"
+TOKEN_IDS = "token_ids"
+
+
+def write_activation_cache(
+    harvester: Harvester,
+    contexts,
+    out_dir: str | Path,
+    max_tokens: int,
+    shard_rows: int = 65536,
+    dtype: str = "float32",
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Harvest `max_tokens` activation rows from `contexts` into a new cache folder `out_dir`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already exists and is not empty")
+    store_dtype = getattr(torch, dtype)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    shards: list[dict[str, Any]] = []
+    pending: list[tuple[Tensor, Tensor]] = []
+    pending_rows = total = 0
+    widths: dict[str, int] = {}
+
+    def flush(rows: int) -> None:
+        nonlocal pending, pending_rows
+        acts = torch.cat([a for a, _ in pending])
+        ids = torch.cat([t for _, t in pending])
+        name = f"acts-{len(shards):05d}.safetensors"
+        tensors = {hook: part.to(store_dtype).contiguous() for hook, part in zip(widths, torch.split(acts[:rows], list(widths.values()), dim=-1))}
+        tensors[TOKEN_IDS] = ids[:rows].to(torch.int32)
+        save_file(tensors, str(staging / name))
+        shards.append({"file": name, "rows": rows})
+        pending = [(acts[rows:], ids[rows:])] if rows < acts.shape[0] else []
+        pending_rows = acts.shape[0] - rows
+
+    try:
+        for tokens in contexts:
+            rows, ids = harvester(tokens)
+            widths = {name: value.shape[-1] for name, value in rows.items()}
+            block = concat_hooks(rows)[: max_tokens - total]
+            pending.append((block, ids[: block.shape[0]]))
+            pending_rows += block.shape[0]
+            total += block.shape[0]
+            while pending_rows >= shard_rows:
+                flush(shard_rows)
+            if total >= max_tokens:
+                break
+        if pending_rows:
+            flush(pending_rows)
+        if not shards:
+            raise ValueError("the data gave no activation rows to cache")
+        metadata = {
+            "format": CACHE_FORMAT,
+            **(info or {}),
+            "hooks": widths,
+            "dtype": dtype,
+            "rows": total,
+            "shards": shards,
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_cache_metadata(folder: str | Path) -> dict[str, Any]:
+    """The metadata of a cache folder, checked to be one."""
+    folder = Path(folder)
+    if not (folder / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not an activation cache (no {METADATA_FILE}); make one with saelab cache-activations")
+    metadata = read_json(folder / METADATA_FILE)
+    if metadata.get("format") != CACHE_FORMAT:
+        raise FileFormatError(f"{folder / METADATA_FILE} does not describe a saelab activation cache")
+    return metadata
+
+
+class CachedActivations:
+    """Shuffled activation batches from a cache folder, looping over it epoch after epoch.
+
+    Position = (epoch, shards finished in this epoch); a restored position resumes at the next shard.
+    """
+
+    def __init__(self, folder: str | Path, batch_size: int, buffer_size: int, seed: int = 0, loop: bool = True):
+        self.folder = Path(folder)
+        self.metadata = read_cache_metadata(self.folder)
+        self.widths: dict[str, int] = dict(self.metadata["hooks"])
+        self.batch_size, self.buffer_size, self.seed, self.loop = batch_size, buffer_size, seed, loop
+        self.epoch, self.shards_done = 0, 0
+
+    def read_shard(self, index: int) -> Tensor:
+        """All rows of one shard, hooks side by side `(rows, sum of widths)`, as float32."""
+        shard = self.metadata["shards"][index]
+        path = self.folder / shard["file"]
+        tensors = read_safetensors(path)
+        for hook, width in self.widths.items():
+            if hook not in tensors or tuple(tensors[hook].shape) != (shard["rows"], width):
+                found = tuple(tensors[hook].shape) if hook in tensors else "missing"
+                raise FileFormatError(f"{path}: '{hook}' should be ({shard['rows']}, {width}), found {found}")
+        return torch.cat([tensors[hook].float() for hook in self.widths], dim=-1)
+
+    def _shard_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.metadata["shards"]), generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[Batch]:
+        buffer = ShuffleBuffer(self.buffer_size, self.batch_size, seed=self.seed + 7919 * self.epoch + self.shards_done)
+        row_generator = torch.Generator().manual_seed(self.seed + 31 * self.epoch + self.shards_done)
+        while True:
+            for index in self._shard_order()[self.shards_done :]:
+                rows = self.read_shard(index)
+                rows = rows[torch.randperm(rows.shape[0], generator=row_generator)]
+                self.shards_done += 1
+                for block in buffer.push(rows):
+                    yield split_hooks(block, self.widths)
+            if not self.loop:
+                break
+            self.epoch, self.shards_done = self.epoch + 1, 0
+        for block in buffer.drain():
+            yield split_hooks(block, self.widths)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "shards_done": self.shards_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.shards_done = int(state["epoch"]), int(state["shards_done"])

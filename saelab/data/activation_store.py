@@ -1,0 +1,87 @@
+"""Activations from a live model: token contexts in, shuffled batches of activation rows out."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from saelab.data.shuffle_buffer import ShuffleBuffer
+from saelab.data.tensor_source import Batch
+from saelab.models.hooks import HookedModel
+
+
+class Harvester:
+    """Runs the model (only as deep as needed) and turns its activations at `hook_names` into rows: one per
+    kept token position, positions outside [seq_start, seq_end) and special tokens left out."""
+
+    def __init__(
+        self,
+        model: HookedModel,
+        hook_names: Sequence[str],
+        exclude_token_ids: Iterable[int] = (),
+        seq_start: int = 0,
+        seq_end: int | None = None,
+    ):
+        for name in hook_names:
+            model.hook_point(name)  # unknown names fail here, listing the valid ones
+        self.model, self.hook_names = model, list(hook_names)
+        self.exclude_token_ids = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
+        self.seq_start, self.seq_end = seq_start, seq_end
+
+    def __call__(self, tokens: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """({hook: (rows, width)}, token id of each row) for a batch of contexts `(batch, context_size)`."""
+        device = next(self.model.model.parameters()).device
+        acts = self.model.run_with_cache(tokens.to(device), self.hook_names)
+        window = slice(self.seq_start, self.seq_end)
+        tokens = tokens[:, window]
+        keep = ~torch.isin(tokens, self.exclude_token_ids)
+        rows = {}
+        for name, value in acts.items():
+            if value.dim() != 3:
+                raise ValueError(f"hook '{name}' gives shape {tuple(value.shape)}, expected (batch, position, width)")
+            rows[name] = value[:, window][keep.to(value.device)].float()
+        return rows, tokens[keep]
+
+
+def concat_hooks(rows: dict[str, Tensor]) -> Tensor:
+    """Rows of all hooks side by side, so one buffer shuffles them together."""
+    return torch.cat(list(rows.values()), dim=-1)
+
+
+def split_hooks(block: Tensor, widths: dict[str, int]) -> Batch:
+    """The inverse of concat_hooks: a tensor for one hook, a dict by hook name for several."""
+    parts = torch.split(block, list(widths.values()), dim=-1)
+    if len(parts) == 1:
+        return parts[0]
+    return dict(zip(widths, parts))
+
+
+class ActivationStore:
+    """Activation batches from a live model, mixed by a bounded shuffle buffer.
+
+    The position saved is that of the token stream; rows still in the buffer at a checkpoint are not saved,
+    so a resumed run continues with fresh contexts (it never sees a row twice).
+    """
+
+    def __init__(self, harvester: Harvester, contexts, batch_size: int, buffer_size: int, seed: int = 0):
+        self.harvester, self.contexts = harvester, contexts
+        self.batch_size, self.buffer_size, self.seed = batch_size, buffer_size, seed
+        self.widths: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        buffer = ShuffleBuffer(self.buffer_size, self.batch_size, seed=self.seed + self.contexts.position)
+        for tokens in self.contexts:
+            rows, _ = self.harvester(tokens)
+            self.widths = {name: value.shape[-1] for name, value in rows.items()}
+            for block in buffer.push(concat_hooks(rows)):
+                yield split_hooks(block, self.widths)
+        for block in buffer.drain():
+            yield split_hooks(block, self.widths)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"contexts": self.contexts.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.contexts.load_state_dict(state["contexts"])

@@ -1,0 +1,38 @@
+"""Settings of the data pipeline: text -> token contexts -> activations -> shuffled batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    """Which text, how it is cut into contexts, and how activations are read from the model."""
+
+    dataset: str = "docstrings"
+    """'docstrings' (built-in English prose from the docstrings of transformers, torch and numpy), a local
+    .txt/.md/.rst/.jsonl/.json/.parquet file or folder, a folder written by `saelab pretokenize`, or a Hugging
+    Face dataset name (streamed)."""
+    text_column: str = "text"
+    """Column holding the text in JSON/Parquet/Hugging Face rows (rows with input_ids or tokens are used as tokens)."""
+    split: str = "train"
+    """Split of a Hugging Face dataset."""
+    context_size: int = 128
+    """Tokens per context fed to the model."""
+    prepend_bos: bool = True
+    """Start every context with the BOS token."""
+    separator: Literal["bos", "eos", "none"] = "bos"
+    """Token placed between documents when packing them into contexts."""
+    exclude_special_tokens: bool = True
+    """Drop activations at BOS/EOS/PAD positions (their norms are outliers that dominate the loss)."""
+    seq_start: int = 0
+    """First context position whose activations are used."""
+    seq_end: int | None = None
+    """Position after the last one used (None: to the end of the context)."""
+    contexts_per_batch: int = 16
+    """Contexts per forward pass of the model."""
+    shuffle_buffer: int = 65536
+    """Activation rows held for shuffling (memory: shuffle_buffer x width x 4 bytes)."""
+    cache: str | None = None
+    """Folder written by `saelab cache-activations`: train from it instead of running the model."""

@@ -1,0 +1,85 @@
+"""The data steps as one-call functions (the CLI's `pretokenize` and `cache-activations` call these)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from saelab.data.activation_cache import CachedActivations, write_activation_cache
+from saelab.data.activation_store import ActivationStore, Harvester
+from saelab.data.config import DataConfig
+from saelab.data.docstrings import corpus_version
+from saelab.data.text import BUILTIN_DATASET
+from saelab.data.tokens import ContextBatches, pretokenize, special_token_ids
+from saelab.models.config import ModelConfig
+from saelab.models.hooks import HookedModel
+from saelab.models.loading import load_model
+
+
+def open_model(config: ModelConfig) -> HookedModel:
+    return load_model(config.name, dtype=config.dtype, device=config.device)
+
+
+def make_harvester(model: HookedModel, data: DataConfig, hook_names: Sequence[str]) -> Harvester:
+    """A Harvester for the data settings: special tokens dropped when asked, positions sliced."""
+    excluded = [i for i in special_token_ids(model.tokenizer).values() if i is not None]
+    return Harvester(
+        model, hook_names, excluded if data.exclude_special_tokens else (), data.seq_start, data.seq_end
+    )
+
+
+def data_info(model_config: ModelConfig, data: DataConfig) -> dict[str, Any]:
+    """Where activations came from, recorded with caches and SAEs so a run can be traced and repeated."""
+    return {
+        "model_name": model_config.name,
+        "dataset": data.dataset,
+        "corpus_version": corpus_version() if data.dataset == BUILTIN_DATASET else None,
+        "context_size": data.context_size,
+        "prepend_bos": data.prepend_bos,
+        "separator": data.separator,
+        "exclude_special_tokens": data.exclude_special_tokens,
+        "seq_start": data.seq_start,
+        "seq_end": data.seq_end,
+    }
+
+
+def model_activations(
+    model: HookedModel, data: DataConfig, hook_names: Sequence[str], batch_size: int, seed: int = 0
+) -> ActivationStore:
+    """Shuffled batches of activations at `hook_names`, read from the model as training goes."""
+    harvester = make_harvester(model, data, hook_names)
+    return ActivationStore(harvester, ContextBatches(data, model.tokenizer), batch_size, data.shuffle_buffer, seed)
+
+
+def cached_activations(data: DataConfig, batch_size: int, seed: int = 0) -> CachedActivations:
+    """Shuffled batches from the cache folder `data.cache`."""
+    assert data.cache is not None
+    return CachedActivations(data.cache, batch_size, data.shuffle_buffer, seed)
+
+
+def pretokenize_dataset(model: ModelConfig, data: DataConfig, out_dir: str | Path, max_tokens: int | None = None) -> Path:
+    """Tokenise and pack `data.dataset` with the model's tokenizer into token shards under out_dir."""
+    from transformers import AutoTokenizer
+
+    from saelab.models.loading import DEFAULT_MODEL, convert_default_model
+
+    source = convert_default_model() if model.name == DEFAULT_MODEL else model.name
+    return pretokenize(data, AutoTokenizer.from_pretrained(source), out_dir, max_tokens)
+
+
+def cache_activations(
+    model_config: ModelConfig,
+    data: DataConfig,
+    out_dir: str | Path,
+    max_tokens: int,
+    hook_names: Sequence[str] | None = None,
+    dtype: str = "float32",
+    shard_rows: int = 65536,
+) -> Path:
+    """Run the model over `max_tokens` tokens of `data.dataset` and store the activations under out_dir."""
+    model = open_model(model_config)
+    hook_names = list(hook_names or [model_config.hook_name])
+    harvester = make_harvester(model, data, hook_names)
+    contexts = ContextBatches(data, model.tokenizer, loop=False)
+    info = {**data_info(model_config, data), "hook_layers": {h: model.hook_point(h).layer for h in hook_names}}
+    return write_activation_cache(harvester, contexts, out_dir, max_tokens, shard_rows, dtype, info)

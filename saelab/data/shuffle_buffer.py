@@ -1,0 +1,60 @@
+"""A shuffle buffer with a fixed memory bound.
+
+Activations from one context are strongly correlated, so they are mixed before training: rows go into a
+preallocated store of `capacity` rows; once it is full, each batch is drawn uniformly at random from it and
+the freed slots take the next incoming rows. Memory is `capacity x width` values however long the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+class ShuffleBuffer:
+    """Mixes a stream of row blocks `(n, width)` into random batches `(batch_size, width)`."""
+
+    def __init__(self, capacity: int, batch_size: int, seed: int = 0):
+        if capacity < batch_size:
+            raise ValueError(f"shuffle buffer capacity {capacity} is smaller than the batch size {batch_size}")
+        self.capacity, self.batch_size = capacity, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.store: Tensor | None = None
+        self.size = 0
+
+    def push(self, rows: Tensor) -> Iterator[Tensor]:
+        """Add rows; yield every batch that becomes ready (the buffer is full each time one is drawn)."""
+        if self.store is None:
+            self.store = torch.empty(self.capacity, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        if rows.shape[1:] != self.store.shape[1:]:
+            raise ValueError(f"rows of shape {tuple(rows.shape[1:])} pushed into a buffer of {tuple(self.store.shape[1:])}")
+        start = 0
+        while start < rows.shape[0]:
+            take = min(self.capacity - self.size, rows.shape[0] - start)
+            self.store[self.size : self.size + take] = rows[start : start + take]
+            self.size += take
+            start += take
+            if self.size == self.capacity:
+                yield self._draw()
+
+    def drain(self) -> Iterator[Tensor]:
+        """Yield the remaining full batches in random order (the end of a finite stream)."""
+        while self.size >= self.batch_size:
+            yield self._draw()
+
+    def _draw(self) -> Tensor:
+        assert self.store is not None
+        n, b = self.size, self.batch_size
+        chosen = torch.randperm(n, generator=self.generator)[:b]
+        batch = self.store[chosen].clone()
+        # Close the holes: rows from the tail that were not drawn move into drawn slots below the tail.
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[chosen] = False
+        tail = torch.arange(n - b, n)
+        movers = tail[keep[tail]]
+        holes = chosen[chosen < n - b]
+        self.store[holes] = self.store[movers]
+        self.size = n - b
+        return batch

@@ -1,0 +1,150 @@
+"""Token contexts: documents tokenised and packed, served in batches with a resumable position, and saved
+as token shards by `saelab pretokenize`.
+
+A pretokenised folder holds `tokens-NNNNN.safetensors` shards (a `tokens` int32 tensor `(n, context_size)`)
+and `metadata.json` (tokenizer, context size, BOS/separator choices, shard sizes). It is written in a staging
+folder and renamed into place when complete, so a folder that exists is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from saelab.data.config import DataConfig
+from saelab.data.docstrings import corpus_version
+from saelab.data.packing import pack_tokens
+from saelab.data.text import BUILTIN_DATASET, iter_documents, tokenize_documents
+from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
+
+TOKENS_FORMAT = "saelab-tokens"
+METADATA_FILE = "metadata.json"
+
+
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """BOS, EOS and PAD ids of a tokenizer (None where it has none)."""
+    return {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+
+
+def packing_ids(config: DataConfig, tokenizer) -> tuple[int | None, int | None]:
+    """(BOS to prepend, separator between documents) for this config and tokenizer."""
+    ids = special_token_ids(tokenizer)
+    if config.prepend_bos and ids["bos"] is None:
+        raise ValueError("data.prepend_bos is set but the tokenizer has no BOS token; set data.prepend_bos false")
+    bos = ids["bos"] if config.prepend_bos else None
+    separator = None if config.separator == "none" else ids[config.separator]
+    return bos, separator
+
+
+def is_pretokenized(path: str | Path) -> bool:
+    return (Path(path) / METADATA_FILE).is_file() and any(Path(path).glob("tokens-*.safetensors"))
+
+
+def _shard_contexts(folder: Path, context_size: int) -> Iterator[Tensor]:
+    metadata = read_json(folder / METADATA_FILE)
+    if metadata.get("format") != TOKENS_FORMAT:
+        raise FileFormatError(f"{folder / METADATA_FILE} is not a saelab token folder")
+    if int(metadata["context_size"]) != context_size:
+        raise ValueError(
+            f"{folder} holds contexts of {metadata['context_size']} tokens but data.context_size is {context_size}"
+        )
+    for shard in metadata["shards"]:
+        tokens = read_safetensors(folder / shard["file"])["tokens"]
+        if tokens.shape != (shard["contexts"], context_size):
+            raise FileFormatError(f"{folder / shard['file']} has shape {tuple(tokens.shape)}, metadata says otherwise")
+        yield from tokens.long()
+
+
+def iter_contexts(config: DataConfig, tokenizer) -> Iterator[Tensor]:
+    """Every context `(context_size,)` of the configured dataset, in order."""
+    if is_pretokenized(config.dataset):
+        return _shard_contexts(Path(config.dataset), config.context_size)
+    bos, separator = packing_ids(config, tokenizer)
+    documents = tokenize_documents(iter_documents(config.dataset, config.text_column, config.split), tokenizer)
+    return pack_tokens(documents, config.context_size, bos, separator)
+
+
+class ContextBatches:
+    """Batches `(contexts_per_batch, context_size)` of token ids; the position is the number of contexts
+    served, and a restored position skips that many (the stream is deterministic)."""
+
+    def __init__(self, config: DataConfig, tokenizer, loop: bool = True):
+        self.config, self.tokenizer, self.loop = config, tokenizer, loop
+        self.position = 0
+
+    def _passes(self) -> Iterator[Tensor]:
+        while True:
+            count = 0
+            for context in iter_contexts(self.config, self.tokenizer):
+                count += 1
+                yield context
+            if count < self.config.contexts_per_batch:
+                raise ValueError(
+                    f"dataset '{self.config.dataset}' has {count} contexts of {self.config.context_size} tokens, "
+                    f"fewer than data.contexts_per_batch ({self.config.contexts_per_batch})"
+                )
+            if not self.loop:
+                return
+
+    def __iter__(self) -> Iterator[Tensor]:
+        contexts = islice(self._passes(), self.position, None)
+        while len(batch := list(islice(contexts, self.config.contexts_per_batch))) == self.config.contexts_per_batch:
+            self.position += len(batch)
+            yield torch.stack(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+def pretokenize(
+    config: DataConfig, tokenizer, out_dir: str | Path, max_tokens: int | None = None, shard_contexts: int = 8192
+) -> Path:
+    """Tokenise and pack `config.dataset` into token shards under out_dir (which must not exist yet)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already exists and is not empty")
+    bos, separator = packing_ids(config, tokenizer)
+    max_contexts = None if max_tokens is None else max(1, max_tokens // config.context_size)
+    contexts = islice(iter_contexts(config, tokenizer), max_contexts)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shards = []
+        while chunk := list(islice(contexts, shard_contexts)):
+            name = f"tokens-{len(shards):05d}.safetensors"
+            save_file({"tokens": torch.stack(chunk).to(torch.int32)}, str(staging / name))
+            shards.append({"file": name, "contexts": len(chunk)})
+        if not shards:
+            raise ValueError(f"dataset '{config.dataset}' gave no complete context of {config.context_size} tokens")
+        metadata = {
+            "format": TOKENS_FORMAT,
+            "dataset": config.dataset,
+            "corpus_version": corpus_version() if config.dataset == BUILTIN_DATASET else None,
+            "tokenizer": getattr(tokenizer, "name_or_path", None),
+            "vocab_size": len(tokenizer),
+            "context_size": config.context_size,
+            "bos_token_id": bos,
+            "separator_token_id": separator,
+            "n_contexts": sum(s["contexts"] for s in shards),
+            "shards": shards,
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
