@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -24,13 +25,14 @@ from saelab.training.trainer import Trainer
 
 RUN_CONFIG_FILE = "config.yaml"
 DEFAULT_TOKENS = 1_000_000
+DEFAULT_SAE = {"architecture": "topk", "k": 32, "expansion_factor": 8, "normalize_activations": "expected_average_only_in"}
 
 
 @dataclass
 class RunConfig:
     """Everything a training run needs; `saelab train` builds it from YAML and --section.key flags."""
 
-    sae: dict[str, Any] = field(default_factory=lambda: {"architecture": "topk", "k": 32, "expansion_factor": 8})
+    sae: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAE))
     """SAE options: architecture plus that architecture's fields (see `saelab train --help`); d_in comes from
     the data; give d_sae or expansion_factor (d_sae = expansion_factor * d_in)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(total_tokens=DEFAULT_TOKENS, batch_size=1024, lr=1e-3))
@@ -80,10 +82,13 @@ def load_run_config(data: Mapping[str, Any] | str | Path | None = None) -> RunCo
 
 
 def _with_sae_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    """Fill in the default SAE's options, those of its architecture only when that architecture is kept."""
+    """Fill in the default SAE's options; those specific to its architecture only when that is kept."""
+    from saelab.saes.base import SAEConfig
+
     defaults = dict(RunConfig().sae)
     if options.get("architecture", defaults["architecture"]) != defaults["architecture"]:
-        defaults = {"expansion_factor": defaults["expansion_factor"]}
+        shared = {f.name for f in dataclasses.fields(SAEConfig)} | {"expansion_factor"}
+        defaults = {k: v for k, v in defaults.items() if k in shared}
     if "d_sae" in options:
         defaults.pop("expansion_factor", None)
     return {**defaults, **options}
@@ -127,6 +132,7 @@ def activation_source(config: RunConfig) -> tuple[ActivationSource, int, dict[st
         return cached, cached.widths[hook], info
     model = pipeline.open_model(config.model)
     store = pipeline.model_activations(model, config.data, [hook], batch_size, seed)
+    pipeline.check_dataset(config.data, model.tokenizer)  # fail now, before anything is written
     info = {**pipeline.data_info(config.model, config.data), "hook_name": hook, "hook_layer": model.hook_point(hook).layer}
     return store, model.hook_widths([hook])[hook], info
 

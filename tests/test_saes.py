@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -189,3 +191,32 @@ def test_geometric_median_resists_outliers():
     points[100] = 1000.0
     assert geometric_median(points).norm() < 0.05
     assert points.mean(0).norm() > 5
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+@pytest.mark.parametrize("centre", [True, False])
+def test_sparse_topk_training_matches_the_dense_computation(with_dead, centre):
+    """The sparse kernels give the dense forward's outputs and gradients (AuxK's dense route included)."""
+    torch.manual_seed(0)
+    sparse = saelab.create_sae("topk", d_in=24, d_sae=96, k=5, dtype="float64", apply_b_dec_to_input=centre)
+    with torch.no_grad():
+        sparse.b_dec.normal_()
+        sparse.b_enc.normal_()
+    dense = copy.deepcopy(sparse)
+    dense.sparse_training = False
+    x = torch.randn(40, 24, dtype=torch.float64)
+    dead = torch.rand(96) < 0.5 if with_dead else torch.zeros(96, dtype=torch.bool)
+    outputs = []
+    for sae in (sparse, dense):
+        out = sae.training_forward(x)
+        loss = sae.reconstruction_loss(out, x)
+        aux = sae.auxiliary_loss(out, x, dead)
+        assert (aux is not None) == with_dead
+        (loss if aux is None else loss + aux).backward()
+        outputs.append(out)
+    assert outputs[0].active is not None and outputs[1].active is None
+    assert torch.allclose(outputs[0].output, outputs[1].output)
+    assert torch.allclose(outputs[0].latents, outputs[1].latents)
+    assert torch.equal(outputs[0].firing_counts(), outputs[1].firing_counts())
+    for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-12), name

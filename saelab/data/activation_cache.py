@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saelab.data.activation_store import Harvester, concat_hooks, split_hooks
 from saelab.data.shuffle_buffer import ShuffleBuffer
@@ -40,6 +41,7 @@ def write_activation_cache(
     shard_rows: int = 65536,
     dtype: str = "float32",
     info: dict[str, Any] | None = None,
+    progress_bar: bool = True,
 ) -> Path:
     """Harvest `max_tokens` activation rows from `contexts` into a new cache folder `out_dir`."""
     out_dir = Path(out_dir)
@@ -65,6 +67,7 @@ def write_activation_cache(
         pending = [(acts[rows:], ids[rows:])] if rows < acts.shape[0] else []
         pending_rows = acts.shape[0] - rows
 
+    bar = tqdm(total=max_tokens, disable=not progress_bar, desc="caching activations", unit="tok", unit_scale=True)
     try:
         for tokens in contexts:
             rows, ids = harvester(tokens)
@@ -73,6 +76,7 @@ def write_activation_cache(
             pending.append((block, ids[: block.shape[0]]))
             pending_rows += block.shape[0]
             total += block.shape[0]
+            bar.update(block.shape[0])
             while pending_rows >= shard_rows:
                 flush(shard_rows)
             if total >= max_tokens:
@@ -96,6 +100,8 @@ def write_activation_cache(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     return out_dir
 
 

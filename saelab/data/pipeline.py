@@ -10,7 +10,7 @@ from saelab.data.activation_store import ActivationStore, Harvester
 from saelab.data.config import DataConfig
 from saelab.data.docstrings import corpus_version
 from saelab.data.text import BUILTIN_DATASET
-from saelab.data.tokens import ContextBatches, pretokenize, special_token_ids
+from saelab.data.tokens import ContextBatches, iter_contexts, pretokenize, special_token_ids
 from saelab.models.config import ModelConfig
 from saelab.models.hooks import HookedModel
 from saelab.models.loading import load_model
@@ -49,6 +49,12 @@ def model_activations(
     """Shuffled batches of activations at `hook_names`, read from the model as training goes."""
     harvester = make_harvester(model, data, hook_names)
     return ActivationStore(harvester, ContextBatches(data, model.tokenizer), batch_size, data.shuffle_buffer, seed)
+
+
+def check_dataset(data: DataConfig, tokenizer) -> None:
+    """Raise now if the dataset cannot give a first context (missing file or column, bad format)."""
+    if next(iter_contexts(data, tokenizer), None) is None:
+        raise ValueError(f"dataset '{data.dataset}' gives no complete context of {data.context_size} tokens")
 
 
 def cached_activations(data: DataConfig, batch_size: int, seed: int = 0) -> CachedActivations:

@@ -98,6 +98,8 @@ def iter_documents(dataset: str = BUILTIN_DATASET, text_column: str = "text", sp
     path = Path(dataset).expanduser()
     if path.exists():
         return _local_documents(path, text_column)
+    if path.suffix in TEXT_SUFFIXES + ROW_SUFFIXES or dataset.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"dataset file not found: {dataset}")
     return _hub_documents(dataset, text_column, split)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def convert_default_model() -> Path:
     if (target / "config.json").exists():
         return target
     gguf = default_model_gguf()
+    print(f"saelab: converting {gguf.name} to safetensors in {target} (once, ~30 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised; the quantiser left attached would refuse to save them.
@@ -72,8 +74,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device
     """A HookedModel with its tokenizer: the embedded default, a local folder, or a Hugging Face hub name
     (downloaded by transformers into its own cache; offline, only what that cache holds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     source = convert_default_model() if name_or_path == DEFAULT_MODEL else name_or_path
+    transformers_logging.disable_progress_bar()  # a sub-second bar per load is noise in every run's output
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return HookedModel(model, tokenizer)

@@ -50,12 +50,15 @@ def auxk_loss(sae: SAE, out: TrainOutput, target: Tensor, dead_mask: Tensor | No
     if num_dead == 0:
         return None
     residual = (target - out.output).detach()
+    # Only the dead latents' columns are computed: the cost scales with how many are dead, not with d_sae.
+    dead = dead_mask.nonzero().squeeze(1)
+    dead_pre = out.sae_in.reshape(-1, sae.cfg.d_in) @ sae.W_enc[:, dead] + sae.b_enc[dead]
     k_aux = min(k_aux, num_dead)
-    dead_pre = out.hidden_pre.masked_fill(~dead_mask, float("-inf"))
-    aux_latents = keep_topk(dead_pre, k_aux)
-    predicted = aux_latents @ sae.W_dec
+    top = dead_pre.topk(k_aux, dim=-1, sorted=False)
+    aux_latents = torch.zeros_like(dead_pre).scatter(-1, top.indices, torch.relu(top.values))
+    predicted = aux_latents @ sae.W_dec[dead]
     scale = min(1.0, num_dead / k_aux)
-    return scale * (predicted - residual).pow(2).sum(dim=-1).mean()
+    return scale * (predicted.reshape(residual.shape) - residual).pow(2).sum(dim=-1).mean()
 
 
 @register("topk")
@@ -76,7 +79,7 @@ class TopKSAE(SAE):
             return super().training_forward(x)
         normalized = self._normalize_input(x)
         shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        sae_in = normalized if shift is None else normalized - shift.detach()  # for losses that read it
+        sae_in = normalized if shift is None else normalized - shift  # what AuxK encodes dead latents from
         flat = normalized.reshape(-1, self.cfg.d_in)
         top_values, indices, hidden_pre = topk_encode(flat, self.W_enc, self.b_enc, self.cfg.k, shift)
         values = torch.relu(top_values)

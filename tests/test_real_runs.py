@@ -1,0 +1,81 @@
+"""`saelab train`, `pretokenize` and `cache-activations` on a tiny local model and text, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import save_tiny_model, sentences, write_jsonl
+
+import saelab
+from saelab.cli import main
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    return str(save_tiny_model(folder / "model")), str(write_jsonl(folder / "text.jsonl", sentences(600)))
+
+
+def flags(model: str, dataset: str) -> list[str]:
+    return ["--model.name", model, "--model.hook_name", HOOK, "--data.dataset", dataset,
+            "--data.context_size", "16", "--data.contexts_per_batch", "8", "--data.shuffle_buffer", "512"]
+
+
+TRAIN = ["--train.total_tokens", "8192", "--train.batch_size", "128", "--train.progress_bar", "false",
+         "--sae.k", "4", "--sae.expansion_factor", "4"]
+
+
+def test_train_on_a_model_records_where_the_activations_came_from(tiny, tmp_path, capsys):
+    model, dataset = tiny
+    out = tmp_path / "run"
+    assert main(["train", *flags(model, dataset), *TRAIN, "--out_dir", str(out)]) == 0
+    assert "explained variance" in capsys.readouterr().out
+    sae = saelab.load_sae(out / "sae")
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.hook_name, sae.cfg.hook_layer) == (32, 128, HOOK, 1)
+    assert sae.cfg.model_name == model
+    assert sae.cfg.metadata["dataset"] == dataset and sae.cfg.metadata["context_size"] == 16
+    summary = json.loads((out / "summary.json").read_text())["sae"]
+    assert summary["tokens"] == 8192 and summary["l0"] == pytest.approx(4, abs=0.01)
+
+
+def test_pretokenized_and_cached_data_feed_training(tiny, tmp_path, capsys):
+    model, dataset = tiny
+    tokens, cache = tmp_path / "tokens", tmp_path / "cache"
+    assert main(["pretokenize", *flags(model, dataset), "--out", str(tokens)]) == 0
+    assert main(["cache-activations", *flags(model, str(tokens)), "--out", str(cache), "--max_tokens", "3000",
+                 "--shard_rows", "1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "contexts of 16 tokens" in printed and "3000 activation rows" in printed
+    metadata = json.loads((cache / "metadata.json").read_text())
+    assert metadata["hooks"] == {HOOK: 32} and len(metadata["shards"]) == 3 and metadata["hook_layers"] == {HOOK: 1}
+    out = tmp_path / "run"
+    assert main(["train", "--data.cache", str(cache), "--model.hook_name", HOOK, *TRAIN, "--out_dir", str(out)]) == 0
+    sae = saelab.load_sae(out / "sae")
+    assert sae.cfg.hook_name == HOOK and sae.cfg.model_name == model and sae.cfg.metadata["dataset"] == str(tokens)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--model.hook_name", "blocks.1.hook_resid_pots"], "Did you mean 'blocks.1.hook_resid_post'?"),
+    (["--data.text_column", "body"], "no text column 'body' (columns: text)"),
+    (["--sae.d_in", "48"], "sae.d_in is 48 but the activations have width 32"),
+    (["--data.dataset", "missing-folder/none.jsonl"], "dataset file not found: missing-folder/none.jsonl"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(tiny, tmp_path, capsys, bad, message):
+    model, dataset = tiny
+    out = tmp_path / "run"
+    assert main(["train", *flags(model, dataset), *TRAIN, "--out_dir", str(out), *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_cache_without_the_hook_is_refused(tiny, tmp_path, capsys):
+    model, dataset = tiny
+    cache = tmp_path / "cache"
+    assert main(["cache-activations", *flags(model, dataset), "--out", str(cache), "--max_tokens", "500"]) == 0
+    code = main(["train", "--data.cache", str(cache), "--model.hook_name", "blocks.0.hook_resid_post", *TRAIN,
+                 "--out_dir", str(tmp_path / "run")])
+    assert code == 2 and f"holds {HOOK}, not 'blocks.0.hook_resid_post'" in capsys.readouterr().err
