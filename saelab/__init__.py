@@ -2,6 +2,8 @@
 
 from saelab.config import ConfigError
 from saelab.io.saelens_format import FileFormatError, load_sae
+from saelab.models import HookedModel, load_model
+from saelab.runner import RunConfig, cache_activations, pretokenize, resume, train
 from saelab.saes import SAE, SAEConfig, available_architectures, create_sae, register
 from saelab.training import TrainConfig, Trainer, TrainingDiverged
 
@@ -11,12 +13,19 @@ __all__ = [
     "SAE",
     "ConfigError",
     "FileFormatError",
+    "HookedModel",
+    "RunConfig",
     "SAEConfig",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
     "available_architectures",
+    "cache_activations",
     "create_sae",
+    "load_model",
     "load_sae",
+    "pretokenize",
     "register",
+    "resume",
+    "train",
 ]

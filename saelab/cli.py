@@ -143,21 +143,19 @@ def _run_config(args: argparse.Namespace, flag_names: list[str]):
 
 
 def run_pretokenize(args: argparse.Namespace, flag_names: list[str]) -> None:
-    from saelab.data.pipeline import pretokenize_dataset
+    from saelab.runner import pretokenize
 
-    config = _run_config(args, flag_names)
-    out = pretokenize_dataset(config.model, config.data, args.out, args.max_tokens)
+    out = pretokenize(args.out, _run_config(args, flag_names), args.max_tokens)
     metadata = json.loads((out / "metadata.json").read_text())
     print(f"{metadata['n_contexts']} contexts of {metadata['context_size']} tokens in {len(metadata['shards'])} "
           f"shard(s) -> {out}/ (train on it with --data.dataset {out})")
 
 
 def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> None:
-    from saelab.data.pipeline import cache_activations
+    from saelab.runner import cache_activations
 
-    config = _run_config(args, flag_names)
     hooks = [h.strip() for h in args.hooks.split(",")] if args.hooks else None
-    out = cache_activations(config.model, config.data, args.out, args.max_tokens, hooks, args.dtype, args.shard_rows)
+    out = cache_activations(args.out, _run_config(args, flag_names), args.max_tokens, hooks, args.dtype, args.shard_rows)
     metadata = json.loads((out / "metadata.json").read_text())
     print(f"{metadata['rows']} activation rows of {metadata['hooks']} in {len(metadata['shards'])} shard(s) -> {out}/ "
           f"(train on it with --data.cache {out})")

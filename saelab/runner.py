@@ -166,6 +166,33 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resu
     return saes
 
 
+def pretokenize(out_dir: str | Path, config: RunConfig | Mapping[str, Any] | str | Path | None = None,
+                max_tokens: int | None = None) -> Path:
+    """Tokenise and pack the config's dataset with its model's tokenizer into token shards (`saelab pretokenize`)."""
+    from saelab.data.pipeline import pretokenize_dataset
+
+    if not isinstance(config, RunConfig):
+        config = load_run_config(config)
+    return pretokenize_dataset(config.model, config.data, out_dir, max_tokens)
+
+
+def cache_activations(
+    out_dir: str | Path,
+    config: RunConfig | Mapping[str, Any] | str | Path | None = None,
+    max_tokens: int = DEFAULT_TOKENS,
+    hooks: list[str] | None = None,
+    dtype: str = "float32",
+    shard_rows: int = 65536,
+) -> Path:
+    """Store the model's activations at `hooks` (default: model.hook_name) on the config's data
+    (`saelab cache-activations`); train from them with data.cache."""
+    from saelab.data import pipeline
+
+    if not isinstance(config, RunConfig):
+        config = load_run_config(config)
+    return pipeline.cache_activations(config.model, config.data, out_dir, max_tokens, hooks, dtype, shard_rows)
+
+
 def resume(out_dir: str | Path) -> dict[str, SAE]:
     """Continue the run in out_dir from its newest complete checkpoint."""
     config = load_run_config(Path(out_dir) / RUN_CONFIG_FILE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 import saelab
@@ -74,9 +75,22 @@ def test_every_train_option_has_help(capsys):
     except SystemExit:
         pass
     text = capsys.readouterr().out
-    for flag in ("--train.lr", "--sae.k", "--sae.l1_coefficient", "--sae.matryoshka_widths", "--synthetic.d_in"):
+    for flag in ("--train.lr", "--sae.k", "--sae.l1_coefficient", "--sae.matryoshka_widths", "--synthetic.d_in",
+                 "--model.hook_name", "--data.dataset", "--data.shuffle_buffer", "--data.cache"):
         assert flag in text
-    assert "Peak Adam learning rate" in text
+    assert "Peak Adam learning rate" in text and "Tokens per context fed to the model" in text
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("pretokenize", ["--out", "--max_tokens", "--data.context_size", "--data.separator", "--model.name"]),
+    ("cache-activations", ["--out", "--hooks", "--dtype", "--shard_rows", "--data.seq_start", "--model.hook_name"]),
+])
+def test_data_commands_document_every_option(capsys, command, flags):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in flags)
+    assert text.count("(default:") >= 10
 
 
 def test_partial_sections_keep_the_run_defaults():
