@@ -167,3 +167,13 @@ def test_failed_cache_leaves_nothing_behind(tiny, tmp_path):
     with pytest.raises(RuntimeError):
         write_activation_cache(Harvester(model, [HOOK]), failing(), tmp_path / "cache", 10_000, shard_rows=16)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parquet_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["one document", "another"], "id": [1, 2]}), tmp_path / "d.parquet")
+    assert list(iter_documents(str(tmp_path / "d.parquet"), text_column="body")) == ["one document", "another"]
+    with pytest.raises(DatasetFormatError, match="columns: body, id"):
+        list(iter_documents(str(tmp_path / "d.parquet")))

