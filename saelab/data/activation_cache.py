@@ -12,9 +12,6 @@ shuffle buffer: memory is one shard plus the buffer, whatever the size of the ca
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +23,7 @@ from tqdm.auto import tqdm
 from saelab.data.activation_store import Harvester, concat_hooks, split_hooks
 from saelab.data.shuffle_buffer import ShuffleBuffer
 from saelab.data.tensor_source import Batch
+from saelab.io.atomic import atomic_directory
 from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
 
 CACHE_FORMAT = "saelab-activations"
@@ -44,23 +42,19 @@ def write_activation_cache(
     progress_bar: bool = True,
 ) -> Path:
     """Harvest `max_tokens` activation rows from `contexts` into a new cache folder `out_dir`."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already exists and is not empty")
     store_dtype = getattr(torch, dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     shards: list[dict[str, Any]] = []
     pending: list[tuple[Tensor, Tensor]] = []
     pending_rows = total = 0
     widths: dict[str, int] = {}
 
-    def flush(rows: int) -> None:
+    def flush(staging: Path, rows: int) -> None:
         nonlocal pending, pending_rows
         acts = torch.cat([a for a, _ in pending])
         ids = torch.cat([t for _, t in pending])
         name = f"acts-{len(shards):05d}.safetensors"
-        tensors = {hook: part.to(store_dtype).contiguous() for hook, part in zip(widths, torch.split(acts[:rows], list(widths.values()), dim=-1))}
+        parts = torch.split(acts[:rows], list(widths.values()), dim=-1)
+        tensors = {hook: part.to(store_dtype).contiguous() for hook, part in zip(widths, parts)}
         tensors[TOKEN_IDS] = ids[:rows].to(torch.int32)
         save_file(tensors, str(staging / name))
         shards.append({"file": name, "rows": rows})
@@ -68,7 +62,7 @@ def write_activation_cache(
         pending_rows = acts.shape[0] - rows
 
     bar = tqdm(total=max_tokens, disable=not progress_bar, desc="caching activations", unit="tok", unit_scale=True)
-    try:
+    with atomic_directory(out_dir) as staging, bar:
         for tokens in contexts:
             rows, ids = harvester(tokens)
             widths = {name: value.shape[-1] for name, value in rows.items()}
@@ -78,11 +72,11 @@ def write_activation_cache(
             total += block.shape[0]
             bar.update(block.shape[0])
             while pending_rows >= shard_rows:
-                flush(shard_rows)
+                flush(staging, shard_rows)
             if total >= max_tokens:
                 break
         if pending_rows:
-            flush(pending_rows)
+            flush(staging, pending_rows)
         if not shards:
             raise ValueError("the data gave no activation rows to cache")
         metadata = {
@@ -94,15 +88,7 @@ def write_activation_cache(
             "shards": shards,
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
-    return out_dir
+    return Path(out_dir)
 
 
 def read_cache_metadata(folder: str | Path) -> dict[str, Any]:

@@ -9,9 +9,6 @@ folder and renamed into place when complete, so a folder that exists is whole.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +21,7 @@ from saelab.data.config import DataConfig
 from saelab.data.docstrings import corpus_version
 from saelab.data.packing import pack_tokens
 from saelab.data.text import BUILTIN_DATASET, iter_documents, tokenize_documents
+from saelab.io.atomic import atomic_directory
 from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
 
 TOKENS_FORMAT = "saelab-tokens"
@@ -112,15 +110,10 @@ def pretokenize(
     config: DataConfig, tokenizer, out_dir: str | Path, max_tokens: int | None = None, shard_contexts: int = 8192
 ) -> Path:
     """Tokenise and pack `config.dataset` into token shards under out_dir (which must not exist yet)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already exists and is not empty")
     bos, separator = packing_ids(config, tokenizer)
     max_contexts = None if max_tokens is None else max(1, max_tokens // config.context_size)
     contexts = islice(iter_contexts(config, tokenizer), max_contexts)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         shards = []
         while chunk := list(islice(contexts, shard_contexts)):
             name = f"tokens-{len(shards):05d}.safetensors"
@@ -141,10 +134,4 @@ def pretokenize(
             "shards": shards,
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from saelab.io.atomic import atomic_directory
 from saelab.models.hooks import HookedModel
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -58,14 +57,11 @@ def convert_default_model() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # whole folder appears at once; a crash leaves only the staging dir
+        with atomic_directory(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").exists():  # lost a race with another process: theirs is fine
             raise
     return target
