@@ -174,6 +174,9 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
     summary_file = out_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     print(f"\nTrained {len(trained)} SAE(s); results in {out_dir}/ ({RUN_CONFIG_FILE}, metrics.jsonl, summary.json)")
+    if summary:
+        first = next(iter(summary.values()))
+        print(f"  {first['tokens']:,} tokens in {first['steps']} steps, {first['tokens_per_second']:,.0f} tokens/s")
     for name, row in summary.items():
         print(
             f"  {name:<10} {row['architecture']:<11} explained variance {row['explained_variance']:.3f}"

@@ -177,3 +177,14 @@ def test_parquet_rows(tmp_path):
     assert list(iter_documents(str(tmp_path / "d.parquet"), text_column="body")) == ["one document", "another"]
     with pytest.raises(DatasetFormatError, match="columns: body, id"):
         list(iter_documents(str(tmp_path / "d.parquet")))
+
+
+def test_saved_hugging_face_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a saved document", "and another"]}).save_to_disk(tmp_path / "single")
+    assert list(iter_documents(str(tmp_path / "single"))) == ["a saved document", "and another"]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[4, 5, 6]]})})
+    splits.save_to_disk(tmp_path / "splits")
+    assert list(iter_documents(str(tmp_path / "splits"))) == [[4, 5, 6]]
+    with pytest.raises(DatasetFormatError, match="no split 'test' \\(splits: train\\)"):
+        list(iter_documents(str(tmp_path / "splits"), split="test"))

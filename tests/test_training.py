@@ -203,3 +203,10 @@ def test_source_running_out_is_reported():
     sae = saelab.create_sae("topk", 32, 64, k=4)
     with pytest.raises(RuntimeError, match="ran out after"):
         Trainer(sae, quick_config(total_tokens=256 * 50)).fit(TensorSource(torch.randn(2560, 32), 256, loop=False))
+
+
+def test_activations_of_the_wrong_width_are_refused_by_name():
+    sae = saelab.create_sae("topk", d_in=16, d_sae=32, k=2, hook_name="blocks.3.hook_resid_post")
+    config = TrainConfig(total_tokens=256, batch_size=64, progress_bar=False)
+    with pytest.raises(ValueError, match="takes inputs of width 16 but the activations at 'blocks.3.hook_resid_post' have width 24"):
+        Trainer(sae, config).fit(TensorSource(torch.randn(512, 24), batch_size=64))

@@ -62,6 +62,25 @@ def _rows_of_file(path: Path) -> Iterator[dict[str, Any]]:
                     raise DatasetFormatError(f"{path}:{number} is not valid JSON: {e}") from None
 
 
+def _import_datasets(what: str):
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{what} needs the datasets package: pip install 'saelab[datasets]'") from None
+    return datasets
+
+
+def _saved_dataset_documents(path: Path, text_column: str, split: str) -> Iterator[Document]:
+    """A dataset written by `datasets`' save_to_disk (a Dataset, or a DatasetDict from which `split` is taken)."""
+    loaded = _import_datasets(f"reading the saved dataset {path}").load_from_disk(str(path))
+    if hasattr(loaded, "keys"):  # DatasetDict
+        if split not in loaded:
+            raise DatasetFormatError(f"{path} has no split '{split}' (splits: {', '.join(loaded)}); set data.split")
+        loaded = loaded[split]
+    for number, row in enumerate(loaded):
+        yield _document(row, text_column, f"{path} row {number}")
+
+
 def _local_documents(path: Path, text_column: str) -> Iterator[Document]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     files = [f for f in files if f.suffix in TEXT_SUFFIXES + ROW_SUFFIXES]
@@ -78,13 +97,7 @@ def _local_documents(path: Path, text_column: str) -> Iterator[Document]:
 
 
 def _hub_documents(name: str, text_column: str, split: str) -> Iterator[Document]:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"'{name}' is neither the built-in corpus nor a local path; Hugging Face datasets need the "
-            f"datasets package: pip install 'saelab[datasets]'"
-        ) from None
+    datasets = _import_datasets(f"'{name}' is neither the built-in corpus nor a local path; a Hugging Face dataset")
     stream = datasets.load_dataset(name, split=split, streaming=True)
     for number, row in enumerate(stream):
         yield _document(row, text_column, f"dataset '{name}' row {number}")
@@ -92,10 +105,13 @@ def _hub_documents(name: str, text_column: str, split: str) -> Iterator[Document
 
 def iter_documents(dataset: str = BUILTIN_DATASET, text_column: str = "text", split: str = "train") -> Iterator[Document]:
     """Documents of `dataset`: 'docstrings' (built in), a local .txt/.md/.rst/.jsonl/.json/.parquet file or a
-    folder of them, or a Hugging Face dataset name (streamed; offline it needs the local datasets cache)."""
+    folder of them, a folder written by datasets' save_to_disk, or a Hugging Face dataset name (streamed;
+    offline it needs the local datasets cache)."""
     if dataset == BUILTIN_DATASET:
         return docstring_documents()
     path = Path(dataset).expanduser()
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return _saved_dataset_documents(path, text_column, split)
     if path.exists():
         return _local_documents(path, text_column)
     if path.suffix in TEXT_SUFFIXES + ROW_SUFFIXES or dataset.startswith((".", "/", "~")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import islice
@@ -104,6 +105,7 @@ class Trainer:
         self._source_state: dict[str, Any] | None = None
         self.logger: MetricsLogger | None = None
         self.last_record: dict[str, Any] = {}
+        self._clock = (time.perf_counter(), 0)
 
     def _make_unit(self, name: str, sae: SAE, objectives: list[Objective] | None) -> _Unit:
         c = self.cfg
@@ -149,6 +151,7 @@ class Trainer:
         if not self.prepared:
             self.prepare(islice(batches, self.cfg.norm_estimate_batches))
         total = self.cfg.total_steps
+        self._clock = (time.perf_counter(), self.tokens)  # throughput counts this session's tokens only
         self.logger = MetricsLogger(self.out_dir, self.cfg.wandb_project, {"train": to_dict(self.cfg)})
         bar = tqdm(total=total, initial=self.step, disable=not self.cfg.progress_bar, desc="training", unit="step")
         try:
@@ -215,7 +218,11 @@ class Trainer:
             window["explained_variance"].append(explained_variance(target, out.output))
 
     def _log(self) -> dict[str, float]:
-        record: dict[str, Any] = {"tokens": self.tokens, "lr": self.cfg.lr * lr_factor(self.step - 1, self.cfg)}
+        record: dict[str, Any] = {
+            "tokens": self.tokens,
+            "lr": self.cfg.lr * lr_factor(self.step - 1, self.cfg),
+            "tokens_per_second": self.tokens_per_second(),
+        }
         for unit in self.units:
             prefix = "" if len(self.units) == 1 else f"{unit.name}/"
             for name, values in unit.window.items():
@@ -227,6 +234,11 @@ class Trainer:
         self.last_record = record
         first = "" if len(self.units) == 1 else f"{self.units[0].name}/"
         return {k: round(record[first + k], 4) for k in ("loss", "l0", "explained_variance", "dead_fraction")}
+
+    def tokens_per_second(self) -> float:
+        """Training throughput since `fit` started (harvesting the activations included)."""
+        start, tokens = self._clock
+        return (self.tokens - tokens) / max(time.perf_counter() - start, 1e-9)
 
     def dead_fraction(self, unit: _Unit) -> float:
         return float((unit.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
@@ -265,6 +277,7 @@ class Trainer:
                 "explained_variance": self.last_record.get(prefix + "explained_variance"),
                 "l0": self.last_record.get(prefix + "l0"),
                 "dead_fraction": self.dead_fraction(unit),
+                "tokens_per_second": round(self.tokens_per_second(), 1),
             }
         return result
 
