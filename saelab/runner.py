@@ -125,11 +125,12 @@ def build_saes(config: RunConfig, d_in: int, origin: dict[str, Any] | None = Non
     return {"sae": sae_from_config(cfg)}
 
 
-def activation_source(config: RunConfig) -> tuple[ActivationSource, int, dict[str, Any]]:
-    """The run's batches, the width of the activations, and where they come from."""
+def activation_source(config: RunConfig) -> tuple[ActivationSource, int, dict[str, Any], Any]:
+    """The run's batches, the width of the activations, where they come from, and the model (None when the
+    activations do not come from a live model)."""
     batch_size, seed = config.train.batch_size, config.train.seed
     if config.source == "synthetic":
-        return SyntheticSource(config.synthetic, batch_size, seed=seed), config.synthetic.d_in, {}
+        return SyntheticSource(config.synthetic, batch_size, seed=seed), config.synthetic.d_in, {}, None
     from saelab.data import pipeline
 
     hook = config.model.hook_name
@@ -139,12 +140,37 @@ def activation_source(config: RunConfig) -> tuple[ActivationSource, int, dict[st
             raise ConfigError(f"the cache {config.data.cache} holds {', '.join(cached.widths)}, not '{hook}' (model.hook_name)")
         info = {k: v for k, v in cached.metadata.items() if k not in ("shards", "hooks", "format", "hook_layers")}
         info.update(hook_name=hook, hook_layer=cached.metadata.get("hook_layers", {}).get(hook))
-        return cached, cached.widths[hook], info
+        return cached, cached.widths[hook], info, None
     model = pipeline.open_model(config.model)
     store = pipeline.model_activations(model, config.data, [hook], batch_size, seed)
     pipeline.check_dataset(config.data, model.tokenizer)  # fail now, before anything is written
     info = {**pipeline.data_info(config.model, config.data), "hook_name": hook, "hook_layer": model.hook_point(hook).layer}
-    return store, model.hook_widths([hook])[hook], info
+    return store, model.hook_widths([hook])[hook], info, model
+
+
+def make_evaluator(model, config: RunConfig):
+    """Spliced CE/KL of each SAE on the first `train.eval_contexts` held-out contexts (for eval_every)."""
+    from saelab.data.pipeline import make_harvester
+    from saelab.evals.evaluate import heldout_contexts
+    from saelab.evals.spliced import SplicedEvaluation
+
+    count = min(config.train.eval_contexts, config.data.heldout_contexts)
+    if count < 1:
+        raise ConfigError("train.eval_every needs held-out contexts: set data.heldout_contexts >= 1")
+    batches = heldout_contexts(model, config.data, count, batch_contexts=count)
+    excluded = make_harvester(model, config.data, [config.model.hook_name]).exclude_token_ids.tolist()
+    keep = ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "kl_div_with_sae")
+
+    def evaluate(saes: dict[str, SAE]) -> dict[str, dict[str, float]]:
+        results = {}
+        for name, sae in saes.items():
+            evaluation = SplicedEvaluation(model, sae, excluded, error_term=False)
+            for tokens in batches:
+                evaluation.add(tokens)
+            results[name] = {k: v for k, v in evaluation.result().items() if k in keep}
+        return results
+
+    return evaluate
 
 
 def default_out_dir() -> Path:
@@ -158,9 +184,10 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resu
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     config.out_dir = str(out_dir)
     torch.manual_seed(config.train.seed)
-    source, d_in, origin = activation_source(config)
+    source, d_in, origin, model = activation_source(config)
     saes = build_saes(config, d_in, origin)
-    trainer = Trainer(saes, config.train, out_dir=out_dir)
+    evaluator = make_evaluator(model, config) if model is not None and config.train.eval_every else None
+    trainer = Trainer(saes, config.train, out_dir=out_dir, evaluator=evaluator)
     if resume:
         if not trainer.resume():
             raise FileNotFoundError(f"no complete checkpoint under {out_dir / 'checkpoints'} to resume from")

@@ -30,6 +30,8 @@ class DataConfig:
     """First context position whose activations are used."""
     seq_end: int | None = None
     """Position after the last one used (None: to the end of the context)."""
+    heldout_contexts: int = 64
+    """The first contexts of the dataset, kept out of training for evaluation (saelab eval, eval_every)."""
     contexts_per_batch: int = 16
     """Contexts per forward pass of the model."""
     shuffle_buffer: int = 65536

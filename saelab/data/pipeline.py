@@ -40,6 +40,7 @@ def data_info(model_config: ModelConfig, data: DataConfig) -> dict[str, Any]:
         "exclude_special_tokens": data.exclude_special_tokens,
         "seq_start": data.seq_start,
         "seq_end": data.seq_end,
+        "heldout_contexts": data.heldout_contexts,
     }
 
 
@@ -48,7 +49,9 @@ def model_activations(
 ) -> ActivationStore:
     """Shuffled batches of activations at `hook_names`, read from the model as training goes."""
     harvester = make_harvester(model, data, hook_names)
-    return ActivationStore(harvester, ContextBatches(data, model.tokenizer), batch_size, data.shuffle_buffer, seed)
+    contexts = ContextBatches(data, model.tokenizer)
+    contexts.position = data.heldout_contexts  # training starts after the held-out contexts
+    return ActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed)
 
 
 def check_dataset(data: DataConfig, tokenizer) -> None:

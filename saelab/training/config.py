@@ -42,6 +42,11 @@ class TrainConfig:
     """Seed for initialisation and every random choice of the run."""
     log_every: int = 20
     """Steps between logged metrics (metrics.jsonl, progress bar, wandb)."""
+    eval_every: int = 0
+    """Steps between downstream evaluations (SAE spliced into the model on held-out contexts; 0: never).
+    Needs a model source; results are logged as eval/ce_loss_score, eval/kl_div_score, ..."""
+    eval_contexts: int = 4
+    """Held-out contexts per evaluation during training."""
     checkpoint_every: int | None = None
     """Steps between checkpoints; None writes only the final SAE."""
     keep_checkpoints: int = 2

@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -91,12 +91,14 @@ class Trainer:
         config: TrainConfig,
         out_dir: str | Path | None = None,
         objectives: list[Objective] | None = None,
+        evaluator: Callable[[dict[str, SAE]], dict[str, dict[str, float]]] | None = None,
     ):
         if isinstance(saes, SAE):
             saes = {"sae": saes}
         elif not isinstance(saes, Mapping):
             saes = {f"sae_{i}": sae for i, sae in enumerate(saes)}
         self.cfg = config
+        self.evaluator = evaluator
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.units = [self._make_unit(name, sae, objectives) for name, sae in saes.items()]
         self.step = 0
@@ -105,6 +107,7 @@ class Trainer:
         self._source_state: dict[str, Any] | None = None
         self.logger: MetricsLogger | None = None
         self.last_record: dict[str, Any] = {}
+        self.last_eval: dict[str, dict[str, float]] = {}
         self._clock = (time.perf_counter(), 0)
 
     def _make_unit(self, name: str, sae: SAE, objectives: list[Objective] | None) -> _Unit:
@@ -165,6 +168,8 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == total:
                     bar.set_postfix(self._log())
+                if self.evaluator and self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == total):
+                    self._evaluate()
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < total:
                     self.save_checkpoint(source)
         finally:
@@ -235,6 +240,17 @@ class Trainer:
         first = "" if len(self.units) == 1 else f"{self.units[0].name}/"
         return {k: round(record[first + k], 4) for k in ("loss", "l0", "explained_variance", "dead_fraction")}
 
+    def _evaluate(self) -> None:
+        """Run the evaluator on the SAEs as they would be saved now; log under eval/ (per SAE when several)."""
+        assert self.evaluator is not None and self.logger is not None
+        results = self.evaluator(self.final_saes())
+        record = {}
+        for name, metrics in results.items():
+            prefix = "eval/" if len(self.units) == 1 else f"{name}/eval/"
+            record.update({prefix + key: value for key, value in metrics.items()})
+        self.logger.log(self.step, record)
+        self.last_eval = results
+
     def tokens_per_second(self) -> float:
         """Training throughput since `fit` started (harvesting the activations included)."""
         start, tokens = self._clock
@@ -278,6 +294,7 @@ class Trainer:
                 "l0": self.last_record.get(prefix + "l0"),
                 "dead_fraction": self.dead_fraction(unit),
                 "tokens_per_second": round(self.tokens_per_second(), 1),
+                **{f"eval/{k}": v for k, v in self.last_eval.get(unit.name, {}).items()},
             }
         return result
 
