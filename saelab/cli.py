@@ -122,8 +122,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     cache.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                        help="storage dtype of the activations (default: float32)")
     cache.add_argument("--shard_rows", type=int, default=65536, help="activation rows per shard file (default: 65536)")
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a saved SAE: reconstruction, sparsity, spliced CE/KL; writes eval.json and plots",
+        description="Evaluate the SAE in SAE_DIR on held-out contexts of its model and data (from its cfg.json; "
+        "--model.* and --data.* override them), print a table, write eval.json and PNG plots into SAE_DIR.",
+    )
+    evaluate.add_argument("sae_dir", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
+    evaluate.add_argument("--n_contexts", type=int, default=32, help="held-out contexts evaluated (default: 32)")
+    evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
+    evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
+    evaluate.add_argument("--no_error_term", action="store_true", help="skip the SAE + error-term check pass")
     flags = _data_flags()
-    for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations")):
+    for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations"), (evaluate, "eval")):
         _add_config_flags(command, flags)
         flag_names[name] = [n for n, _ in flags]
     return parser, flag_names
@@ -184,13 +195,44 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
         )
 
 
+def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
+    from saelab.data.config import DataConfig
+    from saelab.evals.evaluate import data_config_of, evaluate, summary_rows, write_report
+    from saelab.io.saelens_format import load_sae
+    from saelab.models import load_model
+
+    sae = load_sae(args.sae_dir)
+    overrides = _overrides(args, flag_names)
+    data_overrides = overrides.get("data", {})
+    unknown = set(data_overrides) - set(DataConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown data option {sorted(unknown)[0]}")
+    model_options = overrides.get("model", {})
+    model = load_model(model_options.get("name", sae.cfg.model_name or "smollm2-135m"),
+                       model_options.get("dtype", "float32"), model_options.get("device", "cpu"))
+    if "hook_name" in model_options:
+        sae.cfg.hook_name = model_options["hook_name"]
+    data = data_config_of(sae, **data_overrides)
+    if args.n_contexts > data.heldout_contexts:
+        print(f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
+              f"held out of training", file=sys.stderr)
+    result = evaluate(sae, model, data, args.n_contexts, args.batch_contexts,
+                      error_term=not args.no_error_term, spliced=not args.no_spliced)
+    files = write_report(result, args.sae_dir)
+    width = max(len(name) for name, _ in summary_rows(result))
+    for name, value in summary_rows(result):
+        print(f"  {name:<{width}}  {value}")
+    print(f"wrote {', '.join(str(f) for f in files)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, flag_names = build_parser()
     args, unknown = parser.parse_known_args(argv)
     names = flag_names[args.command]
     if unknown:
         parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, names, args.command)}\n")
-    commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations}
+    commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations,
+                "eval": run_eval}
     try:
         commands[args.command](args, names)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:

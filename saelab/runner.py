@@ -44,7 +44,9 @@ class RunConfig:
     """SAE options: architecture plus that architecture's fields (see `saelab train --help`); d_in comes from
     the data; give d_sae or expansion_factor (d_sae = expansion_factor * d_in)."""
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(total_tokens=DEFAULT_TOKENS, batch_size=1024, lr=1e-3, dead_window_tokens=10_000)
+        default_factory=lambda: TrainConfig(
+            total_tokens=DEFAULT_TOKENS, batch_size=1024, lr=1e-3, dead_window_tokens=10_000, eval_every=250
+        )
     )
     """Optimisation settings."""
     source: Literal["model", "synthetic"] = "model"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from tiny import save_tiny_model, sentences, write_jsonl
@@ -79,3 +80,20 @@ def test_cache_without_the_hook_is_refused(tiny, tmp_path, capsys):
     code = main(["train", "--data.cache", str(cache), "--model.hook_name", "blocks.0.hook_resid_post", *TRAIN,
                  "--out_dir", str(tmp_path / "run")])
     assert code == 2 and f"holds {HOOK}, not 'blocks.0.hook_resid_post'" in capsys.readouterr().err
+
+
+def test_eval_prints_the_table_and_writes_the_report(tiny, tmp_path, capsys):
+    model, dataset = tiny
+    out = tmp_path / "run"
+    assert main(["train", *flags(model, dataset), *TRAIN, "--data.heldout_contexts", "16", "--out_dir", str(out),
+                 "--train.eval_every", "32", "--train.eval_contexts", "4"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/ce_loss_score" in r]
+    assert [r["step"] for r in evals] == [32, 64] and all(math.isfinite(r["eval/kl_div_with_sae"]) for r in evals)
+    capsys.readouterr()
+    assert main(["eval", str(out / "sae"), "--n_contexts", "16", "--batch_contexts", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "downstream.ce_loss_score" in printed and "reconstruction.explained_variance" in printed
+    report = json.loads((out / "sae" / "eval.json").read_text())
+    assert report["downstream"]["kl_div_with_sae_and_error"] == pytest.approx(0.0, abs=1e-9)
+    assert (out / "sae" / "eval_density.png").exists() and (out / "sae" / "eval_metrics.png").exists()
