@@ -5,11 +5,19 @@ An SAE that works should recover the directions f_i as decoder rows; `feature_re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import Tensor
+
+from saelab.synthetic.firing import (
+    FiringProfile,
+    apply_hierarchy,
+    correlation_factors,
+    firing_probabilities,
+    sample_firing,
+)
 
 
 @dataclass
@@ -28,24 +36,75 @@ class PlantedFeatures:
     """Largest magnitude of an active feature."""
     offset_scale: float = 0.0
     """Norm of a constant offset added to every vector (what b_dec should learn)."""
+    magnitude: Literal["uniform", "exponential", "constant"] = "uniform"
+    """Distribution of active magnitudes: uniform in [min, max]; min + exponential with mean (max - min);
+    constant (= max)."""
+    firing: FiringProfile = "uniform"
+    """How firing probabilities vary across features: uniform, zipfian, linear or random (mean kept)."""
+    zipf_exponent: float = 1.0
+    """Exponent of the zipfian profile."""
+    correlation_rank: int = 0
+    """Rank of the correlation between features' firing (0: independent)."""
+    correlation_strength: float = 0.5
+    """Share of each feature's latent firing variance that is shared through the correlation factors [0, 1)."""
+    hierarchy: list[dict] = field(default_factory=list)
+    """Parent/children groups, e.g. [{parent: 0, children: [1, 2], exclusive: true}]: children fire only with
+    their parent, at most one of them when exclusive."""
+    orthogonalize: bool = False
+    """Exactly orthogonal directions when n_features <= d_in; otherwise spread them to lower the largest
+    cosines between them."""
     seed: int = 0
-    """Seed of the directions and the offset."""
+    """Seed of the directions, the offset and the firing profile."""
 
     def __post_init__(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        directions = torch.randn(self.n_features, self.d_in, generator=generator)
-        self.features = directions / directions.norm(dim=1, keepdim=True)
+        self.features = feature_dictionary(self.n_features, self.d_in, self.orthogonalize, generator)
         offset = torch.randn(self.d_in, generator=generator)
         self.offset = offset / offset.norm() * self.offset_scale
-        self.firing_probability = min(1.0, self.mean_active / self.n_features)
+        self.probabilities = firing_probabilities(self.n_features, self.mean_active, self.firing, self.zipf_exponent, self.seed)
+        self.factors = (
+            correlation_factors(self.n_features, self.correlation_rank, self.correlation_strength, self.seed)
+            if self.correlation_rank > 0 else None
+        )
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """`n` activation vectors and their true feature coefficients `(n, n_features)`."""
-        active = torch.rand(n, self.n_features, generator=generator) < self.firing_probability
+        active = sample_firing(n, self.probabilities, generator, self.factors)
+        if self.hierarchy:
+            active = apply_hierarchy(active, self.hierarchy, generator)
         span = self.magnitude_max - self.magnitude_min
-        magnitudes = self.magnitude_min + span * torch.rand(n, self.n_features, generator=generator)
+        if self.magnitude == "uniform":
+            magnitudes = self.magnitude_min + span * torch.rand(n, self.n_features, generator=generator)
+        elif self.magnitude == "exponential":
+            uniform = torch.rand(n, self.n_features, generator=generator).clamp_min(1e-12)
+            magnitudes = self.magnitude_min - span * uniform.log()
+        else:
+            magnitudes = torch.full((n, self.n_features), self.magnitude_max)
         coefficients = active * magnitudes
         return coefficients @ self.features + self.offset, coefficients
+
+
+def feature_dictionary(n_features: int, d_in: int, orthogonalize: bool, generator: torch.Generator, steps: int = 200) -> Tensor:
+    """Unit feature directions `(n_features, d_in)`: random, or orthogonal (QR) when they fit in d_in, or
+    spread apart by gradient steps on the squared cosines when they do not."""
+    directions = torch.randn(n_features, d_in, generator=generator)
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    if not orthogonalize:
+        return directions
+    if n_features <= d_in:
+        q, _ = torch.linalg.qr(directions.T)
+        return q.T.contiguous()
+    directions.requires_grad_(True)
+    optimizer = torch.optim.Adam([directions], lr=0.01)
+    mask = ~torch.eye(n_features, dtype=torch.bool)
+    for _ in range(steps):
+        unit = directions / directions.norm(dim=1, keepdim=True)
+        loss = (unit @ unit.T)[mask].pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (directions / directions.norm(dim=1, keepdim=True)).detach()
 
 
 class SyntheticSource:
