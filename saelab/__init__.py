@@ -1,6 +1,7 @@
 """saelab: train, evaluate and study sparse autoencoders and transcoders on language-model activations."""
 
 from saelab.config import ConfigError
+from saelab.evals.evaluate import evaluate
 from saelab.io.saelens_format import FileFormatError, load_sae
 from saelab.models import HookedModel, load_model
 from saelab.runner import RunConfig, cache_activations, pretokenize, resume, train
@@ -22,6 +23,7 @@ __all__ = [
     "available_architectures",
     "cache_activations",
     "create_sae",
+    "evaluate",
     "load_model",
     "load_sae",
     "pretokenize",

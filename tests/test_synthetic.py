@@ -93,3 +93,15 @@ def test_topk_recovers_easy_features_and_a_narrow_one_cannot(tmp_path):
     assert good["mcc"] >= 0.95 and good["recall"] >= 0.9
     assert narrow["mcc"] < good["mcc"] - 0.3
     assert (tmp_path / "matching.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_full_correlation_matrix_couples_the_chosen_pair_only():
+    matrix = torch.eye(6)
+    matrix[0, 1] = matrix[1, 0] = 0.9
+    features = PlantedFeatures(d_in=8, n_features=6, mean_active=1.5, correlation_matrix=matrix.tolist())
+    active = draw(features).float()
+    c = torch.corrcoef(active.T)
+    assert float(c[0, 1]) > 0.5 and float(c[2:, 2:][~torch.eye(4, dtype=torch.bool)].abs().max()) < 0.03
+    assert ((active.mean(0) - features.probabilities).abs() < 0.01).all()
+    with pytest.raises(ValueError, match="positive definite"):
+        PlantedFeatures(d_in=8, n_features=2, correlation_matrix=[[1.0, 2.0], [2.0, 1.0]])

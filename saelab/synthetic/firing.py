@@ -54,16 +54,40 @@ def correlation_factors(n_features: int, rank: int, strength: float, seed: int =
     return factors / factors.norm(dim=1, keepdim=True) * math.sqrt(strength)
 
 
+def correlation_cholesky(matrix: Sequence[Sequence[float]]) -> Tensor:
+    """Cholesky factor of a full correlation matrix of the latent Gaussian (unit diagonal, positive definite)."""
+    corr = torch.as_tensor(matrix, dtype=torch.float64)
+    if corr.dim() != 2 or corr.shape[0] != corr.shape[1] or not torch.allclose(corr, corr.T):
+        raise ValueError("correlation_matrix must be a symmetric square matrix")
+    if not torch.allclose(corr.diagonal(), torch.ones(corr.shape[0], dtype=torch.float64)):
+        raise ValueError("correlation_matrix must have ones on its diagonal")
+    factor, info = torch.linalg.cholesky_ex(corr)
+    if int(info) != 0:
+        raise ValueError("correlation_matrix must be positive definite")
+    return factor.float()
+
+
 def sample_firing(
-    n: int, probabilities: Tensor, generator: torch.Generator, factors: Tensor | None = None
+    n: int,
+    probabilities: Tensor,
+    generator: torch.Generator,
+    factors: Tensor | None = None,
+    cholesky: Tensor | None = None,
 ) -> Tensor:
-    """Boolean firing `(n, n_features)` with the given marginal probabilities; with `factors`, through a Gaussian
-    copula (z = F u + sqrt(1 - |F_i|^2) e; fire when z_i < Phi^-1(p_i)), which keeps the marginals exact."""
-    if factors is None:
-        return torch.rand(n, probabilities.shape[0], generator=generator) < probabilities
-    noise_scale = (1 - factors.pow(2).sum(dim=1)).clamp_min(0).sqrt()
-    shared = torch.randn(n, factors.shape[1], generator=generator) @ factors.T
-    z = shared + noise_scale * torch.randn(n, probabilities.shape[0], generator=generator)
+    """Boolean firing `(n, n_features)` with the given marginal probabilities. Correlated firing goes through a
+    Gaussian copula, which keeps the marginals exact: z ~ N(0, C) with C = F F^T + diag(1 - |F_i|^2) for
+    low-rank `factors`, or C = L L^T for a full matrix's `cholesky` factor; feature i fires when
+    z_i < Phi^-1(p_i)."""
+    n_features = probabilities.shape[0]
+    if factors is None and cholesky is None:
+        return torch.rand(n, n_features, generator=generator) < probabilities
+    if cholesky is not None:
+        z = torch.randn(n, n_features, generator=generator) @ cholesky.T
+    else:
+        assert factors is not None
+        noise_scale = (1 - factors.pow(2).sum(dim=1)).clamp_min(0).sqrt()
+        shared = torch.randn(n, factors.shape[1], generator=generator) @ factors.T
+        z = shared + noise_scale * torch.randn(n, n_features, generator=generator)
     return z < torch.special.ndtri(probabilities.double().clamp(1e-12, 1 - 1e-12)).float()
 
 

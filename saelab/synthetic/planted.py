@@ -14,6 +14,7 @@ from torch import Tensor
 from saelab.synthetic.firing import (
     FiringProfile,
     apply_hierarchy,
+    correlation_cholesky,
     correlation_factors,
     firing_probabilities,
     sample_firing,
@@ -47,6 +48,9 @@ class PlantedFeatures:
     """Rank of the correlation between features' firing (0: independent)."""
     correlation_strength: float = 0.5
     """Share of each feature's latent firing variance that is shared through the correlation factors [0, 1)."""
+    correlation_matrix: list[list[float]] | None = None
+    """A full correlation matrix (n_features x n_features) of the latent Gaussian behind firing, instead of
+    low-rank factors."""
     hierarchy: list[dict] = field(default_factory=list)
     """Parent/children groups, e.g. [{parent: 0, children: [1, 2], exclusive: true}]: children fire only with
     their parent, at most one of them when exclusive."""
@@ -66,10 +70,14 @@ class PlantedFeatures:
             correlation_factors(self.n_features, self.correlation_rank, self.correlation_strength, self.seed)
             if self.correlation_rank > 0 else None
         )
+        self.cholesky = correlation_cholesky(self.correlation_matrix) if self.correlation_matrix is not None else None
+        if self.cholesky is not None and self.cholesky.shape[0] != self.n_features:
+            raise ValueError(f"correlation_matrix is {self.cholesky.shape[0]}x{self.cholesky.shape[0]}, "
+                             f"n_features is {self.n_features}")
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """`n` activation vectors and their true feature coefficients `(n, n_features)`."""
-        active = sample_firing(n, self.probabilities, generator, self.factors)
+        active = sample_firing(n, self.probabilities, generator, self.factors, self.cholesky)
         if self.hierarchy:
             active = apply_hierarchy(active, self.hierarchy, generator)
         span = self.magnitude_max - self.magnitude_min
