@@ -120,13 +120,13 @@ class HookedModel:
             if path.startswith(prefix):
                 layer = int(path[len(prefix) :].split(".")[0])
             return HookPoint(name, path, "input" if side == "input" else "output", layer)
+        raise self.unknown_hook(name, f"; or any module path (e.g. '{self.blocks_path}.0.mlp', optionally with ':input')")
+
+    def unknown_hook(self, name: str, also: str = "") -> UnknownHookError:
+        """The error for an unknown hook name: the closest valid name and the list of valid ones."""
         hint = closest(name, self.hook_points)
         suggestion = f" Did you mean '{hint}'?" if hint else ""
-        valid = ", ".join(self.hook_points)
-        raise UnknownHookError(
-            f"unknown hook point '{name}'.{suggestion} Valid names: {valid}; or any module path "
-            f"(e.g. '{self.blocks_path}.0.mlp', optionally with ':input')"
-        )
+        return UnknownHookError(f"unknown hook point '{name}'.{suggestion} Valid names: {', '.join(self.hook_points)}{also}")
 
     @contextmanager
     def hooks(

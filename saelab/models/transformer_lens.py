@@ -16,8 +16,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from saelab.config import closest
-from saelab.models.hooks import HookPoint, UnknownHookError
+from saelab.models.hooks import HookedModel, HookPoint
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
@@ -36,10 +35,10 @@ def _flat_fn(fn: Callable[[Tensor], Tensor]) -> Callable:
     return hook
 
 
-class TransformerLensModel:
-    """A TransformerLens TransformerBridge with HookedModel's interface."""
+class TransformerLensModel(HookedModel):
+    """A TransformerLens TransformerBridge with HookedModel's interface (its own hook names and mechanics)."""
 
-    def __init__(self, bridge: nn.Module, tokenizer=None):
+    def __init__(self, bridge: nn.Module, tokenizer=None):  # noqa: D107 - HookedModel's init expects HF blocks
         self.model = bridge.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -56,9 +55,7 @@ class TransformerLensModel:
     def hook_point(self, name: str) -> HookPoint:
         if name in self.hook_points:
             return self.hook_points[name]
-        hint = closest(name, self.hook_points)
-        suggestion = f" Did you mean '{hint}'?" if hint else ""
-        raise UnknownHookError(f"unknown hook point '{name}'.{suggestion} Valid names: {', '.join(self.hook_points)}")
+        raise self.unknown_hook(name)
 
     @contextmanager
     def hooks(
@@ -88,11 +85,6 @@ class TransformerLensModel:
                 input_ids, names_filter=list(names), stop_at_layer=stop, attention_mask=attention_mask
             )
         return {name: _flat(cache[name]) for name in names}
-
-    def hook_widths(self, names: Sequence[str]) -> dict[str, int]:
-        device = next(self.model.parameters()).device
-        acts = self.run_with_cache(torch.zeros(1, 2, dtype=torch.long, device=device), names)
-        return {name: value.shape[-1] for name, value in acts.items()}
 
     def logits(
         self, input_ids: Tensor, write: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
