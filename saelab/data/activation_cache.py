@@ -105,15 +105,17 @@ def read_cache_metadata(folder: str | Path) -> dict[str, Any]:
 class CachedActivations:
     """Shuffled activation batches from a cache folder, looping over it epoch after epoch.
 
-    Position = (epoch, shards finished in this epoch); a restored position resumes at the next shard.
+    Shards are read in a random order per epoch and their rows in a random order per shard, both fixed by
+    (seed, epoch, shard); the state (epoch, shard, row offset, the buffer) resumes exactly.
     """
 
     def __init__(self, folder: str | Path, batch_size: int, buffer_size: int, seed: int = 0, loop: bool = True):
         self.folder = Path(folder)
         self.metadata = read_cache_metadata(self.folder)
         self.widths: dict[str, int] = dict(self.metadata["hooks"])
-        self.batch_size, self.buffer_size, self.seed, self.loop = batch_size, buffer_size, seed, loop
-        self.epoch, self.shards_done = 0, 0
+        self.seed, self.loop = seed, loop
+        self.buffer = ShuffleBuffer(buffer_size, batch_size, seed=seed)
+        self.epoch, self.shards_done, self.offset = 0, 0, 0
 
     def read_shard(self, index: int) -> Tensor:
         """All rows of one shard, hooks side by side `(rows, sum of widths)`, as float32."""
@@ -126,28 +128,34 @@ class CachedActivations:
                 raise FileFormatError(f"{path}: '{hook}' should be ({shard['rows']}, {width}), found {found}")
         return torch.cat([tensors[hook].float() for hook in self.widths], dim=-1)
 
+    def _generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_007 + salt)
+
     def _shard_order(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.metadata["shards"]), generator=generator).tolist()
+        return torch.randperm(len(self.metadata["shards"]), generator=self._generator(0)).tolist()
 
     def __iter__(self) -> Iterator[Batch]:
-        buffer = ShuffleBuffer(self.buffer_size, self.batch_size, seed=self.seed + 7919 * self.epoch + self.shards_done)
-        row_generator = torch.Generator().manual_seed(self.seed + 31 * self.epoch + self.shards_done)
         while True:
-            for index in self._shard_order()[self.shards_done :]:
+            order = self._shard_order()
+            while self.shards_done < len(order):
+                index = order[self.shards_done]
                 rows = self.read_shard(index)
-                rows = rows[torch.randperm(rows.shape[0], generator=row_generator)]
-                self.shards_done += 1
-                for block in buffer.push(rows):
-                    yield split_hooks(block, self.widths)
+                rows = rows[torch.randperm(rows.shape[0], generator=self._generator(1 + index))]
+                while self.offset < rows.shape[0]:
+                    self.offset += self.buffer.add(rows[self.offset :])
+                    if self.buffer.full:
+                        yield split_hooks(self.buffer.draw(), self.widths)
+                self.shards_done, self.offset = self.shards_done + 1, 0
             if not self.loop:
                 break
             self.epoch, self.shards_done = self.epoch + 1, 0
-        for block in buffer.drain():
+        for block in self.buffer.drain():
             yield split_hooks(block, self.widths)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "shards_done": self.shards_done}
+        return {"epoch": self.epoch, "shards_done": self.shards_done, "offset": self.offset,
+                "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.shards_done = int(state["epoch"]), int(state["shards_done"])
+        self.epoch, self.shards_done, self.offset = int(state["epoch"]), int(state["shards_done"]), int(state["offset"])
+        self.buffer.load_state_dict(state["buffer"])

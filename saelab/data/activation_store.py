@@ -61,27 +61,45 @@ def split_hooks(block: Tensor, widths: dict[str, int]) -> Batch:
 class ActivationStore:
     """Activation batches from a live model, mixed by a bounded shuffle buffer.
 
-    The position saved is that of the token stream; rows still in the buffer at a checkpoint are not saved,
-    so a resumed run continues with fresh contexts (it never sees a row twice).
+    Its state (token position, the buffer's rows and generator, harvested rows not yet buffered) is saved
+    with checkpoints, so a resumed run continues with exactly the batches it would have seen.
     """
 
     def __init__(self, harvester: Harvester, contexts, batch_size: int, buffer_size: int, seed: int = 0):
         self.harvester, self.contexts = harvester, contexts
-        self.batch_size, self.buffer_size, self.seed = batch_size, buffer_size, seed
+        self.buffer = ShuffleBuffer(buffer_size, batch_size, seed=seed)
+        self.pending: Tensor | None = None  # harvested rows (hooks side by side) not yet in the buffer
         self.widths: dict[str, int] = {}
 
+    def _harvest(self, tokens: Tensor) -> Tensor:
+        rows, _ = self.harvester(tokens)
+        self.widths = {name: value.shape[-1] for name, value in rows.items()}
+        return concat_hooks(rows)
+
     def __iter__(self) -> Iterator[Batch]:
-        buffer = ShuffleBuffer(self.buffer_size, self.batch_size, seed=self.seed + self.contexts.position)
-        for tokens in self.contexts:
-            rows, _ = self.harvester(tokens)
-            self.widths = {name: value.shape[-1] for name, value in rows.items()}
-            for block in buffer.push(concat_hooks(rows)):
-                yield split_hooks(block, self.widths)
-        for block in buffer.drain():
-            yield split_hooks(block, self.widths)
+        contexts = iter(self.contexts)
+        while True:
+            while not self.buffer.full:
+                if self.pending is None or self.pending.shape[0] == 0:
+                    tokens = next(contexts, None)
+                    if tokens is None:  # a finite stream: serve what is left
+                        for block in self.buffer.drain():
+                            yield split_hooks(block, self.widths)
+                        return
+                    self.pending = self._harvest(tokens)
+                self.pending = self.pending[self.buffer.add(self.pending) :]
+            yield split_hooks(self.buffer.draw(), self.widths)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"contexts": self.contexts.state_dict()}
+        return {
+            "contexts": self.contexts.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "pending": self.pending,
+            "widths": dict(self.widths),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.contexts.load_state_dict(state["contexts"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.pending = state["pending"]
+        self.widths = dict(state["widths"])

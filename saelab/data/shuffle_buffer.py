@@ -7,7 +7,7 @@ the freed slots take the next incoming rows. Memory is `capacity x width` values
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -24,27 +24,47 @@ class ShuffleBuffer:
         self.store: Tensor | None = None
         self.size = 0
 
-    def push(self, rows: Tensor) -> Iterator[Tensor]:
-        """Add rows; yield every batch that becomes ready (the buffer is full each time one is drawn)."""
+    def add(self, rows: Tensor) -> int:
+        """Copy as many leading rows as fit into the buffer; return how many were taken."""
         if self.store is None:
             self.store = torch.empty(self.capacity, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
         if rows.shape[1:] != self.store.shape[1:]:
             raise ValueError(f"rows of shape {tuple(rows.shape[1:])} pushed into a buffer of {tuple(self.store.shape[1:])}")
+        take = min(self.capacity - self.size, rows.shape[0])
+        self.store[self.size : self.size + take] = rows[:take]
+        self.size += take
+        return take
+
+    @property
+    def full(self) -> bool:
+        return self.size == self.capacity
+
+    def push(self, rows: Tensor) -> Iterator[Tensor]:
+        """Add rows; yield every batch that becomes ready (the buffer is full each time one is drawn)."""
         start = 0
         while start < rows.shape[0]:
-            take = min(self.capacity - self.size, rows.shape[0] - start)
-            self.store[self.size : self.size + take] = rows[start : start + take]
-            self.size += take
-            start += take
-            if self.size == self.capacity:
-                yield self._draw()
+            start += self.add(rows[start:])
+            if self.full:
+                yield self.draw()
 
     def drain(self) -> Iterator[Tensor]:
         """Yield the remaining full batches in random order (the end of a finite stream)."""
         while self.size >= self.batch_size:
-            yield self._draw()
+            yield self.draw()
 
-    def _draw(self) -> Tensor:
+    def state_dict(self) -> dict[str, Any]:
+        """The rows held and the random generator: enough to continue exactly."""
+        rows = self.store[: self.size].clone() if self.store is not None else None
+        return {"rows": rows, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.store, self.size = None, 0
+        if state["rows"] is not None:
+            self.add(state["rows"])
+
+    def draw(self) -> Tensor:
+        """A batch of distinct random rows, removed from the buffer."""
         assert self.store is not None
         n, b = self.size, self.batch_size
         chosen = torch.randperm(n, generator=self.generator)[:b]
