@@ -125,3 +125,21 @@ def test_resume_mid_run_gives_the_same_sae(tiny, tmp_path, source):
     straight, resumed = saelab.load_sae(tmp_path / "a" / "sae"), saelab.load_sae(tmp_path / "b" / "sae")
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_metrics_hold_each_step_once_after_a_resume(tiny, tmp_path):
+    import shutil
+
+    model, dataset = tiny
+    out = tmp_path / "run"
+    run = [*flags(model, dataset), *TRAIN, "--train.checkpoint_every", "16", "--train.keep_checkpoints", "4",
+           "--train.log_every", "8", "--out_dir", str(out)]
+    assert main(["train", *run]) == 0
+    for later in sorted((out / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(later)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "loss": 1.')  # torn line of a crashed write
+    assert main(["train", "--resume", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]  # training records (evaluations have their own)
+    assert steps == sorted(set(steps)) and steps[-1] == 64 and 16 in steps and 24 in steps

@@ -155,7 +155,7 @@ class Trainer:
             self.prepare(islice(batches, self.cfg.norm_estimate_batches))
         total = self.cfg.total_steps
         self._clock = (time.perf_counter(), self.tokens)  # throughput counts this session's tokens only
-        self.logger = MetricsLogger(self.out_dir, self.cfg.wandb_project, {"train": to_dict(self.cfg)})
+        self.logger = MetricsLogger(self.out_dir, self.cfg.wandb_project, {"train": to_dict(self.cfg)}, self.step)
         bar = tqdm(total=total, initial=self.step, disable=not self.cfg.progress_bar, desc="training", unit="step")
         try:
             while self.step < total:
