@@ -52,8 +52,11 @@ def _parse_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and value.lower().replace(".", "", 1).replace("e-", "", 1).isdigit():
-        return float(value)  # YAML 1.1 reads '3e-4' as a string
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads '3e-4' and '1e30' as strings
+        except ValueError:
+            return value
     return value
 
 
@@ -226,6 +229,8 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from saelab.training.trainer import TrainingDiverged
+
     parser, flag_names = build_parser()
     args, unknown = parser.parse_known_args(argv)
     names = flag_names[args.command]
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 "eval": run_eval}
     try:
         commands[args.command](args, names)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
+    except (ConfigError, OSError, ValueError, KeyError, ImportError, TrainingDiverged) as e:
         print(f"saelab: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -210,3 +210,15 @@ def test_activations_of_the_wrong_width_are_refused_by_name():
     config = TrainConfig(total_tokens=256, batch_size=64, progress_bar=False)
     with pytest.raises(ValueError, match="takes inputs of width 16 but the activations at 'blocks.3.hook_resid_post' have width 24"):
         Trainer(sae, config).fit(TensorSource(torch.randn(512, 24), batch_size=64))
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
+    config = quick_config(total_tokens=256 * 20, checkpoint_every=5, keep_checkpoints=3)
+    Trainer(saelab.create_sae("topk", 32, 64, k=4), config, out_dir=tmp_path).fit(SyntheticSource(PLANTED, 256))
+    newest = sorted((tmp_path / "checkpoints").iterdir())[-1]
+    weights = next(newest.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated after completion (disk error, bad copy)
+    resumed = Trainer(saelab.create_sae("topk", 32, 64, k=4), config, out_dir=tmp_path)
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_000000015"):
+        assert resumed.resume()
+    assert resumed.step == 10

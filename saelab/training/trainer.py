@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import islice
@@ -25,6 +26,7 @@ from saelab.config import to_dict
 from saelab.data.tensor_source import Batch
 from saelab.evals.metrics import explained_variance, log_feature_density
 from saelab.io.atomic import atomic_write_text
+from saelab.io.saelens_format import FileFormatError
 from saelab.io.state import load_state, save_state
 from saelab.saes.base import SAE
 from saelab.training.config import TrainConfig
@@ -196,7 +198,10 @@ class Trainer:
         loss = torch.stack(list(terms.values())).sum()
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            raise TrainingDiverged(f"SAE '{unit.name}' at step {self.step}: loss is {float(loss.detach())} ({values})")
+            raise TrainingDiverged(
+                f"training diverged: SAE '{unit.name}' at step {self.step}: loss is {float(loss.detach())} ({values}); "
+                f"stopped before updating the weights, earlier checkpoints are kept (resume with a lower lr)"
+            )
         unit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sae.normalize_decoder:
@@ -350,10 +355,15 @@ class Trainer:
     def resume(self, out_dir: str | Path | None = None) -> bool:
         """Load the newest complete checkpoint under out_dir; False when there is none."""
         checkpoints = complete_checkpoints(Path(out_dir or self.out_dir) / CHECKPOINT_DIR)
-        if not checkpoints:
-            return False
-        self.load_state_dict(load_state(checkpoints[-1]))
-        return True
+        for checkpoint in reversed(checkpoints):
+            try:
+                state = load_state(checkpoint)
+            except FileFormatError as e:  # damaged after it was completed: fall back to the one before
+                warnings.warn(f"skipping unreadable checkpoint {checkpoint}: {e}", stacklevel=2)
+                continue
+            self.load_state_dict(state)
+            return True
+        return False
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
