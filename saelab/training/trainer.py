@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import time
 import warnings
@@ -18,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -311,6 +313,8 @@ class Trainer:
             "tokens": self.tokens,
             "prepared": self.prepared,
             "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
             "source": source.state_dict() if hasattr(source, "state_dict") else None,
             "units": {
                 u.name: {
@@ -328,6 +332,9 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.prepared = int(state["step"]), int(state["tokens"]), bool(state["prepared"])
         torch.set_rng_state(state["torch_rng"])
+        if "numpy_rng" in state:
+            np.random.set_state(state["numpy_rng"])
+            random.setstate(_as_tuples(state["python_rng"]))
         self._source_state = state["source"]
         for unit in self.units:
             saved = state["units"][unit.name]
@@ -364,6 +371,11 @@ class Trainer:
             self.load_state_dict(state)
             return True
         return False
+
+
+def _as_tuples(value):
+    """random.setstate wants the nested tuples back that JSON turned into lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
