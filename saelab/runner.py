@@ -114,6 +114,8 @@ def build_saes(config: RunConfig, d_in: int, origin: dict[str, Any] | None = Non
     if "d_sae" not in options:
         if expansion is None:
             raise ConfigError("sae needs d_sae or expansion_factor")
+        if isinstance(expansion, bool) or not isinstance(expansion, (int, float)) or not 0 < expansion < 2**20:
+            raise ConfigError(f"sae.expansion_factor must be a positive number, got {expansion!r}")
         options["d_sae"] = int(math.ceil(float(expansion) * d_in))
     options.setdefault("d_in", d_in)
     if options["d_in"] != d_in:

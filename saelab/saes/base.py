@@ -20,6 +20,9 @@ from saelab.config import ConfigError, from_dict, unknown_key_error
 Normalization = Literal["none", "expected_average_only_in", "layer_norm"]
 
 
+MAX_MATRIX_ELEMENTS = 2**38  # 1 TiB of float32 per weight matrix: larger is a typo, not a plan
+
+
 @dataclass
 class SAEConfig:
     """Shape, wiring and normalisation shared by every architecture."""
@@ -78,6 +81,8 @@ class SAEConfig:
         for name in ("d_in", "d_sae", "d_out"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.d_sae * max(self.d_in, self.d_out) > MAX_MATRIX_ELEMENTS:
+            raise ConfigError(f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory (check d_sae / expansion_factor)")
         if self.apply_b_dec_to_input and self.transcoder:
             raise ConfigError("apply_b_dec_to_input needs an SAE, not a transcoder: b_dec lives in output space")
         if self.normalize_activations == "layer_norm" and self.transcoder:
@@ -363,6 +368,8 @@ def available_architectures() -> list[str]:
 
 
 def architecture_class(name: str) -> type[SAE]:
+    if not isinstance(name, str):
+        raise ConfigError(f"architecture must be one of {', '.join(sorted(_ARCHITECTURES))}, got {name!r}")
     if name not in _ARCHITECTURES:
         raise unknown_key_error(name, _ARCHITECTURES, "architectures")
     return _ARCHITECTURES[name]
