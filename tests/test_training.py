@@ -222,3 +222,33 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_000000015"):
         assert resumed.resume()
     assert resumed.step == 10
+
+
+def test_a_full_disk_during_a_checkpoint_loses_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import saelab.io.atomic as atomic
+
+    config = quick_config(total_tokens=256 * 20, checkpoint_every=5, keep_checkpoints=5)
+    trainer = Trainer(saelab.create_sae("topk", 32, 64, k=4), config, out_dir=tmp_path)
+    source = SyntheticSource(PLANTED, 256)
+    batches = iter(source)
+    trainer.prepare([next(batches) for _ in range(config.norm_estimate_batches)])
+    for _ in range(5):
+        trainer.train_step(next(batches))
+        trainer.step += 1
+    trainer.save_checkpoint(source)
+    good = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_000000005").iterdir()}
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer.step += 5
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint(source)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000000005"]  # no debris
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_000000005").iterdir()} == good
+    resumed = Trainer(saelab.create_sae("topk", 32, 64, k=4), config, out_dir=tmp_path)
+    assert resumed.resume() and resumed.step == 5

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from saelab.config import to_dict
 from saelab.data.tensor_source import Batch
 from saelab.evals.metrics import explained_variance, log_feature_density
-from saelab.io.atomic import atomic_write_text
+from saelab.io.atomic import atomic_directory, atomic_write_text
 from saelab.io.saelens_format import FileFormatError
 from saelab.io.state import load_state, save_state
 from saelab.saes.base import SAE
@@ -352,9 +352,10 @@ class Trainer:
         path = root / f"step_{self.step:09d}"
         if path.exists():
             shutil.rmtree(path)
-        path.mkdir(parents=True)
-        save_state(self.state_dict(source), path)
-        atomic_write_text(path / COMPLETE_MARKER, str(self.step))
+        # Built under a staging name and renamed whole: a crash or a full disk leaves the older ones intact.
+        with atomic_directory(path) as staging:
+            save_state(self.state_dict(source), staging)
+            atomic_write_text(staging / COMPLETE_MARKER, str(self.step))
         for old in complete_checkpoints(root)[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return path
