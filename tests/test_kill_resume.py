@@ -25,7 +25,7 @@ def saelab_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from saelab.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
-def run_with_kills(out: Path, extra: list[str], kills: int, seed: int) -> int:
+def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list[str] = RUN) -> int:
     """Start (or resume) the run; SIGKILL it after a random delay, `kills` times; then let it finish.
     Returns how many kills hit a running process."""
     rng = random.Random(seed)
@@ -33,7 +33,7 @@ def run_with_kills(out: Path, extra: list[str], kills: int, seed: int) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(kills + 1):
         started = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*/COMPLETE"))
-        args = ["train", "--resume", str(out)] if started else ["train", *RUN, *extra, "--out_dir", str(out)]
+        args = ["train", "--resume", str(out)] if started else ["train", *run, *extra, "--out_dir", str(out)]
         process = subprocess.Popen(saelab_command(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < kills:
             time.sleep(rng.uniform(1.5, 4.5))  # python + torch start-up takes ~1.5 s, the run ~5 s more
@@ -57,5 +57,29 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, extra):
     straight = saelab.load_sae(tmp_path / "straight" / "sae").state_dict()
     resumed = saelab.load_sae(tmp_path / "killed" / "sae").state_dict()
     assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_sigkill_and_resume_from_an_activation_cache_is_bit_identical(tmp_path):
+    from tiny import save_tiny_model, sentences, write_jsonl
+
+    from saelab.cli import main
+
+    model = str(save_tiny_model(tmp_path / "model"))
+    text = str(write_jsonl(tmp_path / "text.jsonl", sentences(400)))
+    cache = tmp_path / "cache"
+    assert main(["cache-activations", "--model.name", model, "--model.hook_name", "blocks.1.hook_resid_post",
+                 "--data.dataset", text, "--data.context_size", "16", "--out", str(cache),
+                 "--max_tokens", "4000", "--shard_rows", "900"]) == 0
+    run = ["--data.cache", str(cache), "--model.hook_name", "blocks.1.hook_resid_post", "--data.shuffle_buffer", "1024",
+           "--train.total_tokens", "384000", "--train.batch_size", "256", "--train.checkpoint_every", "5",
+           "--train.keep_checkpoints", "2", "--train.progress_bar", "false", "--sae.k", "4", "--sae.expansion_factor", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(saelab_command("train", *run, "--out_dir", str(tmp_path / "straight")), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert run_with_kills(tmp_path / "killed", [], kills=3, seed=7, run=run) >= 2
+    straight = saelab.load_sae(tmp_path / "straight" / "sae").state_dict()
+    resumed = saelab.load_sae(tmp_path / "killed" / "sae").state_dict()
     for name, tensor in straight.items():
         assert torch.equal(tensor, resumed[name]), name
