@@ -2,7 +2,8 @@
 
 from saelab.config import ConfigError
 from saelab.evals.evaluate import evaluate
-from saelab.io.saelens_format import FileFormatError, load_sae
+from saelab.io.load import load_sae
+from saelab.io.saelens_format import FileFormatError
 from saelab.models import HookedModel, load_model
 from saelab.runner import RunConfig, cache_activations, pretokenize, resume, train
 from saelab.saes import SAE, SAEConfig, available_architectures, create_sae, register

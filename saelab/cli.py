@@ -201,7 +201,7 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
 def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.data.config import DataConfig
     from saelab.evals.evaluate import data_config_of, evaluate, summary_rows, write_report
-    from saelab.io.saelens_format import load_sae
+    from saelab.io.load import load_sae
     from saelab.models import load_model
 
     sae = load_sae(args.sae_dir)

@@ -1,0 +1,40 @@
+"""`load_sae(path)`: any SAE folder saelab can read, its format recognised from the files in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from saelab.io import saelens_format
+from saelab.io.gemma_scope import PARAMS_FILE, load_gemma_scope
+from saelab.io.saelens_format import FileFormatError
+from saelab.io.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_folder, load_sparsify
+
+if TYPE_CHECKING:
+    from saelab.saes.base import SAE
+
+
+def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> "SAE":
+    """Load an SAE folder: saelab/SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json +
+    sae.safetensors) or Gemma Scope (params.npz). Unknown layouts fail with the list of known ones."""
+    path = Path(path)
+    if path.is_dir() and not (path / saelens_format.WEIGHTS_FILE).exists():
+        if is_sparsify_folder(path):
+            return _cast(load_sparsify(path, device), dtype)
+        if (path / PARAMS_FILE).exists():
+            return _cast(load_gemma_scope(path, device), dtype)
+        if not (path / saelens_format.CFG_FILE).exists():
+            raise FileFormatError(
+                f"{path}: no SAE found; expected {saelens_format.CFG_FILE} + {saelens_format.WEIGHTS_FILE} (saelab, "
+                f"SAELens), {saelens_format.CFG_FILE} + {SPARSIFY_WEIGHTS} (sparsify) or {PARAMS_FILE} (Gemma Scope)"
+            )
+    return saelens_format.load_sae(path, device=device, dtype=dtype)
+
+
+def _cast(sae: "SAE", dtype: str | None) -> "SAE":
+    if dtype is None:
+        return sae
+    import torch
+
+    sae.cfg.dtype = dtype
+    return sae.to(getattr(torch, dtype))

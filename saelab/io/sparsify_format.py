@@ -1,0 +1,84 @@
+"""EleutherAI sparsify's layout: one folder per hook point with `cfg.json` and `sae.safetensors`.
+
+sparsify stores the encoder as an `nn.Linear` (`encoder.weight (d_sae, d_in)`, `encoder.bias`), the decoder
+as `W_dec (d_sae, d_in)`, `b_dec (d_in)` and an optional `W_skip (d_in, d_in)`; cfg.json holds `d_in`, `k`,
+`num_latents` (or `expansion_factor`), `normalize_decoder`, `transcode`, `skip_connection`. Its encoder
+subtracts b_dec first unless it is a transcoder, then keeps the top k of relu(pre-activations): the same
+function as saelab's TopK, so the conversion only renames and transposes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors.torch import save as safetensors_bytes
+
+from saelab.io.atomic import atomic_write_bytes, atomic_write_text
+from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
+
+if TYPE_CHECKING:
+    from saelab.saes.base import SAE
+
+SPARSIFY_CFG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+
+
+def is_sparsify_folder(path: Path) -> bool:
+    return (path / SPARSIFY_CFG).is_file() and (path / SPARSIFY_WEIGHTS).is_file()
+
+
+def load_sparsify(path: str | Path, device: str | None = None) -> "SAE":
+    """A saelab TopK SAE (or transcoder) from a sparsify folder, computing what sparsify computes."""
+    from saelab.saes.base import create_sae
+
+    path = Path(path)
+    cfg = read_json(path / SPARSIFY_CFG)
+    weights = read_safetensors(path / SPARSIFY_WEIGHTS)
+    missing = [k for k in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if k not in weights]
+    if missing or "d_in" not in cfg or "k" not in cfg:
+        raise FileFormatError(f"{path}: not a sparsify SAE (missing {missing or ['d_in/k in cfg.json']})")
+    if cfg.get("activation", "topk") != "topk":
+        raise FileFormatError(f"{path}: sparsify activation '{cfg['activation']}' is not supported (only topk)")
+    d_sae, d_in = weights["encoder.weight"].shape
+    if d_in != cfg["d_in"] or weights["W_dec"].shape[0] != d_sae:
+        raise FileFormatError(f"{path}: weight shapes {tuple(weights['encoder.weight'].shape)} and "
+                              f"{tuple(weights['W_dec'].shape)} disagree with d_in {cfg['d_in']}")
+    transcode = bool(cfg.get("transcode", False))
+    skip = "W_skip" in weights
+    sae = create_sae(
+        "topk", d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), d_out=weights["W_dec"].shape[1],
+        transcoder=transcode or skip, skip_connection=skip, apply_b_dec_to_input=not transcode,
+        normalize_decoder=bool(cfg.get("normalize_decoder", True)), dtype=str(weights["W_dec"].dtype).removeprefix("torch."),
+        device=device or "cpu", metadata={"source_format": "sparsify", "sparsify_cfg": cfg},
+    )
+    state = {"W_enc": weights["encoder.weight"].T, "b_enc": weights["encoder.bias"], "W_dec": weights["W_dec"],
+             "b_dec": weights["b_dec"]}
+    if skip:
+        state["W_skip"] = weights["W_skip"]
+    sae.load_saved_weights({name: t.contiguous().to(sae.device) for name, t in state.items()})
+    return sae
+
+
+def save_sparsify(sae: "SAE", path: str | Path) -> Path:
+    """Write a TopK SAE in sparsify's layout (loadable with sparsify's SparseCoder.load_from_disk)."""
+    cfg = sae.cfg
+    if cfg.architecture != "topk" or cfg.normalize_activations != "none":
+        raise ValueError("sparsify holds TopK SAEs on raw activations; fold normalisation first (trained SAEs are)")
+    if cfg.apply_b_dec_to_input == cfg.transcoder:
+        raise ValueError("sparsify subtracts b_dec from the input exactly when it is not a transcoder")
+    if cfg.d_out != cfg.d_in:
+        raise ValueError("sparsify's decoder has the input width")
+    path = Path(path)
+    tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if cfg.skip_connection:
+        tensors["W_skip"] = sae.W_skip
+    atomic_write_bytes(path / SPARSIFY_WEIGHTS, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    sparsify_cfg = {
+        "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "normalize_decoder": sae.normalize_decoder,
+        "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": cfg.skip_connection,
+        "transcode": cfg.transcoder, "d_in": cfg.d_in,
+    }
+    atomic_write_text(path / SPARSIFY_CFG, json.dumps(sparsify_cfg, indent=2))
+    return path

@@ -1,0 +1,93 @@
+"""Other libraries' SAE layouts, written here the way those libraries write them, loaded by saelab."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import saelab
+from saelab.io import save_sparsify
+from saelab.io.saelens_format import FileFormatError
+
+D_IN, D_SAE, K = 12, 40, 5
+
+
+def write_sparsify(folder, transcode=False, skip=False, seed=0):
+    """A sparsify SparseCoder folder: nn.Linear encoder, W_dec (d_sae, d_in), b_dec, optional W_skip."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {"encoder.weight": torch.randn(D_SAE, D_IN, generator=g), "encoder.bias": torch.randn(D_SAE, generator=g),
+               "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    if skip:
+        weights["W_skip"] = torch.randn(D_IN, D_IN, generator=g)
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / "sae.safetensors"))
+    cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": D_SAE, "k": K,
+           "multi_topk": False, "skip_connection": skip, "transcode": transcode, "d_in": D_IN}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return weights
+
+
+def sparsify_by_hand(w, x, transcode, skip):
+    """What sparsify's forward computes: relu(encoder(x - b_dec)) top-k, decoded, + skip."""
+    pre = torch.relu((x if transcode else x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    top = pre.topk(K, dim=-1)
+    out = (top.values.unsqueeze(-1) * w["W_dec"][top.indices]).sum(1) + w["b_dec"]
+    return out + x @ w["W_skip"].T if skip else out
+
+
+@pytest.mark.parametrize("transcode, skip", [(False, False), (True, False), (True, True)])
+def test_sparsify_folders_load_and_compute_the_same(tmp_path, transcode, skip):
+    weights = write_sparsify(tmp_path / "layers.3", transcode, skip)
+    sae = saelab.load_sae(tmp_path / "layers.3")
+    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.transcoder, sae.cfg.skip_connection) == ("topk", K, transcode or skip, skip)
+    x = torch.randn(30, D_IN)
+    assert torch.allclose(sae(x), sparsify_by_hand(weights, x, transcode, skip), atol=1e-5)
+
+
+def test_saelab_to_sparsify_and_back_is_exact(tmp_path):
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    save_sparsify(sae, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["k"] == K
+    back = saelab.load_sae(tmp_path / "out")
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
+    with pytest.raises(ValueError, match="TopK"):
+        save_sparsify(saelab.create_sae("standard", d_in=D_IN, d_sae=D_SAE), tmp_path / "bad")
+
+
+def test_gemma_scope_params_load_and_compute_the_same(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"W_enc": rng.normal(size=(D_IN, D_SAE)), "W_dec": rng.normal(size=(D_SAE, D_IN)),
+              "b_enc": rng.normal(size=D_SAE), "b_dec": rng.normal(size=D_IN), "threshold": rng.uniform(0.1, 1, D_SAE)}
+    (tmp_path / "gs").mkdir()
+    np.savez(tmp_path / "gs" / "params.npz", **{k: v.astype(np.float32) for k, v in params.items()})
+    sae = saelab.load_sae(tmp_path / "gs")
+    x = torch.randn(30, D_IN)
+    t = {k: torch.tensor(v, dtype=torch.float32) for k, v in params.items()}
+    pre = x @ t["W_enc"] + t["b_enc"]
+    by_hand = (pre * (pre > t["threshold"])) @ t["W_dec"] + t["b_dec"]
+    assert sae.cfg.architecture == "jumprelu" and torch.allclose(sae(x), by_hand, atol=1e-4)
+
+
+def test_bad_folders_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileFormatError, match="no SAE found; expected cfg.json"):
+        saelab.load_sae(tmp_path / "empty")
+    weights = write_sparsify(tmp_path / "wrong")
+    cfg = json.loads((tmp_path / "wrong" / "cfg.json").read_text())
+    (tmp_path / "wrong" / "cfg.json").write_text(json.dumps({**cfg, "d_in": D_IN + 1}))
+    with pytest.raises(FileFormatError, match="disagree with d_in"):
+        saelab.load_sae(tmp_path / "wrong")
+    (tmp_path / "pickled").mkdir()
+    np.save(tmp_path / "pickled" / "obj.npy", np.array([object()], dtype=object), allow_pickle=True)
+    (tmp_path / "pickled" / "obj.npy").rename(tmp_path / "pickled" / "params.npz")
+    with pytest.raises(FileFormatError, match="params.npz"):
+        saelab.load_sae(tmp_path / "pickled")
+    assert weights["W_dec"].shape == (D_SAE, D_IN)
