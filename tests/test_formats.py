@@ -91,3 +91,77 @@ def test_bad_folders_are_clear_errors(tmp_path):
     with pytest.raises(FileFormatError, match="params.npz"):
         saelab.load_sae(tmp_path / "pickled")
     assert weights["W_dec"].shape == (D_SAE, D_IN)
+
+
+def write_dictionary_learning(folder, dict_class, seed=0):
+    """ae.pt and config.json as dictionary_learning's trainers save them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    layouts = {
+        "AutoEncoder": {"bias": r(D_IN), "encoder.weight": r(D_SAE, D_IN), "encoder.bias": r(D_SAE),
+                        "decoder.weight": r(D_IN, D_SAE)},
+        "GatedAutoEncoder": {"decoder_bias": r(D_IN), "encoder.weight": r(D_SAE, D_IN), "r_mag": r(D_SAE) * 0.1,
+                             "gate_bias": r(D_SAE), "mag_bias": r(D_SAE), "decoder.weight": r(D_IN, D_SAE)},
+        "JumpReluAutoEncoder": {"W_enc": r(D_IN, D_SAE), "b_enc": r(D_SAE), "W_dec": r(D_SAE, D_IN), "b_dec": r(D_IN),
+                                "threshold": r(D_SAE).abs() + 0.1},
+        "AutoEncoderTopK": {"k": torch.tensor(K, dtype=torch.int), "threshold": torch.tensor(-1.0),
+                            "decoder.weight": r(D_IN, D_SAE), "encoder.weight": r(D_SAE, D_IN),
+                            "encoder.bias": r(D_SAE), "b_dec": r(D_IN)},
+        "BatchTopKSAE": {"k": torch.tensor(K, dtype=torch.int), "threshold": torch.tensor(0.7),
+                         "decoder.weight": r(D_IN, D_SAE), "encoder.weight": r(D_SAE, D_IN),
+                         "encoder.bias": r(D_SAE), "b_dec": r(D_IN)},
+    }
+    folder.mkdir(parents=True)
+    torch.save(layouts[dict_class], folder / "ae.pt")
+    trainer = {"dict_class": dict_class, "activation_dim": D_IN, "dict_size": D_SAE, "lm_name": "tiny", "layer": 3}
+    (folder / "config.json").write_text(json.dumps({"trainer": trainer}))
+    return layouts[dict_class]
+
+
+def dictionary_learning_by_hand(dict_class, w, x):
+    """Each class's encode + decode as dictionary_learning computes them (up to its norm rescaling)."""
+    if dict_class == "AutoEncoder":
+        return torch.relu((x - w["bias"]) @ w["encoder.weight"].T + w["encoder.bias"]) @ w["decoder.weight"].T + w["bias"]
+    if dict_class == "GatedAutoEncoder":
+        x_enc = (x - w["decoder_bias"]) @ w["encoder.weight"].T
+        gate = (x_enc + w["gate_bias"] > 0).float()
+        mag = torch.relu(w["r_mag"].exp() * x_enc + w["mag_bias"])
+        return (gate * mag) @ w["decoder.weight"].T + w["decoder_bias"]
+    if dict_class == "JumpReluAutoEncoder":
+        pre = x @ w["W_enc"] + w["b_enc"]
+        return torch.relu(pre * (pre > w["threshold"])) @ w["W_dec"] + w["b_dec"]
+    post = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    if dict_class == "BatchTopKSAE":
+        f = post * (post > w["threshold"])
+    else:
+        top = post.topk(K, dim=-1)
+        f = torch.zeros_like(post).scatter(-1, top.indices, top.values)
+    return f @ w["decoder.weight"].T + w["b_dec"]
+
+
+@pytest.mark.parametrize("dict_class", ["AutoEncoder", "GatedAutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK",
+                                        "BatchTopKSAE"])
+def test_dictionary_learning_checkpoints_load_and_compute_the_same(tmp_path, dict_class):
+    weights = write_dictionary_learning(tmp_path / "trainer_0", dict_class)
+    sae = saelab.load_sae(tmp_path / "trainer_0").eval()
+    x = torch.randn(30, D_IN)
+    assert torch.allclose(sae(x), dictionary_learning_by_hand(dict_class, weights, x), atol=1e-4)
+    assert sae.cfg.model_name == "tiny" and sae.cfg.metadata["layer"] == 3
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "dl").mkdir()
+    torch.save({"encoder.weight": Evil()}, tmp_path / "dl" / "ae.pt")
+    (tmp_path / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
+    with pytest.raises(FileFormatError, match="refused or unreadable"):
+        saelab.load_sae(tmp_path / "dl")
+    assert not (tmp_path / "pwned").exists()

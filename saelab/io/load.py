@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from saelab.io import saelens_format
+from saelab.io.dictionary_learning import is_dictionary_learning_folder, load_dictionary_learning
 from saelab.io.gemma_scope import PARAMS_FILE, load_gemma_scope
 from saelab.io.saelens_format import FileFormatError
 from saelab.io.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_folder, load_sparsify
@@ -16,17 +17,21 @@ if TYPE_CHECKING:
 
 def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> "SAE":
     """Load an SAE folder: saelab/SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json +
-    sae.safetensors) or Gemma Scope (params.npz). Unknown layouts fail with the list of known ones."""
+    sae.safetensors), dictionary_learning (ae.pt + config.json) or Gemma Scope (params.npz). Unknown layouts
+    fail with the list of known ones."""
     path = Path(path)
     if path.is_dir() and not (path / saelens_format.WEIGHTS_FILE).exists():
         if is_sparsify_folder(path):
             return _cast(load_sparsify(path, device), dtype)
         if (path / PARAMS_FILE).exists():
             return _cast(load_gemma_scope(path, device), dtype)
+        if is_dictionary_learning_folder(path):
+            return _cast(load_dictionary_learning(path, device), dtype)
         if not (path / saelens_format.CFG_FILE).exists():
             raise FileFormatError(
                 f"{path}: no SAE found; expected {saelens_format.CFG_FILE} + {saelens_format.WEIGHTS_FILE} (saelab, "
-                f"SAELens), {saelens_format.CFG_FILE} + {SPARSIFY_WEIGHTS} (sparsify) or {PARAMS_FILE} (Gemma Scope)"
+                f"SAELens), {saelens_format.CFG_FILE} + {SPARSIFY_WEIGHTS} (sparsify), ae.pt + config.json "
+                f"(dictionary_learning) or {PARAMS_FILE} (Gemma Scope)"
             )
     return saelens_format.load_sae(path, device=device, dtype=dtype)
 
