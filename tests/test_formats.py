@@ -165,3 +165,18 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(FileFormatError, match="refused or unreadable"):
         saelab.load_sae(tmp_path / "dl")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("architecture", saelab.available_architectures())
+def test_every_sae_meets_saebench_custom_sae_contract(architecture):
+    """What SAEBench reads from a custom SAE: weights, encode/decode, and these cfg fields and properties."""
+    sae = saelab.create_sae(architecture, d_in=D_IN, d_sae=D_SAE, model_name="m", hook_name="blocks.2.hook_resid_post",
+                            hook_layer=2)
+    for name in ("W_enc", "W_dec", "b_dec"):
+        assert isinstance(getattr(sae, name), torch.Tensor)
+    assert sae.W_enc.shape == (D_IN, D_SAE) and sae.W_dec.shape == (D_SAE, D_IN)
+    assert (sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.hook_layer, sae.cfg.d_in, sae.cfg.d_sae) == \
+        ("m", "blocks.2.hook_resid_post", 2, D_IN, D_SAE)
+    assert sae.dtype == torch.float32 and sae.device == torch.device("cpu") and sae.cfg.dtype == "float32"
+    x = torch.randn(3, 4, D_IN)
+    assert sae.encode(x).shape == (3, 4, D_SAE) and sae.decode(sae.encode(x)).shape == (3, 4, D_IN)
