@@ -180,3 +180,55 @@ def test_every_sae_meets_saebench_custom_sae_contract(architecture):
     assert sae.dtype == torch.float32 and sae.device == torch.device("cpu") and sae.cfg.dtype == "float32"
     x = torch.randn(3, 4, D_IN)
     assert sae.encode(x).shape == (3, 4, D_SAE) and sae.decode(sae.encode(x)).shape == (3, 4, D_IN)
+
+
+def saelens_weights(architecture, folder, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.randn(D_SAE, generator=g),
+         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    if architecture == "jumprelu":
+        w["threshold"] = torch.rand(D_SAE, generator=g) + 0.1
+    folder.mkdir(parents=True)
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    return w
+
+
+def test_saelens_5_topk_cfg_with_its_dataset_fields(tmp_path):
+    w = saelens_weights("topk", tmp_path / "sae")
+    cfg = {"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "activation_fn_str": "topk",
+           "activation_fn_kwargs": {"k": K}, "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
+           "context_size": 128, "model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3,
+           "hook_head_index": None, "prepend_bos": True, "dataset_path": "some/dataset", "dtype": "float32",
+           "dataset_trust_remote_code": False, "normalize_activations": "none", "device": "cpu",
+           "sae_lens_training_version": "5.1.0", "neuronpedia_id": None, "model_from_pretrained_kwargs": {},
+           "seqpos_slice": [None]}
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    sae = saelab.load_sae(tmp_path / "sae")
+    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.hook_layer) == ("topk", K, 3)
+    assert sae.cfg.metadata["dataset_path"] == "some/dataset" and sae.cfg.metadata["context_size"] == 128
+    x = torch.randn(20, D_IN)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    top = pre.topk(K, dim=-1)
+    by_hand = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()) @ w["W_dec"] + w["b_dec"]
+    assert torch.allclose(sae(x), by_hand, atol=1e-4)
+
+
+def test_saelens_3_and_6_style_cfgs(tmp_path):
+    w = saelens_weights("jumprelu", tmp_path / "v6")
+    v6 = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu",
+          "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+          "metadata": {"model_name": "gemma-2-2b", "hook_name": "blocks.12.hook_resid_post", "context_size": 1024,
+                       "sae_lens_version": "6.5.0"}}
+    (tmp_path / "v6" / "cfg.json").write_text(json.dumps(v6))
+    sae = saelab.load_sae(tmp_path / "v6")
+    assert sae.cfg.model_name == "gemma-2-2b" and sae.cfg.hook_name == "blocks.12.hook_resid_post"
+    x = torch.randn(20, D_IN)
+    pre = x @ w["W_enc"] + w["b_enc"]
+    assert torch.allclose(sae(x), (pre * (pre > w["threshold"])) @ w["W_dec"] + w["b_dec"], atol=1e-4)
+    saelens_weights("standard", tmp_path / "v3")
+    v3 = {"d_in": D_IN, "d_sae": D_SAE, "hook_point": "blocks.1.hook_resid_pre", "hook_point_layer": 1,
+          "activation_fn": "relu", "normalize_activations": False, "apply_b_dec_to_input": True,
+          "context_size": 128, "dtype": "float32", "device": "cpu", "architecture": "standard"}
+    (tmp_path / "v3" / "cfg.json").write_text(json.dumps(v3))
+    old = saelab.load_sae(tmp_path / "v3")
+    assert (old.cfg.hook_name, old.cfg.hook_layer, old.cfg.normalize_activations) == ("blocks.1.hook_resid_pre", 1, "none")

@@ -71,7 +71,12 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
     path = Path(path)
     if not path.is_dir():
         raise FileFormatError(f"{path}: not a directory containing {CFG_FILE} and {WEIGHTS_FILE}")
-    options = read_json(path / CFG_FILE)
+    from saelab.io.saelens_compat import from_saelens
+
+    try:
+        options = from_saelens(read_json(path / CFG_FILE))
+    except ConfigError as e:
+        raise FileFormatError(f"{path / CFG_FILE}: {e}") from None
     if device is not None:
         options["device"] = device
     if dtype is not None:
