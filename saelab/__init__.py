@@ -2,6 +2,7 @@
 
 from saelab.config import ConfigError
 from saelab.evals.evaluate import evaluate
+from saelab.io.hub import push_to_hub
 from saelab.io.load import load_sae
 from saelab.io.saelens_format import FileFormatError
 from saelab.models import HookedModel, load_model
@@ -28,6 +29,7 @@ __all__ = [
     "load_model",
     "load_sae",
     "pretokenize",
+    "push_to_hub",
     "register",
     "resume",
     "train",

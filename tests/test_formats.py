@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,51 @@ def test_saelens_3_and_6_style_cfgs(tmp_path):
     (tmp_path / "v3" / "cfg.json").write_text(json.dumps(v3))
     old = saelab.load_sae(tmp_path / "v3")
     assert (old.cfg.hook_name, old.cfg.hook_layer, old.cfg.normalize_activations) == ("blocks.1.hook_resid_pre", 1, "none")
+
+
+def test_hub_repo_ids_download_the_subfolder_and_push_uploads_the_saelens_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save(tmp_path / "snapshot" / "blocks.3.hook_resid_pre")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = saelab.load_sae("someone/gpt2-saes", subfolder="blocks.3.hook_resid_pre")
+    assert calls == [("someone/gpt2-saes", ["blocks.3.hook_resid_pre/*"])]
+    assert torch.equal(loaded.W_enc, sae.W_enc)
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            uploaded["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=None):
+            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            uploaded["path_in_repo"] = path_in_repo
+            return "https://example/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert saelab.push_to_hub(sae, "me/my-sae", path_in_repo="layer3") == "https://example/commit/1"
+    assert uploaded == {"repo": ("me/my-sae", False, True), "files": ["cfg.json", "sae_weights.safetensors"],
+                        "path_in_repo": "layer3"}
+
+
+def test_an_unreachable_hub_is_one_clear_error(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileFormatError, match="cannot reach the Hugging Face hub for 'nobody/nothing'"):
+        saelab.load_sae("nobody/nothing")

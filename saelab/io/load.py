@@ -15,11 +15,21 @@ if TYPE_CHECKING:
     from saelab.saes.base import SAE
 
 
-def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> "SAE":
+def load_sae(
+    path: str | Path, device: str | None = None, dtype: str | None = None, subfolder: str | None = None,
+    revision: str | None = None,
+) -> "SAE":
     """Load an SAE folder: saelab/SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json +
     sae.safetensors), dictionary_learning (ae.pt + config.json) or Gemma Scope (params.npz). Unknown layouts
-    fail with the list of known ones."""
+    fail with the list of known ones. A path that does not exist locally but looks like `owner/name` is a
+    Hugging Face repo id: `subfolder` picks the SAE inside it (downloaded through the hub cache)."""
     path = Path(path)
+    if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+        from saelab.io.hub import download_sae_folder
+
+        path = download_sae_folder(str(path), subfolder, revision)
+    elif subfolder:
+        path = path / subfolder
     if path.is_dir() and not (path / saelens_format.WEIGHTS_FILE).exists():
         if is_sparsify_folder(path):
             return _cast(load_sparsify(path, device), dtype)

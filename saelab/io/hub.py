@@ -1,0 +1,48 @@
+"""SAEs on the Hugging Face hub: download a repo folder (through huggingface_hub's cache) and upload one."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from saelab.io.saelens_format import FileFormatError
+
+if TYPE_CHECKING:
+    from saelab.saes.base import SAE
+
+
+def download_sae_folder(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> Path:
+    """The local path of `repo_id[/subfolder]`, downloaded into the hub cache if needed; offline it uses
+    the cache, or says it cannot reach the hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
+    try:
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise FileFormatError(
+            f"cannot reach the Hugging Face hub for '{repo_id}' and it is not in the local hub cache"
+        ) from None
+    except (HfHubHTTPError, ValueError) as e:
+        raise FileFormatError(f"cannot download '{repo_id}': {str(e).splitlines()[0]}") from None
+    folder = root / subfolder if subfolder else root
+    if not folder.is_dir():
+        raise FileFormatError(f"'{repo_id}' has no folder '{subfolder}'")
+    return folder
+
+
+def push_to_hub(sae: "SAE", repo_id: str, path_in_repo: str | None = None, private: bool = False,
+                token: str | None = None, commit_message: str = "Upload SAE with saelab") -> str:
+    """Upload an SAE (saelab/SAELens layout) to `repo_id[/path_in_repo]`, creating the repo if needed; returns
+    the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="saelab-upload-") as folder:
+        sae.save(folder)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo,
+                                 commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))
