@@ -281,3 +281,24 @@ def test_an_unreachable_hub_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FileFormatError, match="cannot reach the Hugging Face hub for 'nobody/nothing'"):
         saelab.load_sae("nobody/nothing")
+
+
+def test_named_releases_resolve_to_their_repo_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save(tmp_path / "snapshot" / "blocks.8.hook_resid_pre")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = saelab.load_sae("gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre")
+    assert calls == [("jbloom/GPT2-Small-SAEs-Reformatted", ["blocks.8.hook_resid_pre/*"])]
+    assert torch.equal(loaded.W_dec, sae.W_dec)
+    with pytest.raises(FileFormatError, match="needs an sae_id like 'blocks.8.hook_resid_pre'"):
+        saelab.load_sae("gpt2-small-res-jb", sae_id="blocks.12.hook_resid_pre")
+    with pytest.raises(FileFormatError, match="unknown release 'gpt2-small-res-jbb'; did you mean 'gpt2-small-res-jb'"):
+        saelab.load_sae("gpt2-small-res-jbb", sae_id="x")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from saelab.io import saelens_format
 from saelab.io.dictionary_learning import is_dictionary_learning_folder, load_dictionary_learning
 from saelab.io.gemma_scope import PARAMS_FILE, load_gemma_scope
+from saelab.io.pretrained import pretrained_releases, resolve_release
 from saelab.io.saelens_format import FileFormatError
 from saelab.io.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_folder, load_sparsify
 
@@ -17,13 +18,17 @@ if TYPE_CHECKING:
 
 def load_sae(
     path: str | Path, device: str | None = None, dtype: str | None = None, subfolder: str | None = None,
-    revision: str | None = None,
+    revision: str | None = None, sae_id: str | None = None,
 ) -> "SAE":
     """Load an SAE folder: saelab/SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json +
     sae.safetensors), dictionary_learning (ae.pt + config.json) or Gemma Scope (params.npz). Unknown layouts
     fail with the list of known ones. A path that does not exist locally but looks like `owner/name` is a
-    Hugging Face repo id: `subfolder` picks the SAE inside it (downloaded through the hub cache)."""
+    Hugging Face repo id: `subfolder` picks the SAE inside it (downloaded through the hub cache). A release
+    name from saelab/pretrained.yaml with an `sae_id` resolves to its repo and folder."""
     path = Path(path)
+    if sae_id is not None or (not path.exists() and str(path) in pretrained_releases()):
+        repo_id, subfolder = resolve_release(str(path), sae_id)
+        path = Path(repo_id)
     if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
         from saelab.io.hub import download_sae_folder
 
