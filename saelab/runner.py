@@ -154,7 +154,7 @@ def activation_source(config: RunConfig) -> tuple[ActivationSource, int, dict[st
 
 def make_evaluator(model, config: RunConfig):
     """Spliced CE/KL of each SAE on the first `train.eval_contexts` held-out contexts (for eval_every)."""
-    from saelab.data.pipeline import make_harvester
+    from saelab.data.tokens import excluded_token_ids
     from saelab.evals.evaluate import heldout_contexts
     from saelab.evals.spliced import SplicedEvaluation
 
@@ -162,7 +162,7 @@ def make_evaluator(model, config: RunConfig):
     if count < 1:
         raise ConfigError("train.eval_every needs held-out contexts: set data.heldout_contexts >= 1")
     batches = heldout_contexts(model, config.data, count, batch_contexts=count)
-    excluded = make_harvester(model, config.data, [config.model.hook_name]).exclude_token_ids.tolist()
+    excluded = excluded_token_ids(model.tokenizer, config.data.exclude_special_tokens)
     keep = ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "kl_div_with_sae")
 
     def evaluate(saes: dict[str, SAE]) -> dict[str, dict[str, float]]:

@@ -80,7 +80,11 @@ def test_shuffle_buffer_keeps_every_row_once_mixes_them_and_stays_bounded():
     rows = torch.arange(1000, dtype=torch.float32).unsqueeze(1).repeat(1, 3)
     out = []
     for start in range(0, 1000, 40):
-        out += list(buffer.push(rows[start : start + 40]))
+        block = rows[start : start + 40]
+        while block.shape[0]:
+            block = block[buffer.add(block) :]
+            if buffer.full:
+                out.append(buffer.draw())
         assert buffer.store is not None and buffer.store.shape == (64, 3) and buffer.size <= 64
     out += list(buffer.drain())
     seen = torch.cat(out)[:, 0]

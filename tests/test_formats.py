@@ -235,11 +235,11 @@ def test_saelens_3_and_6_style_cfgs(tmp_path):
     assert (old.cfg.hook_name, old.cfg.hook_layer, old.cfg.normalize_activations) == ("blocks.1.hook_resid_pre", 1, "none")
 
 
-def test_hub_repo_ids_download_the_subfolder_and_push_uploads_the_saelens_files(tmp_path, monkeypatch):
+@pytest.fixture
+def hub_downloads(tmp_path, monkeypatch):
+    """snapshot_download replaced by the local folder tmp_path/snapshot; returns the calls it received."""
     import huggingface_hub
 
-    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
-    sae.save(tmp_path / "snapshot" / "blocks.3.hook_resid_pre")
     calls = []
 
     def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
@@ -247,8 +247,16 @@ def test_hub_repo_ids_download_the_subfolder_and_push_uploads_the_saelens_files(
         return str(tmp_path / "snapshot")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    return calls
+
+
+def test_hub_repo_ids_download_the_subfolder_and_push_uploads_the_saelens_files(tmp_path, monkeypatch, hub_downloads):
+    import huggingface_hub
+
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save(tmp_path / "snapshot" / "blocks.3.hook_resid_pre")
     loaded = saelab.load_sae("someone/gpt2-saes", subfolder="blocks.3.hook_resid_pre")
-    assert calls == [("someone/gpt2-saes", ["blocks.3.hook_resid_pre/*"])]
+    assert hub_downloads == [("someone/gpt2-saes", ["blocks.3.hook_resid_pre/*"])]
     assert torch.equal(loaded.W_enc, sae.W_enc)
 
     uploaded = {}
@@ -283,20 +291,11 @@ def test_an_unreachable_hub_is_one_clear_error(monkeypatch):
         saelab.load_sae("nobody/nothing")
 
 
-def test_named_releases_resolve_to_their_repo_folder(tmp_path, monkeypatch):
-    import huggingface_hub
-
+def test_named_releases_resolve_to_their_repo_folder(tmp_path, hub_downloads):
     sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
     sae.save(tmp_path / "snapshot" / "blocks.8.hook_resid_pre")
-    calls = []
-
-    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
-        calls.append((repo_id, allow_patterns))
-        return str(tmp_path / "snapshot")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     loaded = saelab.load_sae("gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre")
-    assert calls == [("jbloom/GPT2-Small-SAEs-Reformatted", ["blocks.8.hook_resid_pre/*"])]
+    assert hub_downloads == [("jbloom/GPT2-Small-SAEs-Reformatted", ["blocks.8.hook_resid_pre/*"])]
     assert torch.equal(loaded.W_dec, sae.W_dec)
     with pytest.raises(FileFormatError, match="needs an sae_id like 'blocks.8.hook_resid_pre'"):
         saelab.load_sae("gpt2-small-res-jb", sae_id="blocks.12.hook_resid_pre")

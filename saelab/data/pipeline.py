@@ -10,7 +10,7 @@ from saelab.data.activation_store import ActivationStore, Harvester
 from saelab.data.config import DataConfig
 from saelab.data.docstrings import corpus_version
 from saelab.data.text import BUILTIN_DATASET
-from saelab.data.tokens import ContextBatches, iter_contexts, pretokenize, special_token_ids
+from saelab.data.tokens import ContextBatches, excluded_token_ids, iter_contexts, pretokenize
 from saelab.models.config import ModelConfig
 from saelab.models.hooks import HookedModel
 from saelab.models.loading import load_model
@@ -22,10 +22,8 @@ def open_model(config: ModelConfig) -> HookedModel:
 
 def make_harvester(model: HookedModel, data: DataConfig, hook_names: Sequence[str]) -> Harvester:
     """A Harvester for the data settings: special tokens dropped when asked, positions sliced."""
-    excluded = [i for i in special_token_ids(model.tokenizer).values() if i is not None]
-    return Harvester(
-        model, hook_names, excluded if data.exclude_special_tokens else (), data.seq_start, data.seq_end
-    )
+    excluded = excluded_token_ids(model.tokenizer, data.exclude_special_tokens)
+    return Harvester(model, hook_names, excluded, data.seq_start, data.seq_end)
 
 
 def data_info(model_config: ModelConfig, data: DataConfig) -> dict[str, Any]:

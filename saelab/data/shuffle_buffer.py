@@ -39,14 +39,6 @@ class ShuffleBuffer:
     def full(self) -> bool:
         return self.size == self.capacity
 
-    def push(self, rows: Tensor) -> Iterator[Tensor]:
-        """Add rows; yield every batch that becomes ready (the buffer is full each time one is drawn)."""
-        start = 0
-        while start < rows.shape[0]:
-            start += self.add(rows[start:])
-            if self.full:
-                yield self.draw()
-
     def drain(self) -> Iterator[Tensor]:
         """Yield the remaining full batches in random order (the end of a finite stream)."""
         while self.size >= self.batch_size:

@@ -33,6 +33,13 @@ def special_token_ids(tokenizer) -> dict[str, int | None]:
     return {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
 
 
+def excluded_token_ids(tokenizer, exclude_special_tokens: bool = True) -> list[int]:
+    """Ids whose positions are left out of activations and metrics (BOS, EOS, PAD), when asked."""
+    if not exclude_special_tokens:
+        return []
+    return sorted({i for i in special_token_ids(tokenizer).values() if i is not None})
+
+
 def packing_ids(config: DataConfig, tokenizer) -> tuple[int | None, int | None]:
     """(BOS to prepend, separator between documents) for this config and tokenizer."""
     ids = special_token_ids(tokenizer)

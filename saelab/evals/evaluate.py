@@ -6,6 +6,7 @@ trains on the rest) and records that in the SAE's metadata, so `evaluate` reads 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from itertools import islice
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from saelab.data.config import DataConfig
-from saelab.data.tokens import ContextBatches, special_token_ids
+from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.evals import metrics as M
 from saelab.evals.spliced import SplicedEvaluation
 from saelab.io.atomic import atomic_write_bytes, atomic_write_text
@@ -32,7 +33,7 @@ def data_config_of(sae: SAE, **overrides: Any) -> DataConfig:
 
 def heldout_contexts(model, data: DataConfig, n_contexts: int, batch_contexts: int = 8) -> list[Tensor]:
     """The first `n_contexts` contexts of the dataset (the ones a run holds out), in batches."""
-    config = DataConfig(**{**data.__dict__, "contexts_per_batch": min(batch_contexts, n_contexts)})
+    config = dataclasses.replace(data, contexts_per_batch=min(batch_contexts, n_contexts))
     batches = ContextBatches(config, model.tokenizer, loop=False)
     return list(islice(batches, max(1, n_contexts // config.contexts_per_batch)))
 
@@ -56,7 +57,7 @@ def evaluate(
     model = model if model is not None else load_model(sae.cfg.model_name or "smollm2-135m")
     data = data or data_config_of(sae)
     exclude = data.exclude_special_tokens if exclude_special_tokens is None else exclude_special_tokens
-    excluded = [i for i in special_token_ids(model.tokenizer).values() if i is not None] if exclude else []
+    excluded = excluded_token_ids(model.tokenizer, exclude)
     hook_in = sae.cfg.hook_name
     hook_out = sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else hook_in
     downstream = SplicedEvaluation(model, sae, excluded, error_term) if spliced else None
