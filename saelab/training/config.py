@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from saelab.config import ConfigError
@@ -73,3 +73,37 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.total_tokens // self.batch_size
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the SAEs are trained to do. Local training (the default) reconstructs each SAE's own input; a
+    positive `kl` or `downstream` trains end to end: the SAEs' outputs replace the activations inside the frozen
+    model and the loss reads the model's outputs (the e2e_sae loss set). Terms add up, each with its coefficient."""
+
+    reconstruction: float = 1.0
+    """Coefficient of each SAE's local reconstruction loss (its output against its input, or a transcoder's
+    target); 0 for pure end-to-end training."""
+    kl: float = 0.0
+    """Coefficient of KL(clean model || spliced model) of the next-token distributions, averaged over tokens."""
+    downstream: float = 0.0
+    """Coefficient of the downstream reconstruction loss: at each of downstream_hooks, the squared error
+    between the spliced and the clean activations, divided by the clean activations' mean squared norm."""
+    downstream_hooks: list[str] = field(default_factory=list)
+    """Hook points after the SAEs where the downstream loss is measured (e.g. the later blocks.N.hook_resid_post)."""
+
+    def __post_init__(self) -> None:
+        for name in ("reconstruction", "kl", "downstream"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        if self.downstream > 0 and not self.downstream_hooks:
+            raise ConfigError("objective.downstream needs objective.downstream_hooks (hook points after the SAEs)")
+        if self.downstream_hooks and self.downstream == 0:
+            raise ConfigError("objective.downstream_hooks are given but objective.downstream is 0")
+        if self.reconstruction == 0 and not self.end_to_end:
+            raise ConfigError("every objective coefficient is 0: set objective.reconstruction, kl or downstream")
+
+    @property
+    def end_to_end(self) -> bool:
+        """True when the loss reads the model's outputs, so training runs the SAEs inside the model."""
+        return self.kl > 0 or self.downstream > 0

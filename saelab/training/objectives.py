@@ -1,8 +1,9 @@
 """Loss terms as small composable pieces; the trainer adds up whatever objectives it is given.
 
-Each objective reads a `StepContext` and returns its weighted term (or None when it does not apply), under
-a name that logs and metrics share. Local SAE training uses reconstruction + sparsity + auxiliary; other
-training modes add their own pieces to the list.
+Each SAE's objectives read a `StepContext` and return a weighted term (or None when it does not apply), under
+a name that logs and metrics share. Model-level objectives (end-to-end training) read the `SplicedRun` of the
+model with every SAE spliced in. Local training: reconstruction + sparsity + auxiliary per SAE; end-to-end adds
+KL to the clean model and downstream reconstruction, and may drop the local reconstruction.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Protocol
 from torch import Tensor
 
 from saelab.saes.base import SAE, TrainOutput
+from saelab.training.config import ObjectiveConfig
+from saelab.training.e2e import SplicedRun
 from saelab.training.schedules import warmup_factor
 
 
@@ -38,7 +41,9 @@ class Reconstruction:
     coefficient: float = 1.0
     name: str = "mse_loss"
 
-    def __call__(self, ctx: StepContext) -> Tensor:
+    def __call__(self, ctx: StepContext) -> Tensor | None:
+        if self.coefficient == 0:
+            return None
         return self.coefficient * ctx.sae.reconstruction_loss(ctx.out, ctx.target)
 
 
@@ -67,6 +72,44 @@ class Auxiliary:
         return None if loss is None else ctx.sae.aux_coefficient * loss
 
 
-def local_objectives(sparsity_warmup_steps: int = 0) -> list[Objective]:
+class ModelObjective(Protocol):
+    name: str
+
+    def __call__(self, run: SplicedRun) -> Tensor | None: ...
+
+
+@dataclass
+class KLToClean:
+    """KL divergence from the clean model's next-token distribution to the spliced model's."""
+
+    coefficient: float = 1.0
+    name: str = "kl_loss"
+
+    def __call__(self, run: SplicedRun) -> Tensor:
+        return self.coefficient * run.kl()
+
+
+@dataclass
+class DownstreamReconstruction:
+    """Relative squared error of the spliced activations at hook points after the SAEs."""
+
+    coefficient: float = 1.0
+    name: str = "downstream_loss"
+
+    def __call__(self, run: SplicedRun) -> Tensor | None:
+        return self.coefficient * run.downstream_loss() if run.clean_downstream else None
+
+
+def local_objectives(sparsity_warmup_steps: int = 0, reconstruction: float = 1.0) -> list[Objective]:
     """Reconstruction training of an SAE on its own input (or a transcoder on its target)."""
-    return [Reconstruction(), Sparsity(sparsity_warmup_steps), Auxiliary()]
+    return [Reconstruction(reconstruction), Sparsity(sparsity_warmup_steps), Auxiliary()]
+
+
+def model_objectives(config: ObjectiveConfig) -> list[ModelObjective]:
+    """The end-to-end terms the config asks for (none for local training)."""
+    terms: list[ModelObjective] = []
+    if config.kl > 0:
+        terms.append(KLToClean(config.kl))
+    if config.downstream > 0:
+        terms.append(DownstreamReconstruction(config.downstream))
+    return terms

@@ -1,8 +1,10 @@
-"""One training loop for any number of SAEs that read one stream of activation batches.
+"""One training loop for any number of SAEs fed by one stream of batches.
 
-Per step: take a batch, and for every SAE: forward, add up its objectives, backward, clip, Adam step, keep
-the decoder on the sphere if asked, update firing statistics. Everything that decides the rest of the run
-is in `state_dict()`, so a checkpoint continues the same run.
+Per step: take a batch; run every SAE on it (local training: on its hook's activation rows; end-to-end: spliced
+into the model, batches are token contexts); add up every SAE's objectives and the model-level ones; one
+backward; then per SAE: clip, Adam step (its own learning rate), keep the decoder on the sphere if asked,
+update firing statistics. The SAEs' losses share no parameters, so local SAEs train exactly as they would alone.
+Everything that decides the rest of the run is in `state_dict()`, so a checkpoint continues the same run.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from saelab.io.saelens_format import FileFormatError
 from saelab.io.state import load_state, save_state
 from saelab.saes.base import SAE
 from saelab.training.config import TrainConfig
+from saelab.training.e2e import Forward, SplicedModel, hooks_of
 from saelab.training.logging import MetricsLogger
-from saelab.training.objectives import Objective, StepContext, local_objectives
+from saelab.training.objectives import ModelObjective, Objective, StepContext, local_objectives
 from saelab.training.schedules import lr_factor
 
 CHECKPOINT_DIR = "checkpoints"
@@ -54,6 +57,7 @@ class _Unit:
     optimizer: torch.optim.Optimizer
     tokens_since_fired: Tensor
     fire_counts: Tensor
+    lr: float
     in_scale: float = 1.0
     out_scale: float = 1.0
     window: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -96,15 +100,30 @@ class Trainer:
         out_dir: str | Path | None = None,
         objectives: list[Objective] | None = None,
         evaluator: Callable[[dict[str, SAE]], dict[str, dict[str, float]]] | None = None,
+        splicer: SplicedModel | None = None,
+        model_objectives: list[ModelObjective] | None = None,
+        lrs: Mapping[str, float] | None = None,
     ):
+        """`objectives`: each SAE's loss terms (default: local reconstruction + sparsity + auxiliary).
+        `splicer` + `model_objectives`: end-to-end training, batches are token contexts. `lrs`: learning rates
+        of particular SAEs (the others use config.lr). `evaluator`: called every config.eval_every steps."""
         if isinstance(saes, SAE):
             saes = {"sae": saes}
         elif not isinstance(saes, Mapping):
             saes = {f"sae_{i}": sae for i, sae in enumerate(saes)}
         self.cfg = config
         self.evaluator = evaluator
+        self.splicer, self.model_objectives = splicer, list(model_objectives or [])
+        if self.model_objectives and splicer is None:
+            raise ValueError("model-level objectives need a splicer (the model to splice the SAEs into)")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.units = [self._make_unit(name, sae, objectives) for name, sae in saes.items()]
+        lrs = dict(lrs or {})
+        if unknown := set(lrs) - set(saes):
+            raise ValueError(f"learning rates given for unknown SAEs: {', '.join(sorted(unknown))}")
+        self.units = [self._make_unit(name, sae, objectives, lrs.get(name, config.lr)) for name, sae in saes.items()]
+        if splicer is not None:
+            splicer.check(saes.values())
+        self.model_window: dict[str, list[float]] = defaultdict(list)
         self.step = 0
         self.tokens = 0
         self.prepared = False
@@ -114,14 +133,15 @@ class Trainer:
         self.last_eval: dict[str, dict[str, float]] = {}
         self._clock = (time.perf_counter(), 0)
 
-    def _make_unit(self, name: str, sae: SAE, objectives: list[Objective] | None) -> _Unit:
+    def _make_unit(self, name: str, sae: SAE, objectives: list[Objective] | None, lr: float) -> _Unit:
         c = self.cfg
-        optimizer = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), fused=True)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(c.adam_beta1, c.adam_beta2), fused=True)
         return _Unit(
             name=name,
             sae=sae.train(),
             objectives=objectives or local_objectives(c.sparsity_warmup_steps),
             optimizer=optimizer,
+            lr=lr,
             tokens_since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device),
             fire_counts=torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device),
         )
@@ -137,6 +157,9 @@ class Trainer:
         batches = list(batches)
         if not batches:
             raise ValueError("the activation source yielded no batches")
+        if self.splicer is not None:  # token contexts: read the clean activations the SAEs will replace
+            hooks = [hook for u in self.units for hook in hooks_of(u.sae)]
+            batches = [self.splicer.clean_activations(tokens, hooks) for tokens in batches]
         for unit in self.units:
             pairs = [select_inputs(b, unit.sae) for b in batches]
             check_widths(*pairs[0], unit.sae, unit.name)
@@ -182,52 +205,80 @@ class Trainer:
         return self.finish()
 
     def train_step(self, batch: Batch) -> None:
+        if self.splicer is not None:
+            forwards, run = self.splicer.run(batch, self.units)
+        else:
+            forwards, run = {unit.name: self._local_forward(unit, batch) for unit in self.units}, None
+        unit_terms = {unit.name: self._terms(unit, forwards[unit.name]) for unit in self.units}
+        model_terms = {o.name: term for o in self.model_objectives if (term := o(run)) is not None} if run else {}
+        self._check_finite(unit_terms, model_terms)
+        loss = torch.stack([t for terms in [*unit_terms.values(), model_terms] for t in terms.values()]).sum()
+        for unit in self.units:
+            unit.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         lr_scale = lr_factor(self.step, self.cfg)
         for unit in self.units:
-            x, target = select_inputs(batch, unit.sae)
-            check_widths(x, target, unit.sae, unit.name)
-            x = x.to(unit.sae.device, unit.sae.dtype) * unit.in_scale
-            target = target.to(unit.sae.device, unit.sae.dtype) * unit.out_scale
-            self._step_unit(unit, x, target, lr_scale)
-        self.tokens += x.shape[0]
+            self._update(unit, lr_scale)
+        with torch.no_grad():
+            for unit in self.units:
+                self._record(unit, forwards[unit.name], unit_terms[unit.name])
+            for name, term in model_terms.items():
+                self.model_window[name].append(float(term.detach()))
+            if run is not None:
+                for name, value in run.metrics().items():
+                    self.model_window[name].append(value)
+        self.tokens += forwards[self.units[0].name][0].shape[0]
 
-    def _step_unit(self, unit: _Unit, x: Tensor, target: Tensor, lr_scale: float) -> None:
-        sae = unit.sae
-        out = sae.training_forward(x)
+    def _local_forward(self, unit: _Unit, batch: Batch) -> Forward:
+        x, target = select_inputs(batch, unit.sae)
+        check_widths(x, target, unit.sae, unit.name)
+        x = x.to(unit.sae.device, unit.sae.dtype) * unit.in_scale
+        target = target.to(unit.sae.device, unit.sae.dtype) * unit.out_scale
+        return x, target, unit.sae.training_forward(x)
+
+    def _terms(self, unit: _Unit, forward: Forward) -> dict[str, Tensor]:
+        _, target, out = forward
         dead_mask = unit.tokens_since_fired >= self.cfg.dead_window_tokens
-        ctx = StepContext(sae=sae, out=out, target=target, dead_mask=dead_mask, step=self.step)
-        terms = {o.name: term for o in unit.objectives if (term := o(ctx)) is not None}
-        loss = torch.stack(list(terms.values())).sum()
-        if not torch.isfinite(loss):
-            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            raise TrainingDiverged(
-                f"training diverged: SAE '{unit.name}' at step {self.step}: loss is {float(loss.detach())} ({values}); "
-                f"stopped before updating the weights, earlier checkpoints are kept (resume with a lower lr)"
-            )
-        unit.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        ctx = StepContext(sae=unit.sae, out=out, target=target, dead_mask=dead_mask, step=self.step)
+        return {o.name: term for o in unit.objectives if (term := o(ctx)) is not None}
+
+    def _check_finite(self, unit_terms: dict[str, dict[str, Tensor]], model_terms: dict[str, Tensor]) -> None:
+        """Stop before any weight changes when a loss term is not finite, naming the SAE and the terms."""
+        for owner, terms in [*(("SAE '" + n + "'", t) for n, t in unit_terms.items()), ("the model-level loss", model_terms)]:
+            if terms and not all(torch.isfinite(t) for t in terms.values()):
+                values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+                total = float(sum(v.detach() for v in terms.values()))
+                raise TrainingDiverged(
+                    f"training diverged: {owner} at step {self.step}: loss is {total} ({values}); "
+                    f"stopped before updating the weights, earlier checkpoints are kept (resume with a lower lr)"
+                )
+
+    def _update(self, unit: _Unit, lr_scale: float) -> None:
+        sae = unit.sae
         if sae.normalize_decoder:
             sae.remove_parallel_decoder_grad()
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.max_grad_norm)
         for group in unit.optimizer.param_groups:
-            group["lr"] = self.cfg.lr * lr_scale
+            group["lr"] = unit.lr * lr_scale
         unit.optimizer.step()
         if sae.normalize_decoder:
             sae.normalize_decoder_rows()
-        sae.update_after_step(out)
-        with torch.no_grad():
-            per_latent = out.firing_counts()
-            n_tokens = x.shape[0]
-            unit.tokens_since_fired += n_tokens
-            unit.tokens_since_fired[per_latent > 0] = 0
-            unit.fire_counts += per_latent
-            window = unit.window
-            window["loss"].append(float(loss.detach()))
-            for name, term in terms.items():
-                window[name].append(float(term.detach()))
-            window["l0"].append(float(per_latent.sum()) / n_tokens)
-            window["explained_variance"].append(explained_variance(target, out.output))
+
+    def _record(self, unit: _Unit, forward: Forward, terms: dict[str, Tensor]) -> None:
+        _, target, out = forward
+        unit.sae.update_after_step(out)
+        per_latent = out.firing_counts()
+        n_tokens = target.shape[0]
+        unit.tokens_since_fired += n_tokens
+        unit.tokens_since_fired[per_latent > 0] = 0
+        unit.fire_counts += per_latent
+        window = unit.window
+        window["loss"].append(float(sum(t.detach() for t in terms.values())) if terms else 0.0)
+        for name, term in terms.items():
+            window[name].append(float(term.detach()))
+        window["l0"].append(float(per_latent.sum()) / n_tokens)
+        window["explained_variance"].append(explained_variance(target, out.output))
 
     def _log(self) -> dict[str, float]:
         record: dict[str, Any] = {
@@ -241,6 +292,9 @@ class Trainer:
                 record[prefix + name] = sum(values) / len(values)
             record[prefix + "dead_fraction"] = self.dead_fraction(unit)
             unit.window.clear()
+        for name, values in self.model_window.items():
+            record["model/" + name] = sum(values) / len(values)
+        self.model_window.clear()
         assert self.logger is not None
         self.logger.log(self.step, record)
         self.last_record = record
