@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -18,10 +16,12 @@ from saelab.data.config import DataConfig
 from saelab.data.tensor_source import ActivationSource
 from saelab.io.atomic import atomic_write_text
 from saelab.models.config import ModelConfig
-from saelab.saes.base import SAE, make_config, sae_from_config
+from saelab.saes.base import SAE, hooks_of
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
-from saelab.training.config import TrainConfig
-from saelab.training.trainer import Trainer
+from saelab.training.config import ObjectiveConfig, TrainConfig
+from saelab.training.objectives import local_objectives, model_objectives
+from saelab.training.specs import build_sae, initial_sae, merge_options, sae_specs
+from saelab.training.trainer import WHOLE_MODEL, Trainer
 
 RUN_CONFIG_FILE = "config.yaml"
 DEFAULT_TOKENS = 1_000_000
@@ -42,13 +42,22 @@ class RunConfig:
 
     sae: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAE))
     """SAE options: architecture plus that architecture's fields (see `saelab train --help`); d_in comes from
-    the data; give d_sae or expansion_factor (d_sae = expansion_factor * d_in)."""
+    the data; give d_sae or expansion_factor (d_sae = expansion_factor * d_in). Also `lr` (this SAE's learning
+    rate) and `init_from` (a saved SAE to start from)."""
+    saes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Several SAEs in one run, by name, each overriding some `sae` options, e.g. {layer2: {hook_name:
+    blocks.2.hook_resid_post}, layer4: {...}}. One model pass feeds them all."""
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    """Values to sweep, e.g. {k: [16, 32, 64], lr: [0.001, 0.0003]}: one SAE per combination (and per `saes`
+    entry), all trained side by side from one stream of activations."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             total_tokens=DEFAULT_TOKENS, batch_size=1024, lr=1e-3, dead_window_tokens=10_000, eval_every=250
         )
     )
     """Optimisation settings."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Loss terms: local reconstruction, or end to end (KL to the clean model, downstream reconstruction)."""
     source: Literal["model", "synthetic"] = "model"
     """Where activations come from: 'model' (the model's activations on the dataset, or data.cache when set)
     or 'synthetic' (planted sparse features with known ground truth)."""
@@ -95,65 +104,105 @@ def load_run_config(data: Mapping[str, Any] | str | Path | None = None) -> RunCo
 
 def _with_sae_defaults(options: dict[str, Any]) -> dict[str, Any]:
     """Fill in the default SAE's options; those specific to its architecture only when that is kept."""
-    from saelab.saes.base import SAEConfig
-
     defaults = dict(RunConfig().sae)
-    if options.get("architecture", defaults["architecture"]) != defaults["architecture"]:
-        shared = {f.name for f in dataclasses.fields(SAEConfig)} | {"expansion_factor"}
-        defaults = {k: v for k, v in defaults.items() if k in shared}
     if "d_sae" in options:
         defaults.pop("expansion_factor", None)
-    return {**defaults, **options}
+    return merge_options(defaults, options)
 
 
-def build_saes(config: RunConfig, d_in: int, origin: dict[str, Any] | None = None) -> dict[str, SAE]:
-    """The run's SAE, its width set from d_in and expansion_factor when d_sae is not given; `origin` (model,
-    hook, data settings) is recorded in its config."""
-    options = dict(config.sae)
-    expansion = options.pop("expansion_factor", None)
-    if "d_sae" not in options:
-        if expansion is None:
-            raise ConfigError("sae needs d_sae or expansion_factor")
-        if isinstance(expansion, bool) or not isinstance(expansion, (int, float)) or not 0 < expansion < 2**20:
-            raise ConfigError(f"sae.expansion_factor must be a positive number, got {expansion!r}")
-        options["d_sae"] = int(math.ceil(float(expansion) * d_in))
-    options.setdefault("d_in", d_in)
-    if options["d_in"] != d_in:
-        raise ConfigError(f"sae.d_in is {options['d_in']} but the activations have width {d_in}")
-    if origin:
-        origin = dict(origin)
-        for key in ("model_name", "hook_name", "hook_layer"):
-            options.setdefault(key, origin.pop(key, None))
-        options["metadata"] = {**origin, **options.get("metadata", {})}
-    cfg = make_config(options)
-    return {"sae": sae_from_config(cfg)}
+def run_sae_specs(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """Name -> options of every SAE the run trains (one called 'sae' unless `saes` or `sweep` say more)."""
+    default_hook = config.model.hook_name if config.source == "model" else None
+    specs = sae_specs(config.sae, config.saes, config.sweep, default_hook)
+    if config.source == "synthetic" and (hooks := {o.get("hook_name") for o in specs.values()} - {None}):
+        raise ConfigError(f"synthetic activations have no hook points, but SAEs name {', '.join(sorted(hooks))}")
+    return specs
 
 
-def activation_source(config: RunConfig) -> tuple[ActivationSource, int, dict[str, Any], Any]:
-    """The run's batches, the width of the activations, where they come from, and the model (None when the
-    activations do not come from a live model)."""
+def build_saes(config: RunConfig, d_in: int | dict[str, int], origin: dict[str, Any] | None = None,
+               layers: dict[str, int | None] | None = None) -> dict[str, SAE]:
+    """The run's SAEs by name. `d_in` is the activation width (per hook name when the SAEs read several);
+    `origin` (model, data settings) and each hook's layer are recorded in the SAEs' configs."""
+    saes = {}
+    for name, options in run_sae_specs(config).items():
+        hook = options.get("hook_name")
+        width = d_in if isinstance(d_in, int) else d_in[hook]
+        where = {**(origin or {}), "hook_name": hook, "hook_layer": (layers or {}).get(hook)} if origin else None
+        torch.manual_seed(config.train.seed)  # each SAE starts as it would alone, whatever else is trained
+        saes[name] = build_sae(options, width, where)
+    return saes
+
+
+def _hooks_read(specs: dict[str, dict[str, Any]]) -> list[str]:
+    hooks = [h for o in specs.values() for h in (o.get("hook_name"), o.get("hook_name_out")) if h is not None]
+    return list(dict.fromkeys(hooks))
+
+
+def activation_source(config: RunConfig) -> tuple[Any, dict[str, int], dict[str, Any], dict[str, int | None], Any]:
+    """The run's batches, the activation width per hook, where they come from, each hook's layer, and the
+    model (None when the activations do not come from a live model). End-to-end runs get token contexts."""
     batch_size, seed = config.train.batch_size, config.train.seed
     if config.source == "synthetic":
-        return SyntheticSource(config.synthetic, batch_size, seed=seed), config.synthetic.d_in, {}, None
+        if config.objective.end_to_end:
+            raise ConfigError("end-to-end training needs a model (source: model), not synthetic activations")
+        source = SyntheticSource(config.synthetic, batch_size, seed=seed)
+        return source, {None: config.synthetic.d_in}, {}, {}, None  # type: ignore[dict-item]
     from saelab.data import pipeline
 
-    hook = config.model.hook_name
+    hooks = _hooks_read(run_sae_specs(config))
     if config.data.cache:
+        if config.objective.end_to_end:
+            raise ConfigError("end-to-end training runs the model: it cannot read activations from data.cache")
         cached = pipeline.cached_activations(config.data, batch_size, seed)
-        if hook not in cached.widths:
-            raise ConfigError(f"the cache {config.data.cache} holds {', '.join(cached.widths)}, not '{hook}' (model.hook_name)")
+        for hook in hooks:
+            if hook not in cached.widths:
+                raise ConfigError(f"the cache {config.data.cache} holds {', '.join(cached.widths)}, not '{hook}'")
         info = {k: v for k, v in cached.metadata.items() if k not in ("shards", "hooks", "format", "hook_layers")}
-        info.update(hook_name=hook, hook_layer=cached.metadata.get("hook_layers", {}).get(hook))
-        return cached, cached.widths[hook], info, None
+        layers = {h: cached.metadata.get("hook_layers", {}).get(h) for h in hooks}
+        return cached, {h: cached.widths[h] for h in hooks}, info, layers, None
     model = pipeline.open_model(config.model)
-    store = pipeline.model_activations(model, config.data, [hook], batch_size, seed)
+    if config.objective.end_to_end:
+        source = pipeline.model_contexts(model, config.data, batch_size)
+    else:
+        source = pipeline.model_activations(model, config.data, hooks, batch_size, seed)
     pipeline.check_dataset(config.data, model.tokenizer)  # fail now, before anything is written
-    info = {**pipeline.data_info(config.model, config.data), "hook_name": hook, "hook_layer": model.hook_point(hook).layer}
-    return store, model.hook_widths([hook])[hook], info, model
+    layers = {h: model.hook_point(h).layer for h in hooks}
+    return source, model.hook_widths(hooks), pipeline.data_info(config.model, config.data), layers, model
+
+
+def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: Path | None) -> Trainer:
+    """The trainer for the run's SAEs: objectives, per-SAE learning rates and starting points, evaluation."""
+    from saelab.data.tokens import excluded_token_ids
+    from saelab.training.e2e import SplicedModel
+
+    specs = run_sae_specs(config)
+    lrs = {name: float(o["lr"]) for name, o in specs.items() if o.get("lr") is not None}
+    initial = {name: initial_sae(o["init_from"], saes[name]) for name, o in specs.items() if o.get("init_from")}
+    objective, splicer = config.objective, None
+    if objective.end_to_end:
+        excluded = excluded_token_ids(model.tokenizer, config.data.exclude_special_tokens)
+        splicer = SplicedModel(model, excluded, objective.downstream_hooks)
+        _check_downstream(model, objective.downstream_hooks, saes)
+    evaluator = make_evaluator(model, config) if model is not None and config.train.eval_every else None
+    return Trainer(
+        saes, config.train, out_dir=out_dir, evaluator=evaluator, splicer=splicer, lrs=lrs, initial=initial,
+        objectives=local_objectives(config.train.sparsity_warmup_steps, objective.reconstruction),
+        model_objectives=model_objectives(objective),
+    )
+
+
+def _check_downstream(model: Any, hooks: list[str], saes: dict[str, SAE]) -> None:
+    """Downstream hooks must come after an SAE, or their loss could not change."""
+    first = min((model.hook_point(s.cfg.hook_name).layer or 0) for s in saes.values())
+    for hook in hooks:
+        layer = model.hook_point(hook).layer
+        if layer is not None and layer < first:
+            raise ConfigError(f"objective.downstream_hooks: '{hook}' (layer {layer}) comes before every SAE (layer {first})")
 
 
 def make_evaluator(model, config: RunConfig):
-    """Spliced CE/KL of each SAE on the first `train.eval_contexts` held-out contexts (for eval_every)."""
+    """Spliced CE/KL of each SAE alone, and of all of them spliced at once when there are several, on the first
+    `train.eval_contexts` held-out contexts (for eval_every)."""
     from saelab.data.tokens import excluded_token_ids
     from saelab.evals.evaluate import heldout_contexts
     from saelab.evals.spliced import SplicedEvaluation
@@ -163,15 +212,20 @@ def make_evaluator(model, config: RunConfig):
         raise ConfigError("train.eval_every needs held-out contexts: set data.heldout_contexts >= 1")
     batches = heldout_contexts(model, config.data, count, batch_contexts=count)
     excluded = excluded_token_ids(model.tokenizer, config.data.exclude_special_tokens)
-    keep = ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "kl_div_with_sae")
+    keep = ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "kl_div_with_sae", "ce_loss_increase",
+            "top1_agreement_with_sae")
+
+    def run(saes) -> dict[str, float]:
+        evaluation = SplicedEvaluation(model, saes, excluded, error_term=False)
+        for tokens in batches:
+            evaluation.add(tokens)
+        return {k: v for k, v in evaluation.result().items() if k in keep}
 
     def evaluate(saes: dict[str, SAE]) -> dict[str, dict[str, float]]:
-        results = {}
-        for name, sae in saes.items():
-            evaluation = SplicedEvaluation(model, sae, excluded, error_term=False)
-            for tokens in batches:
-                evaluation.add(tokens)
-            results[name] = {k: v for k, v in evaluation.result().items() if k in keep}
+        results = {name: run(sae) for name, sae in saes.items()}
+        replaced = [hooks_of(sae)[1] for sae in saes.values()]
+        if len(saes) > 1 and len(set(replaced)) == len(replaced):  # a sweep on one hook cannot splice at once
+            results[WHOLE_MODEL] = run(list(saes.values()))
         return results
 
     return evaluate
@@ -188,10 +242,9 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resu
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     config.out_dir = str(out_dir)
     torch.manual_seed(config.train.seed)
-    source, d_in, origin, model = activation_source(config)
-    saes = build_saes(config, d_in, origin)
-    evaluator = make_evaluator(model, config) if model is not None and config.train.eval_every else None
-    trainer = Trainer(saes, config.train, out_dir=out_dir, evaluator=evaluator)
+    source, widths, origin, layers, model = activation_source(config)
+    saes = build_saes(config, widths, origin, layers)
+    trainer = make_trainer(config, saes, model, out_dir)
     if resume:
         if not trainer.resume():
             raise FileNotFoundError(f"no complete checkpoint under {out_dir / 'checkpoints'} to resume from")

@@ -52,6 +52,16 @@ def model_activations(
     return ActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed)
 
 
+def model_contexts(model: HookedModel, data: DataConfig, batch_size: int) -> ContextBatches:
+    """Batches of token contexts holding about `batch_size` tokens (end-to-end training runs the model on them)."""
+    import dataclasses
+
+    per_batch = max(1, batch_size // data.context_size)
+    contexts = ContextBatches(dataclasses.replace(data, contexts_per_batch=per_batch), model.tokenizer)
+    contexts.position = data.heldout_contexts  # training starts after the held-out contexts
+    return contexts
+
+
 def check_dataset(data: DataConfig, tokenizer) -> None:
     """Raise now if the dataset cannot give a first context (missing file or column, bad format)."""
     if next(iter_contexts(data, tokenizer), None) is None:

@@ -20,7 +20,7 @@ from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.evals import metrics as M
 from saelab.evals.spliced import SplicedEvaluation
 from saelab.io.atomic import atomic_write_bytes, atomic_write_text
-from saelab.saes.base import SAE
+from saelab.saes.base import SAE, hooks_of
 
 EVAL_FILE = "eval.json"
 
@@ -58,8 +58,7 @@ def evaluate(
     data = data or data_config_of(sae)
     exclude = data.exclude_special_tokens if exclude_special_tokens is None else exclude_special_tokens
     excluded = excluded_token_ids(model.tokenizer, exclude)
-    hook_in = sae.cfg.hook_name
-    hook_out = sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else hook_in
+    hook_in, hook_out = hooks_of(sae)
     downstream = SplicedEvaluation(model, sae, excluded, error_term) if spliced else None
     inputs, targets, fire_counts, l1_sum = [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0.0
     for tokens in heldout_contexts(model, data, n_contexts, batch_contexts):

@@ -1,6 +1,7 @@
-"""Downstream evaluation: the SAE spliced into the model at its hook, against the clean and the zero-ablated run.
+"""Downstream evaluation: SAEs spliced into the model at their hooks, against the clean and the zero-ablated run.
 
-Per batch of contexts, four forward passes: clean, with the SAE's reconstruction in place of the activation,
+Per batch of contexts, four forward passes: clean, with the SAEs' reconstructions in place of the activations
+(one SAE, or several at once to measure their joint effect),
 with the reconstruction plus its error term (which must give the clean logits back: a check of the splice),
 and with the activation zeroed. Positions holding special tokens are left untouched when asked, and the
 losses are averaged over the other positions (the prediction made at a special token is not counted), as
@@ -10,14 +11,14 @@ SAELens does.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from saelab.evals.metrics import kl_divergence, recovered_fraction
-from saelab.saes.base import SAE
+from saelab.saes.base import SAE, hooks_of
 
 
 def _replace(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
@@ -34,33 +35,38 @@ def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 class SplicedEvaluation:
     """Accumulates CE losses and KL divergences over batches; `result()` gives the means and the scores."""
 
-    def __init__(self, model, sae: SAE, excluded_token_ids: Iterable[int] = (), error_term: bool = True):
-        self.model, self.sae, self.error_term = model, sae, error_term
-        self.hook_in = sae.cfg.hook_name
-        self.hook_out = sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else sae.cfg.hook_name
-        if self.hook_in is None:
-            raise ValueError("spliced evaluation needs the SAE's hook_name (cfg.hook_name)")
+    def __init__(self, model, sae: SAE | Sequence[SAE], excluded_token_ids: Iterable[int] = (), error_term: bool = True):
+        self.model, self.error_term = model, error_term
+        self.saes = [sae] if isinstance(sae, SAE) else list(sae)
+        self.hooks = [hooks_of(s) for s in self.saes]
+        outs = [out for _, out in self.hooks]
+        if len(set(outs)) != len(outs):
+            raise ValueError(f"two SAEs replace the same hook point ({', '.join(outs)}): splice them one at a time")
         self.excluded = torch.tensor(sorted(set(excluded_token_ids)), dtype=torch.long)
         self.sums: dict[str, float] = defaultdict(float)
         self.counts = {"ce": 0, "kl": 0}
 
     def _run(self, tokens: Tensor, keep: Tensor, mode: str) -> Tensor:
-        """Logits with the output hook replaced according to `mode` (sae, sae+error, zero)."""
+        """Logits with each SAE's output hook replaced according to `mode` (sae, sae+error, zero)."""
         captured: dict[str, Tensor] = {}
 
-        def replace(out: Tensor) -> Tensor:
-            x = captured[self.hook_in] if self.hook_in != self.hook_out else out
-            if mode == "zero":
-                return _replace(keep, torch.zeros_like(out), out)
-            recon = self.sae(x.to(self.sae.device, self.sae.dtype)).to(out.dtype)
-            if mode == "sae+error":
-                recon = recon + (out - recon)
-            return _replace(keep, recon, out)
+        def splice(sae: SAE, hook_in: str, hook_out: str):
+            def replace(out: Tensor) -> Tensor:
+                x = captured[hook_in] if hook_in != hook_out else out
+                if mode == "zero":
+                    return _replace(keep, torch.zeros_like(out), out)
+                recon = sae(x.to(sae.device, sae.dtype)).to(out.dtype)
+                if mode == "sae+error":
+                    recon = recon + (out - recon)
+                return _replace(keep, recon, out)
 
-        read = [self.hook_in] if self.hook_in != self.hook_out else []
+            return replace
+
+        write = {hook_out: splice(sae, hook_in, hook_out) for sae, (hook_in, hook_out) in zip(self.saes, self.hooks)}
+        read = [hook_in for hook_in, hook_out in self.hooks if hook_in != hook_out]
         with self.model.hooks(read=read) as cache:
             captured = cache
-            return self.model.logits(tokens, write={self.hook_out: replace})
+            return self.model.logits(tokens, write=write)
 
     @torch.no_grad()
     def add(self, tokens: Tensor) -> None:
@@ -71,11 +77,14 @@ class SplicedEvaluation:
         ce_clean = _next_token_loss(clean, tokens)
         runs = ["sae", "zero"] + (["sae+error"] if self.error_term else [])
         self.sums["ce_loss_without_sae"] += float(ce_clean[counted].sum())
+        clean_top1 = clean.argmax(-1)
         for mode in runs:
             logits = self._run(tokens, keep, mode)
             name = {"sae": "with_sae", "zero": "with_ablation", "sae+error": "with_sae_and_error"}[mode]
             self.sums[f"ce_loss_{name}"] += float(_next_token_loss(logits, tokens)[counted].sum())
             self.sums[f"kl_div_{name}"] += float(kl_divergence(clean, logits)[keep].sum())
+            if mode == "sae":
+                self.sums["top1_agreement_with_sae"] += float((logits.argmax(-1) == clean_top1)[keep].sum())
         self.counts["ce"] += int(counted.sum())
         self.counts["kl"] += int(keep.sum())
 
@@ -83,6 +92,7 @@ class SplicedEvaluation:
         metrics = {
             name: total / max(self.counts["ce" if name.startswith("ce") else "kl"], 1) for name, total in self.sums.items()
         }
+        metrics["ce_loss_increase"] = metrics["ce_loss_with_sae"] - metrics["ce_loss_without_sae"]
         metrics["ce_loss_score"] = recovered_fraction(
             metrics["ce_loss_with_ablation"], metrics["ce_loss_with_sae"], metrics["ce_loss_without_sae"]
         )

@@ -351,6 +351,14 @@ class SAE(nn.Module):
 _ARCHITECTURES: dict[str, type[SAE]] = {}
 
 
+def hooks_of(sae: SAE) -> tuple[str, str]:
+    """(hook read, hook replaced): the same for an SAE, input and output hooks for a transcoder."""
+    hook_in = sae.cfg.hook_name
+    if hook_in is None:
+        raise ValueError("splicing an SAE into the model needs its cfg.hook_name")
+    return hook_in, (sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else hook_in)
+
+
 def register(name: str):
     """Class decorator adding an architecture under `name`."""
 

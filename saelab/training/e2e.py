@@ -15,18 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.saes.base import SAE, TrainOutput
+from saelab.saes.base import SAE, TrainOutput, hooks_of
 
 Forward = tuple[Tensor, Tensor, TrainOutput]
 """(input, target, output) of one SAE in one step, inputs and targets scaled as the SAE trains on them."""
-
-
-def hooks_of(sae: SAE) -> tuple[str, str]:
-    """(hook read, hook replaced): the same for an SAE, input and output hooks for a transcoder."""
-    hook_in = sae.cfg.hook_name
-    if hook_in is None:
-        raise ValueError("splicing an SAE into the model needs its cfg.hook_name")
-    return hook_in, (sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else hook_in)
 
 
 @dataclass

@@ -32,14 +32,16 @@ from saelab.evals.metrics import explained_variance, log_feature_density
 from saelab.io.atomic import atomic_directory, atomic_write_text
 from saelab.io.saelens_format import FileFormatError
 from saelab.io.state import load_state, save_state
-from saelab.saes.base import SAE
+from saelab.saes.base import SAE, hooks_of
 from saelab.training.config import TrainConfig
-from saelab.training.e2e import Forward, SplicedModel, hooks_of
+from saelab.training.e2e import Forward, SplicedModel
 from saelab.training.logging import MetricsLogger
 from saelab.training.objectives import ModelObjective, Objective, StepContext, local_objectives
 from saelab.training.schedules import lr_factor
 
 CHECKPOINT_DIR = "checkpoints"
+WHOLE_MODEL = "model"
+"""Name under which metrics of the model with every SAE spliced in are logged (so no SAE may use it)."""
 COMPLETE_MARKER = "COMPLETE"
 
 
@@ -103,10 +105,12 @@ class Trainer:
         splicer: SplicedModel | None = None,
         model_objectives: list[ModelObjective] | None = None,
         lrs: Mapping[str, float] | None = None,
+        initial: Mapping[str, SAE] | None = None,
     ):
         """`objectives`: each SAE's loss terms (default: local reconstruction + sparsity + auxiliary).
         `splicer` + `model_objectives`: end-to-end training, batches are token contexts. `lrs`: learning rates
-        of particular SAEs (the others use config.lr). `evaluator`: called every config.eval_every steps."""
+        of particular SAEs (the others use config.lr). `initial`: saved SAEs (raw activation units) that
+        particular SAEs start from instead of their random initialisation. `evaluator`: called every config.eval_every steps."""
         if isinstance(saes, SAE):
             saes = {"sae": saes}
         elif not isinstance(saes, Mapping):
@@ -120,7 +124,10 @@ class Trainer:
         lrs = dict(lrs or {})
         if unknown := set(lrs) - set(saes):
             raise ValueError(f"learning rates given for unknown SAEs: {', '.join(sorted(unknown))}")
+        if WHOLE_MODEL in saes:
+            raise ValueError(f"'{WHOLE_MODEL}' names the whole model in logs: call the SAE something else")
         self.units = [self._make_unit(name, sae, objectives, lrs.get(name, config.lr)) for name, sae in saes.items()]
+        self.initial = dict(initial or {})
         if splicer is not None:
             splicer.check(saes.values())
         self.model_window: dict[str, list[float]] = defaultdict(list)
@@ -169,7 +176,11 @@ class Trainer:
                 # Scale so that E||x|| = sqrt(d): coefficients then transfer between models and layers.
                 unit.in_scale = math.sqrt(xs.shape[-1]) / float(xs.norm(dim=-1).mean())
                 unit.out_scale = math.sqrt(ys.shape[-1]) / float(ys.norm(dim=-1).mean())
-            unit.sae.initialize_b_dec(ys * unit.out_scale)
+            if unit.name in self.initial:  # saved for raw activations: undo the folding for the scaled ones
+                unit.sae.load_state_dict(self.initial[unit.name].state_dict())
+                unit.sae.fold_activation_scale(1 / unit.in_scale, 1 / unit.out_scale)
+            else:
+                unit.sae.initialize_b_dec(ys * unit.out_scale)
         self.prepared = True
 
     # ----- the loop ----------------------------------------------------------------------------------
@@ -293,7 +304,7 @@ class Trainer:
             record[prefix + "dead_fraction"] = self.dead_fraction(unit)
             unit.window.clear()
         for name, values in self.model_window.items():
-            record["model/" + name] = sum(values) / len(values)
+            record[f"{WHOLE_MODEL}/{name}"] = sum(values) / len(values)
         self.model_window.clear()
         assert self.logger is not None
         self.logger.log(self.step, record)
@@ -357,6 +368,11 @@ class Trainer:
                 "tokens_per_second": round(self.tokens_per_second(), 1),
                 **{f"eval/{k}": v for k, v in self.last_eval.get(unit.name, {}).items()},
             }
+        # The whole model with every SAE spliced in (end-to-end runs; evaluations of several SAEs)
+        whole = {k[len("model/"):]: v for k, v in self.last_record.items() if k.startswith("model/")}
+        whole.update({f"eval/{k}": v for k, v in self.last_eval.get(WHOLE_MODEL, {}).items()})
+        if whole:
+            result[WHOLE_MODEL] = whole
         return result
 
     # ----- checkpoints -------------------------------------------------------------------------------
