@@ -36,6 +36,8 @@ def _sae_flags() -> list[tuple[str, str]]:
     common = {f.name for f in dataclasses.fields(SAEConfig)}
     flags = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
     flags["expansion_factor"] = ("d_sae = expansion_factor * d_in when d_sae is not given.", None)
+    flags["lr"] = ("This SAE's learning rate (default: train.lr).", None)
+    flags["init_from"] = ("A saved SAE directory to start from instead of a random initialisation.", None)
     for arch, cls in sorted(_ARCHITECTURES.items()):
         docs = field_docs(cls.config_class)
         for f in dataclasses.fields(cls.config_class):
@@ -177,6 +179,7 @@ def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> No
 
 def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.runner import RUN_CONFIG_FILE, resume, train
+    from saelab.training.trainer import WHOLE_MODEL
 
     if args.resume:
         trained = resume(args.resume)
@@ -188,14 +191,24 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
     summary_file = out_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     print(f"\nTrained {len(trained)} SAE(s); results in {out_dir}/ ({RUN_CONFIG_FILE}, metrics.jsonl, summary.json)")
-    if summary:
-        first = next(iter(summary.values()))
+    rows = {name: row for name, row in summary.items() if name != WHOLE_MODEL}
+    if rows:
+        first = next(iter(rows.values()))
         print(f"  {first['tokens']:,} tokens in {first['steps']} steps, {first['tokens_per_second']:,.0f} tokens/s")
-    for name, row in summary.items():
+    width = max([10, *map(len, rows)])
+    for name, row in rows.items():
+        spliced = f"   CE increase {row['eval/ce_loss_increase']:+.4f}" if "eval/ce_loss_increase" in row else ""
         print(
-            f"  {name:<10} {row['architecture']:<11} explained variance {row['explained_variance']:.3f}"
-            f"   L0 {row['l0']:.1f}   dead latents {100 * row['dead_fraction']:.1f}%   -> {out_dir / name}/"
+            f"  {name:<{width}} {row['architecture']:<11} explained variance {row['explained_variance']:.3f}"
+            f"   L0 {row['l0']:.1f}   dead latents {100 * row['dead_fraction']:.1f}%{spliced}   -> {out_dir / name}/"
         )
+    whole = summary.get(WHOLE_MODEL, {})
+    parts = [f"{label} {whole[key]:{fmt}}" for key, label, fmt in (
+        ("kl", "KL", ".4f"), ("ce_loss_increase", "CE increase", "+.4f"), ("top1_agreement", "top-1 agreement", ".3f"),
+        ("eval/kl_div_with_sae", "held-out KL", ".4f"), ("eval/ce_loss_increase", "held-out CE increase", "+.4f"),
+    ) if key in whole]
+    if parts:
+        print(f"  model with every SAE spliced in (last window): {'   '.join(parts)}")
 
 
 def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:

@@ -99,7 +99,7 @@ def test_eval_prints_the_table_and_writes_the_report(tiny, tmp_path, capsys):
     assert (out / "sae" / "eval_density.png").exists() and (out / "sae" / "eval_metrics.png").exists()
 
 
-@pytest.mark.parametrize("source", ["model", "cache"])
+@pytest.mark.parametrize("source", ["model", "cache", "e2e", "two_hooks"])
 def test_resume_mid_run_gives_the_same_sae(tiny, tmp_path, source):
     """Resuming from a mid-run checkpoint continues exactly: shuffle buffer, pending rows and data position
     are in the checkpoint, so the final weights equal an uninterrupted run's."""
@@ -113,6 +113,11 @@ def test_resume_mid_run_gives_the_same_sae(tiny, tmp_path, source):
         cache = tmp_path / "cache"
         assert main(["cache-activations", *data_flags, "--out", str(cache), "--max_tokens", "3000", "--shard_rows", "700"]) == 0
         data_flags = ["--data.cache", str(cache), "--model.hook_name", HOOK, "--data.shuffle_buffer", "512"]
+    if source == "e2e":  # token contexts spliced through the model: the context position is the state
+        data_flags += ["--objective.kl", "1", "--objective.downstream", "1", "--objective.downstream_hooks",
+                       "[blocks.2.hook_resid_post]"]
+    if source == "two_hooks":
+        data_flags += ["--saes", "{a: {}, b: {hook_name: blocks.0.hook_mlp_out, architecture: standard}}"]
     run = [*data_flags, *TRAIN, "--train.checkpoint_every", "16", "--train.keep_checkpoints", "4"]
     assert main(["train", *run, "--out_dir", str(tmp_path / "a")]) == 0
     assert main(["train", *run, "--out_dir", str(tmp_path / "b")]) == 0
@@ -120,11 +125,14 @@ def test_resume_mid_run_gives_the_same_sae(tiny, tmp_path, source):
     assert [c.name for c in checkpoints] == ["step_000000016", "step_000000032", "step_000000048"]
     for later in checkpoints[1:]:
         shutil.rmtree(later)  # as if the run had died after step 16
-    shutil.rmtree(tmp_path / "b" / "sae")
+    names = ["a", "b"] if source == "two_hooks" else ["sae"]
+    for name in names:
+        shutil.rmtree(tmp_path / "b" / name)
     assert main(["train", "--resume", str(tmp_path / "b")]) == 0
-    straight, resumed = saelab.load_sae(tmp_path / "a" / "sae"), saelab.load_sae(tmp_path / "b" / "sae")
-    for name, tensor in straight.state_dict().items():
-        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    for name in names:
+        straight, resumed = saelab.load_sae(tmp_path / "a" / name), saelab.load_sae(tmp_path / "b" / name)
+        for key, tensor in straight.state_dict().items():
+            assert torch.equal(tensor, resumed.state_dict()[key]), (name, key)
 
 
 def test_metrics_hold_each_step_once_after_a_resume(tiny, tmp_path):
