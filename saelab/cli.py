@@ -138,7 +138,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
     evaluate.add_argument("--no_error_term", action="store_true", help="skip the SAE + error-term check pass")
+    upload = commands.add_parser(
+        "upload",
+        help="upload a saved SAE folder to the Hugging Face hub",
+        description="Upload SAE_DIR to REPO_ID (created if needed). A saelab/SAELens folder is uploaded as it is; "
+        "other formats saelab reads are converted to the SAELens layout first. Log in with `hf auth login` or set HF_TOKEN.",
+    )
+    upload.add_argument("sae_dir", metavar="SAE_DIR", help="a saved SAE folder (any format load_sae reads)")
+    upload.add_argument("repo_id", metavar="REPO_ID", help="hub repository, owner/name")
+    upload.add_argument("--path_in_repo", default=None, help="folder inside the repository (default: its root)")
+    upload.add_argument("--private", action="store_true", help="create the repository as private")
+    upload.add_argument("--message", default="Upload SAE with saelab", help="commit message")
+    convert = commands.add_parser(
+        "convert",
+        help="convert an SAE folder of any format saelab reads to saelab/SAELens or sparsify's layout",
+        description="Load SOURCE (saelab/SAELens, sparsify, dictionary_learning, Gemma Scope, e2e_sae) and write OUT.",
+    )
+    convert.add_argument("source", metavar="SOURCE", help="SAE folder (or hub repo id)")
+    convert.add_argument("out", metavar="OUT", help="output folder")
+    convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)")
+    convert.add_argument("--sae_id", default=None, help="which SAE of a folder holding several (e.g. an e2e_sae run's hook position)")
     flags = _data_flags()
+    flag_names["upload"] = flag_names["convert"] = []
     for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations"), (evaluate, "eval")):
         _add_config_flags(command, flags)
         flag_names[name] = [n for n, _ in flags]
@@ -241,6 +262,25 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     print(f"wrote {', '.join(str(f) for f in files)}")
 
 
+def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
+    from saelab.io.hub import upload_sae_folder
+
+    url = upload_sae_folder(args.sae_dir, args.repo_id, args.path_in_repo, args.private, commit_message=args.message)
+    print(f"uploaded {args.sae_dir} -> {args.repo_id}{'/' + args.path_in_repo if args.path_in_repo else ''} ({url})")
+
+
+def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
+    from saelab.io import save_sparsify
+    from saelab.io.load import load_sae
+
+    sae = load_sae(args.source, sae_id=args.sae_id)
+    if args.to == "sparsify":
+        save_sparsify(sae, args.out)
+    else:
+        sae.save(args.out)
+    print(f"{sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.d_sae} latents) -> {args.out}/ ({args.to} layout)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from saelab.training.trainer import TrainingDiverged
 
@@ -250,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, names, args.command)}\n")
     commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations,
-                "eval": run_eval}
+                "eval": run_eval, "upload": run_upload, "convert": run_convert}
     try:
         commands[args.command](args, names)
     except (ConfigError, OSError, ValueError, KeyError, ImportError, TrainingDiverged) as e:

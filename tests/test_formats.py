@@ -153,15 +153,21 @@ def test_dictionary_learning_checkpoints_load_and_compute_the_same(tmp_path, dic
     assert sae.cfg.model_name == "tiny" and sae.cfg.metadata["layer"] == 3
 
 
+class CodeInPickle:
+    """Unpickling this runs `touch <marker>`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch " + self.marker,))
+
+
 def test_a_pickle_that_runs_code_is_refused(tmp_path):
-    import os
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("touch " + str(tmp_path / "pwned"),))
-
     (tmp_path / "dl").mkdir()
-    torch.save({"encoder.weight": Evil()}, tmp_path / "dl" / "ae.pt")
+    torch.save({"encoder.weight": CodeInPickle(tmp_path / "pwned")}, tmp_path / "dl" / "ae.pt")
     (tmp_path / "dl" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
     with pytest.raises(FileFormatError, match="refused or unreadable"):
         saelab.load_sae(tmp_path / "dl")
@@ -250,14 +256,10 @@ def hub_downloads(tmp_path, monkeypatch):
     return calls
 
 
-def test_hub_repo_ids_download_the_subfolder_and_push_uploads_the_saelens_files(tmp_path, monkeypatch, hub_downloads):
+@pytest.fixture
+def fake_hub_api(monkeypatch):
+    """huggingface_hub.HfApi replaced by a recorder of what would be uploaded (no network)."""
     import huggingface_hub
-
-    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
-    sae.save(tmp_path / "snapshot" / "blocks.3.hook_resid_pre")
-    loaded = saelab.load_sae("someone/gpt2-saes", subfolder="blocks.3.hook_resid_pre")
-    assert hub_downloads == [("someone/gpt2-saes", ["blocks.3.hook_resid_pre/*"])]
-    assert torch.equal(loaded.W_enc, sae.W_enc)
 
     uploaded = {}
 
@@ -274,6 +276,17 @@ def test_hub_repo_ids_download_the_subfolder_and_push_uploads_the_saelens_files(
             return "https://example/commit/1"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    return uploaded
+
+
+def test_hub_repo_ids_download_the_subfolder_and_push_uploads_the_saelens_files(tmp_path, hub_downloads, fake_hub_api):
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save(tmp_path / "snapshot" / "blocks.3.hook_resid_pre")
+    loaded = saelab.load_sae("someone/gpt2-saes", subfolder="blocks.3.hook_resid_pre")
+    assert hub_downloads == [("someone/gpt2-saes", ["blocks.3.hook_resid_pre/*"])]
+    assert torch.equal(loaded.W_enc, sae.W_enc)
+
+    uploaded = fake_hub_api
     assert saelab.push_to_hub(sae, "me/my-sae", path_in_repo="layer3") == "https://example/commit/1"
     assert uploaded == {"repo": ("me/my-sae", False, True), "files": ["cfg.json", "sae_weights.safetensors"],
                         "path_in_repo": "layer3"}
@@ -301,3 +314,96 @@ def test_named_releases_resolve_to_their_repo_folder(tmp_path, hub_downloads):
         saelab.load_sae("gpt2-small-res-jb", sae_id="blocks.12.hook_resid_pre")
     with pytest.raises(FileFormatError, match="unknown release 'gpt2-small-res-jbb'; did you mean 'gpt2-small-res-jb'"):
         saelab.load_sae("gpt2-small-res-jbb", sae_id="x")
+
+
+def write_e2e_sae_run(folder, positions=("blocks.2.hook_resid_pre", "blocks.4.hook_resid_pre"), seed=0):
+    """An e2e_sae run folder: SAETransformer.saes' state dict (positions with dashes) in samples_N.pt files and
+    final_config.yaml. Decoder weight is (d_in, d_sae), normalised column-wise at use."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for position in positions:
+        key = position.replace(".", "-")
+        state.update({f"{key}.encoder.0.weight": torch.randn(D_SAE, D_IN, generator=g),
+                      f"{key}.encoder.0.bias": torch.randn(D_SAE, generator=g),
+                      f"{key}.decoder.weight": torch.randn(D_IN, D_SAE, generator=g) * 3,
+                      f"{key}.decoder.bias": torch.randn(D_IN, generator=g)})
+    folder.mkdir(parents=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, folder / "samples_1000.pt")  # older checkpoint
+    torch.save(state, folder / "samples_25000.pt")
+    (folder / "final_config.yaml").write_text(
+        "tlens_model_name: gpt2\nsaes:\n  sae_positions: [" + ", ".join(positions) + "]\n"
+        "  dict_size_to_input_ratio: 3.33\nloss:\n  logits_kl: {coeff: 1.0}\n")
+    return state
+
+
+def e2e_sae_by_hand(state, position, x):
+    """e2e_sae's SAE.forward: c = relu(encoder(x)); x_hat = c @ normalize(decoder.weight, dim=0).T + bias."""
+    key = position.replace(".", "-")
+    c = torch.relu(x @ state[f"{key}.encoder.0.weight"].T + state[f"{key}.encoder.0.bias"])
+    dictionary = torch.nn.functional.normalize(state[f"{key}.decoder.weight"], dim=0)
+    return c @ dictionary.T + state[f"{key}.decoder.bias"], c
+
+
+def test_e2e_sae_runs_load_each_position_from_the_newest_checkpoint(tmp_path):
+    state = write_e2e_sae_run(tmp_path / "run")
+    x = torch.randn(25, D_IN)
+    for position in ("blocks.2.hook_resid_pre", "blocks.4.hook_resid_pre"):
+        sae = saelab.load_sae(tmp_path / "run", sae_id=position).eval()
+        x_hat, c = e2e_sae_by_hand(state, position, x)
+        assert torch.allclose(sae(x), x_hat, atol=1e-4) and torch.allclose(sae.encode(x), c, atol=1e-5)
+        assert (sae.cfg.hook_name, sae.cfg.hook_layer, sae.cfg.model_name) == (position, int(position[7]), "gpt2")
+        assert sae.cfg.metadata["checkpoint"] == "samples_25000.pt"
+    with pytest.raises(FileFormatError, match="name one"):
+        saelab.load_sae(tmp_path / "run")
+    with pytest.raises(FileFormatError, match="no SAE at 'blocks.3.hook_resid_pre'"):
+        saelab.load_sae(tmp_path / "run", sae_id="blocks.3.hook_resid_pre")
+    # a loaded e2e_sae SAE saves to saelab's format and reloads exactly
+    sae = saelab.load_sae(tmp_path / "run", sae_id="blocks.2.hook_resid_pre")
+    sae.save(tmp_path / "converted")
+    assert torch.equal(saelab.load_sae(tmp_path / "converted")(x), sae(x))
+
+
+def test_e2e_sae_checkpoints_with_code_or_wrong_shapes_are_refused(tmp_path):
+    (tmp_path / "evil").mkdir()
+    torch.save({"blocks-1-hook_resid_pre.decoder.bias": CodeInPickle(tmp_path / "pwned")}, tmp_path / "evil" / "samples_10.pt")
+    with pytest.raises(FileFormatError, match="refused or unreadable"):
+        saelab.load_sae(tmp_path / "evil")
+    assert not (tmp_path / "pwned").exists()
+    state = write_e2e_sae_run(tmp_path / "bad", positions=("blocks.1.hook_resid_pre",))
+    state["blocks-1-hook_resid_pre.decoder.weight"] = torch.randn(D_IN + 1, D_SAE)
+    torch.save(state, tmp_path / "bad" / "samples_25000.pt")
+    with pytest.raises(FileFormatError, match="do not fit together"):
+        saelab.load_sae(tmp_path / "bad")
+
+
+def test_cli_upload_sends_saelab_folders_whole_and_converts_other_formats(tmp_path, fake_hub_api, capsys):
+    from saelab.cli import main
+
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save(tmp_path / "mine", sparsity=torch.zeros(D_SAE))
+    (tmp_path / "mine" / "eval.json").write_text("{}")
+    assert main(["upload", str(tmp_path / "mine"), "me/saes", "--path_in_repo", "layer3", "--private"]) == 0
+    assert fake_hub_api == {"repo": ("me/saes", True, True), "path_in_repo": "layer3",
+                            "files": ["cfg.json", "eval.json", "sae_weights.safetensors", "sparsity.safetensors"]}
+    write_e2e_sae_run(tmp_path / "e2e", positions=("blocks.1.hook_resid_pre",))
+    assert main(["upload", str(tmp_path / "e2e"), "me/e2e"]) == 0
+    assert fake_hub_api["files"] == ["cfg.json", "sae_weights.safetensors"]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "cfg.json").write_text("{")
+    fake_hub_api.clear()
+    assert main(["upload", str(tmp_path / "broken"), "me/broken"]) == 2
+    assert fake_hub_api == {} and "cfg.json" in capsys.readouterr().err
+
+
+def test_cli_convert_writes_saelens_and_sparsify_layouts(tmp_path):
+    from saelab.cli import main
+
+    state = write_e2e_sae_run(tmp_path / "e2e")
+    assert main(["convert", str(tmp_path / "e2e"), str(tmp_path / "out"), "--sae_id", "blocks.4.hook_resid_pre"]) == 0
+    x = torch.randn(7, D_IN)
+    assert torch.allclose(saelab.load_sae(tmp_path / "out")(x), e2e_sae_by_hand(state, "blocks.4.hook_resid_pre", x)[0], atol=1e-4)
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save(tmp_path / "topk")
+    assert main(["convert", str(tmp_path / "topk"), str(tmp_path / "sp"), "--to", "sparsify"]) == 0
+    assert (tmp_path / "sp" / "sae.safetensors").exists()
+    assert torch.allclose(saelab.load_sae(tmp_path / "sp")(x), sae(x), atol=1e-5)

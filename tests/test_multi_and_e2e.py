@@ -202,3 +202,17 @@ def test_e2e_run_from_the_cli_saves_the_sae_and_whole_model_metrics(tiny, tmp_pa
     assert "eval/ce_loss_increase" in summary["sae"]
     sae = saelab.load_sae(out / "sae")
     assert sae.cfg.hook_name == LAYERS["early"]
+
+
+EXAMPLES = sorted((__import__("pathlib").Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_config_is_valid(path):
+    from saelab.runner import run_sae_specs
+
+    config = load_run_config(path)
+    specs = run_sae_specs(config)
+    assert specs and all("architecture" in options for options in specs.values())
+    if "e2e" in path.name:
+        assert config.objective.end_to_end and all(o.get("init_from") for o in specs.values())

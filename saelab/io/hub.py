@@ -37,12 +37,29 @@ def push_to_hub(sae: "SAE", repo_id: str, path_in_repo: str | None = None, priva
                 token: str | None = None, commit_message: str = "Upload SAE with saelab") -> str:
     """Upload an SAE (saelab/SAELens layout) to `repo_id[/path_in_repo]`, creating the repo if needed; returns
     the commit URL."""
+    with tempfile.TemporaryDirectory(prefix="saelab-upload-") as folder:
+        sae.save(folder)
+        return _upload(folder, repo_id, path_in_repo, private, token, commit_message)
+
+
+def upload_sae_folder(path: str | Path, repo_id: str, path_in_repo: str | None = None, private: bool = False,
+                      token: str | None = None, commit_message: str = "Upload SAE with saelab") -> str:
+    """Upload a saved SAE folder (`saelab upload`): a saelab/SAELens folder goes as it is (sparsity, eval report
+    and plots included) once it loads; any other format saelab reads is converted to the SAELens layout first."""
+    from saelab.io.load import load_sae
+    from saelab.io.saelens_format import CFG_FILE, WEIGHTS_FILE
+
+    path = Path(path)
+    sae = load_sae(path)  # refuse to publish a folder that does not load
+    if (path / CFG_FILE).exists() and (path / WEIGHTS_FILE).exists():
+        return _upload(str(path), repo_id, path_in_repo, private, token, commit_message)
+    return push_to_hub(sae, repo_id, path_in_repo, private, token, commit_message)
+
+
+def _upload(folder: str, repo_id: str, path_in_repo: str | None, private: bool, token: str | None, message: str) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="saelab-upload-") as folder:
-        sae.save(folder)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo,
-                                 commit_message=commit_message)
+    info = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo, commit_message=message)
     return str(getattr(info, "commit_url", info))

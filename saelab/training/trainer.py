@@ -294,11 +294,11 @@ class Trainer:
     def _log(self) -> dict[str, float]:
         record: dict[str, Any] = {
             "tokens": self.tokens,
-            "lr": self.cfg.lr * lr_factor(self.step - 1, self.cfg),
             "tokens_per_second": self.tokens_per_second(),
         }
         for unit in self.units:
             prefix = "" if len(self.units) == 1 else f"{unit.name}/"
+            record[prefix + "lr"] = unit.lr * lr_factor(self.step - 1, self.cfg)
             for name, values in unit.window.items():
                 record[prefix + name] = sum(values) / len(values)
             record[prefix + "dead_fraction"] = self.dead_fraction(unit)
