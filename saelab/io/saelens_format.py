@@ -33,8 +33,12 @@ def save_sae(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Pa
     atomic_write_bytes(path / WEIGHTS_FILE, safetensors_bytes(sae.weights_for_saving()))
     if sparsity is not None:
         atomic_write_bytes(path / SPARSITY_FILE, safetensors_bytes({"sparsity": sparsity.detach().float().cpu()}))
+    from saelab.io.saelens_compat import saelens_architecture
+
+    cfg = to_dict(sae.cfg)
+    cfg["architecture"] = saelens_architecture(sae.cfg.architecture, sae.cfg.transcoder, sae.cfg.skip_connection)
     # The config goes last: a directory with a cfg.json has its weights.
-    atomic_write_text(path / CFG_FILE, json.dumps(to_dict(sae.cfg), indent=2))
+    atomic_write_text(path / CFG_FILE, json.dumps(cfg, indent=2))
     return path
 
 
@@ -71,7 +75,7 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
     path = Path(path)
     if not path.is_dir():
         raise FileFormatError(f"{path}: not a directory containing {CFG_FILE} and {WEIGHTS_FILE}")
-    from saelab.io.saelens_compat import from_saelens
+    from saelab.io.saelens_compat import fold_decoder_norms, from_saelens
 
     try:
         options = from_saelens(read_json(path / CFG_FILE))
@@ -89,6 +93,7 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
     weights = read_safetensors(path / WEIGHTS_FILE)
     check_weights(sae, weights, path / WEIGHTS_FILE)
     sae.load_saved_weights({name: t.to(device=sae.device) for name, t in weights.items()})
+    fold_decoder_norms(sae)
     return sae
 
 
