@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -209,6 +210,8 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
         config = _run_config(args, flag_names)
         trained = train(config)
         out_dir = Path(config.out_dir or ".")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     summary_file = out_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     print(f"\nTrained {len(trained)} SAE(s); results in {out_dir}/ ({RUN_CONFIG_FILE}, metrics.jsonl, summary.json)")
@@ -282,6 +285,7 @@ def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from saelab.training.distributed import DistributedError
     from saelab.training.trainer import TrainingDiverged
 
     parser, flag_names = build_parser()
@@ -293,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                 "eval": run_eval, "upload": run_upload, "convert": run_convert}
     try:
         commands[args.command](args, names)
-    except (ConfigError, OSError, ValueError, KeyError, ImportError, TrainingDiverged) as e:
-        print(f"saelab: error: {e}", file=sys.stderr)
+    except (ConfigError, OSError, ValueError, KeyError, ImportError, TrainingDiverged, DistributedError) as e:
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"saelab: error: {rank}{e}", file=sys.stderr)
         return 2
     return 0
 

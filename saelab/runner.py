@@ -13,12 +13,12 @@ import yaml
 
 from saelab.config import ConfigError, deep_merge, from_dict, to_dict
 from saelab.data.config import DataConfig
-from saelab.data.tensor_source import ActivationSource
 from saelab.io.atomic import atomic_write_text
 from saelab.models.config import ModelConfig
 from saelab.saes.base import SAE, hooks_of
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training.config import ObjectiveConfig, TrainConfig
+from saelab.training.distributed import Distributed, init_distributed
 from saelab.training.objectives import local_objectives, model_objectives
 from saelab.training.specs import build_sae, initial_sae, merge_options, sae_specs
 from saelab.training.trainer import WHOLE_MODEL, Trainer
@@ -138,14 +138,23 @@ def _hooks_read(specs: dict[str, dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(hooks))
 
 
-def activation_source(config: RunConfig) -> tuple[Any, dict[str, int], dict[str, Any], dict[str, int | None], Any]:
+def activation_source(config: RunConfig, dist: Distributed | None = None
+                      ) -> tuple[Any, dict[str, int], dict[str, Any], dict[str, int | None], Any]:
     """The run's batches, the activation width per hook, where they come from, each hook's layer, and the
-    model (None when the activations do not come from a live model). End-to-end runs get token contexts."""
+    model (None when the activations do not come from a live model). End-to-end runs get token contexts.
+    Data-parallel ranks each get their own share of the data and of the batch."""
     batch_size, seed = config.train.batch_size, config.train.seed
+    shard = (0, 1)
+    if dist is not None and dist.mode == "data":
+        if batch_size % dist.world_size:
+            raise ConfigError(f"train.batch_size {batch_size} does not split evenly between {dist.world_size} ranks")
+        batch_size, shard = batch_size // dist.world_size, (dist.rank, dist.world_size)
+    if dist is not None and dist.mode == "module" and config.objective.end_to_end:
+        raise ConfigError("end-to-end training splices every SAE into one forward pass: use train.distributed: data")
     if config.source == "synthetic":
         if config.objective.end_to_end:
             raise ConfigError("end-to-end training needs a model (source: model), not synthetic activations")
-        source = SyntheticSource(config.synthetic, batch_size, seed=seed)
+        source = SyntheticSource(config.synthetic, batch_size, seed=seed + 1_000_003 * shard[0])
         return source, {None: config.synthetic.d_in}, {}, {}, None  # type: ignore[dict-item]
     from saelab.data import pipeline
 
@@ -153,7 +162,7 @@ def activation_source(config: RunConfig) -> tuple[Any, dict[str, int], dict[str,
     if config.data.cache:
         if config.objective.end_to_end:
             raise ConfigError("end-to-end training runs the model: it cannot read activations from data.cache")
-        cached = pipeline.cached_activations(config.data, batch_size, seed)
+        cached = pipeline.cached_activations(config.data, batch_size, seed, shard)
         for hook in hooks:
             if hook not in cached.widths:
                 raise ConfigError(f"the cache {config.data.cache} holds {', '.join(cached.widths)}, not '{hook}'")
@@ -162,15 +171,16 @@ def activation_source(config: RunConfig) -> tuple[Any, dict[str, int], dict[str,
         return cached, {h: cached.widths[h] for h in hooks}, info, layers, None
     model = pipeline.open_model(config.model)
     if config.objective.end_to_end:
-        source = pipeline.model_contexts(model, config.data, batch_size)
+        source = pipeline.model_contexts(model, config.data, batch_size, shard)
     else:
-        source = pipeline.model_activations(model, config.data, hooks, batch_size, seed)
+        source = pipeline.model_activations(model, config.data, hooks, batch_size, seed, dist)
     pipeline.check_dataset(config.data, model.tokenizer)  # fail now, before anything is written
     layers = {h: model.hook_point(h).layer for h in hooks}
     return source, model.hook_widths(hooks), pipeline.data_info(config.model, config.data), layers, model
 
 
-def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: Path | None) -> Trainer:
+def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: Path | None,
+                 dist: Distributed | None = None) -> Trainer:
     """The trainer for the run's SAEs: objectives, per-SAE learning rates and starting points, evaluation."""
     from saelab.data.tokens import excluded_token_ids
     from saelab.training.e2e import SplicedModel
@@ -183,9 +193,10 @@ def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: P
         excluded = excluded_token_ids(model.tokenizer, config.data.exclude_special_tokens)
         splicer = SplicedModel(model, excluded, objective.downstream_hooks)
         _check_downstream(model, objective.downstream_hooks, saes)
-    evaluator = make_evaluator(model, config) if model is not None and config.train.eval_every else None
+    evaluates = model is not None and config.train.eval_every and (dist is None or dist.mode == "module" or dist.is_main)
+    evaluator = make_evaluator(model, config) if evaluates else None
     return Trainer(
-        saes, config.train, out_dir=out_dir, evaluator=evaluator, splicer=splicer, lrs=lrs, initial=initial,
+        saes, config.train, out_dir=out_dir, evaluator=evaluator, splicer=splicer, lrs=lrs, initial=initial, dist=dist,
         objectives=local_objectives(config.train.sparsity_warmup_steps, objective.reconstruction),
         model_objectives=model_objectives(objective),
     )
@@ -239,24 +250,36 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resu
     """Run training as configured and return the trained SAEs (also saved under out_dir)."""
     if not isinstance(config, RunConfig):
         config = load_run_config(config)
+    dist = init_distributed(config.train.distributed, config.train.distributed_timeout)  # torchrun: several ranks
+    main = dist is None or dist.is_main
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
+    if dist is not None:
+        out_dir = Path(dist.gather_objects(str(out_dir))[0])  # rank 0's clock names the run for everyone
     config.out_dir = str(out_dir)
     torch.manual_seed(config.train.seed)
-    source, widths, origin, layers, model = activation_source(config)
+    source, widths, origin, layers, model = activation_source(config, dist)
     saes = build_saes(config, widths, origin, layers)
-    trainer = make_trainer(config, saes, model, out_dir)
+    if dist is not None and dist.mode == "module":
+        saes = {name: sae for i, (name, sae) in enumerate(saes.items()) if dist.owns(i)}
+        if not saes:
+            raise ConfigError(f"module-parallel training needs at least one SAE per rank ({dist.world_size} ranks)")
+    trainer = make_trainer(config, saes, model, out_dir, dist)
     if resume:
         if not trainer.resume():
             raise FileNotFoundError(f"no complete checkpoint under {out_dir / 'checkpoints'} to resume from")
-    else:
+    elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / RUN_CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
     saes = trainer.fit(source)
     if config.source == "synthetic":  # ground truth is known: report how much of it each SAE found
-        summary = trainer.summary()
-        for name, sae in saes.items():
-            summary[name]["feature_recovery"] = feature_recovery(sae.W_dec, config.synthetic.features)
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        found = {name: feature_recovery(sae.W_dec, config.synthetic.features) for name, sae in saes.items()}
+        if dist is not None and dist.mode == "module":
+            found = {k: v for part in dist.gather_objects(found) for k, v in part.items()}
+        if main:
+            summary = json.loads((out_dir / "summary.json").read_text())
+            for name, recovery in found.items():
+                summary[name]["feature_recovery"] = recovery
+            atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return saes
 
 

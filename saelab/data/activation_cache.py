@@ -109,12 +109,19 @@ class CachedActivations:
     (seed, epoch, shard); the state (epoch, shard, row offset, the buffer) resumes exactly.
     """
 
-    def __init__(self, folder: str | Path, batch_size: int, buffer_size: int, seed: int = 0, loop: bool = True):
+    def __init__(self, folder: str | Path, batch_size: int, buffer_size: int, seed: int = 0, loop: bool = True,
+                 shard: tuple[int, int] = (0, 1)):
+        """`shard` = (index, count): read only every count-th shard file of each epoch's order, starting at
+        index (data-parallel ranks read disjoint files; the order is common to all of them)."""
         self.folder = Path(folder)
         self.metadata = read_cache_metadata(self.folder)
         self.widths: dict[str, int] = dict(self.metadata["hooks"])
         self.seed, self.loop = seed, loop
-        self.buffer = ShuffleBuffer(buffer_size, batch_size, seed=seed)
+        self.shard = shard
+        if len(self.metadata["shards"]) < shard[1]:
+            raise ValueError(f"{folder} has {len(self.metadata['shards'])} shard files, fewer than the {shard[1]} "
+                             "data-parallel ranks that each need their own")
+        self.buffer = ShuffleBuffer(buffer_size, batch_size, seed=seed + 1_000_003 * shard[0])
         self.epoch, self.shards_done, self.offset = 0, 0, 0
 
     def read_shard(self, index: int) -> Tensor:
@@ -132,7 +139,8 @@ class CachedActivations:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_007 + salt)
 
     def _shard_order(self) -> list[int]:
-        return torch.randperm(len(self.metadata["shards"]), generator=self._generator(0)).tolist()
+        order = torch.randperm(len(self.metadata["shards"]), generator=self._generator(0)).tolist()
+        return order[self.shard[0] :: self.shard[1]]
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

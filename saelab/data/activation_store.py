@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -76,17 +77,22 @@ class ActivationStore:
         self.widths = {name: value.shape[-1] for name, value in rows.items()}
         return concat_hooks(rows)
 
+    def _next_block(self, contexts: Iterator[Tensor]) -> Tensor | None:
+        """Harvested rows of the next batch of contexts, or None at the end of a finite stream."""
+        tokens = next(contexts, None)
+        return None if tokens is None else self._harvest(tokens)
+
     def __iter__(self) -> Iterator[Batch]:
         contexts = iter(self.contexts)
         while True:
             while not self.buffer.full:
                 if self.pending is None or self.pending.shape[0] == 0:
-                    tokens = next(contexts, None)
-                    if tokens is None:  # a finite stream: serve what is left
+                    block = self._next_block(contexts)
+                    if block is None:  # a finite stream: serve what is left
                         for block in self.buffer.drain():
                             yield split_hooks(block, self.widths)
                         return
-                    self.pending = self._harvest(tokens)
+                    self.pending = block
                 self.pending = self.pending[self.buffer.add(self.pending) :]
             yield split_hooks(self.buffer.draw(), self.widths)
 
@@ -103,3 +109,21 @@ class ActivationStore:
         self.buffer.load_state_dict(state["buffer"])
         self.pending = state["pending"]
         self.widths = dict(state["widths"])
+
+
+class GatheredActivationStore(ActivationStore):
+    """An ActivationStore whose harvesting is split across ranks (module-parallel training): of every
+    world-size consecutive batches of contexts, rank r runs the model on batch r, and the rows are all-gathered
+    in batch order. Every rank then holds the same rows in the same order as one process harvesting alone,
+    and its buffer (same seed) serves the same batches."""
+
+    def __init__(self, harvester: Harvester, contexts, batch_size: int, buffer_size: int, seed: int, dist):
+        super().__init__(harvester, contexts, batch_size, buffer_size, seed)
+        self.dist = dist
+
+    def _next_block(self, contexts: Iterator[Tensor]) -> Tensor | None:
+        group = list(islice(contexts, self.dist.world_size))
+        if len(group) < self.dist.world_size:  # a finite stream's ragged end: every rank stops here
+            return None
+        own = self._harvest(group[self.dist.rank])
+        return torch.cat(self.dist.gather_rows(own))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from saelab.data.activation_cache import CachedActivations, write_activation_cache
-from saelab.data.activation_store import ActivationStore, Harvester
+from saelab.data.activation_store import ActivationStore, GatheredActivationStore, Harvester
 from saelab.data.config import DataConfig
 from saelab.data.docstrings import corpus_version
 from saelab.data.text import BUILTIN_DATASET
@@ -43,21 +43,26 @@ def data_info(model_config: ModelConfig, data: DataConfig) -> dict[str, Any]:
 
 
 def model_activations(
-    model: HookedModel, data: DataConfig, hook_names: Sequence[str], batch_size: int, seed: int = 0
+    model: HookedModel, data: DataConfig, hook_names: Sequence[str], batch_size: int, seed: int = 0, dist=None
 ) -> ActivationStore:
-    """Shuffled batches of activations at `hook_names`, read from the model as training goes."""
+    """Shuffled batches of activations at `hook_names`, read from the model as training goes. With several
+    processes (`dist`): data parallel, each rank its own contexts and buffer; module parallel, the harvest is
+    split across ranks and gathered, so every rank sees the single-process stream."""
     harvester = make_harvester(model, data, hook_names)
-    contexts = ContextBatches(data, model.tokenizer)
+    shard = (dist.rank, dist.world_size) if dist is not None and dist.mode == "data" else (0, 1)
+    contexts = ContextBatches(data, model.tokenizer, shard=shard)
     contexts.position = data.heldout_contexts  # training starts after the held-out contexts
-    return ActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed)
+    if dist is not None and dist.mode == "module":
+        return GatheredActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed, dist)
+    return ActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed + 1_000_003 * shard[0])
 
 
-def model_contexts(model: HookedModel, data: DataConfig, batch_size: int) -> ContextBatches:
+def model_contexts(model: HookedModel, data: DataConfig, batch_size: int, shard: tuple[int, int] = (0, 1)) -> ContextBatches:
     """Batches of token contexts holding about `batch_size` tokens (end-to-end training runs the model on them)."""
     import dataclasses
 
     per_batch = max(1, batch_size // data.context_size)
-    contexts = ContextBatches(dataclasses.replace(data, contexts_per_batch=per_batch), model.tokenizer)
+    contexts = ContextBatches(dataclasses.replace(data, contexts_per_batch=per_batch), model.tokenizer, shard=shard)
     contexts.position = data.heldout_contexts  # training starts after the held-out contexts
     return contexts
 
@@ -68,10 +73,10 @@ def check_dataset(data: DataConfig, tokenizer) -> None:
         raise ValueError(f"dataset '{data.dataset}' gives no complete context of {data.context_size} tokens")
 
 
-def cached_activations(data: DataConfig, batch_size: int, seed: int = 0) -> CachedActivations:
-    """Shuffled batches from the cache folder `data.cache`."""
+def cached_activations(data: DataConfig, batch_size: int, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> CachedActivations:
+    """Shuffled batches from the cache folder `data.cache` (`shard`: this data-parallel rank's files)."""
     assert data.cache is not None
-    return CachedActivations(data.cache, batch_size, data.shuffle_buffer, seed)
+    return CachedActivations(data.cache, batch_size, data.shuffle_buffer, seed, shard=shard)
 
 
 def pretokenize_dataset(model: ModelConfig, data: DataConfig, out_dir: str | Path, max_tokens: int | None = None) -> Path:

@@ -80,10 +80,11 @@ def iter_contexts(config: DataConfig, tokenizer) -> Iterator[Tensor]:
 
 class ContextBatches:
     """Batches `(contexts_per_batch, context_size)` of token ids; the position is the number of contexts
-    served, and a restored position skips that many (the stream is deterministic)."""
+    read, and a restored position skips that many (the stream is deterministic). With `shard` = (index, count)
+    only every count-th batch is served, starting at index (each data-parallel rank its own)."""
 
-    def __init__(self, config: DataConfig, tokenizer, loop: bool = True):
-        self.config, self.tokenizer, self.loop = config, tokenizer, loop
+    def __init__(self, config: DataConfig, tokenizer, loop: bool = True, shard: tuple[int, int] = (0, 1)):
+        self.config, self.tokenizer, self.loop, self.shard = config, tokenizer, loop, shard
         self.position = 0
 
     def _passes(self) -> Iterator[Tensor]:
@@ -102,9 +103,12 @@ class ContextBatches:
 
     def __iter__(self) -> Iterator[Tensor]:
         contexts = islice(self._passes(), self.position, None)
-        while len(batch := list(islice(contexts, self.config.contexts_per_batch))) == self.config.contexts_per_batch:
+        per_batch = self.config.contexts_per_batch
+        while len(batch := list(islice(contexts, per_batch))) == per_batch:
+            index = self.position // per_batch
             self.position += len(batch)
-            yield torch.stack(batch)
+            if index % self.shard[1] == self.shard[0]:
+                yield torch.stack(batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position}

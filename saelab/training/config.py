@@ -55,6 +55,12 @@ class TrainConfig:
     """Show a tqdm progress bar."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs the wandb package)."""
+    distributed: Literal["data", "module"] = "data"
+    """Under torchrun with several processes: 'data' (each rank trains replicas of every SAE on its own share of
+    the data, batch_size split between ranks, gradients averaged) or 'module' (the SAEs are dealt out to the
+    ranks, the harvest is split and gathered, each rank trains its SAEs on the whole stream)."""
+    distributed_timeout: float = 600.0
+    """Seconds a rank waits for the others in a collective before failing with an error (instead of hanging)."""
 
     def __post_init__(self) -> None:
         positive = ("total_tokens", "batch_size", "log_every", "keep_checkpoints", "dead_window_tokens")

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import islice
@@ -29,20 +27,18 @@ from tqdm.auto import tqdm
 from saelab.config import to_dict
 from saelab.data.tensor_source import Batch
 from saelab.evals.metrics import explained_variance, log_feature_density
-from saelab.io.atomic import atomic_directory, atomic_write_text
-from saelab.io.saelens_format import FileFormatError
-from saelab.io.state import load_state, save_state
+from saelab.io.atomic import atomic_write_text
 from saelab.saes.base import SAE, hooks_of
+from saelab.training.checkpoints import CHECKPOINT_DIR, read_newest_checkpoint, write_checkpoint
 from saelab.training.config import TrainConfig
+from saelab.training.distributed import Distributed
 from saelab.training.e2e import Forward, SplicedModel
 from saelab.training.logging import MetricsLogger
 from saelab.training.objectives import ModelObjective, Objective, StepContext, local_objectives
 from saelab.training.schedules import lr_factor
 
-CHECKPOINT_DIR = "checkpoints"
 WHOLE_MODEL = "model"
 """Name under which metrics of the model with every SAE spliced in are logged (so no SAE may use it)."""
-COMPLETE_MARKER = "COMPLETE"
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,17 +102,20 @@ class Trainer:
         model_objectives: list[ModelObjective] | None = None,
         lrs: Mapping[str, float] | None = None,
         initial: Mapping[str, SAE] | None = None,
+        dist: Distributed | None = None,
     ):
         """`objectives`: each SAE's loss terms (default: local reconstruction + sparsity + auxiliary).
         `splicer` + `model_objectives`: end-to-end training, batches are token contexts. `lrs`: learning rates
         of particular SAEs (the others use config.lr). `initial`: saved SAEs (raw activation units) that
-        particular SAEs start from instead of their random initialisation. `evaluator`: called every config.eval_every steps."""
+        particular SAEs start from instead of their random initialisation. `dist`: this process's place in
+        a torchrun group (data parallel: replicas of every SAE; module parallel: this rank's SAEs). `evaluator`: called every config.eval_every steps."""
         if isinstance(saes, SAE):
             saes = {"sae": saes}
         elif not isinstance(saes, Mapping):
             saes = {f"sae_{i}": sae for i, sae in enumerate(saes)}
         self.cfg = config
         self.evaluator = evaluator
+        self.dist = dist
         self.splicer, self.model_objectives = splicer, list(model_objectives or [])
         if self.model_objectives and splicer is None:
             raise ValueError("model-level objectives need a splicer (the model to splice the SAEs into)")
@@ -172,6 +171,8 @@ class Trainer:
             check_widths(*pairs[0], unit.sae, unit.name)
             xs = torch.cat([x for x, _ in pairs]).to(unit.sae.device, unit.sae.dtype)
             ys = torch.cat([y for _, y in pairs]).to(unit.sae.device, unit.sae.dtype)
+            if self._data_parallel:  # scales and b_dec from every rank's sample, so replicas start equal
+                xs, ys = torch.cat(self.dist.gather_rows(xs)), torch.cat(self.dist.gather_rows(ys))  # type: ignore[union-attr]
             if unit.sae.cfg.normalize_activations == "expected_average_only_in":
                 # Scale so that E||x|| = sqrt(d): coefficients then transfer between models and layers.
                 unit.in_scale = math.sqrt(xs.shape[-1]) / float(xs.norm(dim=-1).mean())
@@ -193,8 +194,11 @@ class Trainer:
             self.prepare(islice(batches, self.cfg.norm_estimate_batches))
         total = self.cfg.total_steps
         self._clock = (time.perf_counter(), self.tokens)  # throughput counts this session's tokens only
-        self.logger = MetricsLogger(self.out_dir, self.cfg.wandb_project, {"train": to_dict(self.cfg)}, self.step)
-        bar = tqdm(total=total, initial=self.step, disable=not self.cfg.progress_bar, desc="training", unit="step")
+        main = self.dist is None or self.dist.is_main
+        self.logger = MetricsLogger(self.out_dir if main else None, self.cfg.wandb_project if main else None,
+                                    {"train": to_dict(self.cfg)}, self.step)
+        bar = tqdm(total=total, initial=self.step, disable=not (self.cfg.progress_bar and main), desc="training",
+                   unit="step")
         try:
             while self.step < total:
                 try:
@@ -227,6 +231,10 @@ class Trainer:
         for unit in self.units:
             unit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        rows = forwards[self.units[0].name][0].shape[0]
+        if self._data_parallel:  # replicas stay equal: every rank steps with the mean gradient
+            self.dist.average_gradients([p for unit in self.units for p in unit.sae.parameters()])  # type: ignore[union-attr]
+            rows = int(self.dist.sum(torch.tensor([rows])))  # type: ignore[union-attr]
         lr_scale = lr_factor(self.step, self.cfg)
         for unit in self.units:
             self._update(unit, lr_scale)
@@ -238,7 +246,11 @@ class Trainer:
             if run is not None:
                 for name, value in run.metrics().items():
                     self.model_window[name].append(value)
-        self.tokens += forwards[self.units[0].name][0].shape[0]
+        self.tokens += rows
+
+    @property
+    def _data_parallel(self) -> bool:
+        return self.dist is not None and self.dist.mode == "data"
 
     def _local_forward(self, unit: _Unit, batch: Batch) -> Forward:
         x, target = select_inputs(batch, unit.sae)
@@ -281,6 +293,9 @@ class Trainer:
         unit.sae.update_after_step(out)
         per_latent = out.firing_counts()
         n_tokens = target.shape[0]
+        if self._data_parallel:  # dead-latent statistics over every rank's tokens
+            totals = self.dist.sum(torch.cat([per_latent, per_latent.new_tensor([n_tokens])]))  # type: ignore[union-attr]
+            per_latent, n_tokens = totals[:-1], int(totals[-1])
         unit.tokens_since_fired += n_tokens
         unit.tokens_since_fired[per_latent > 0] = 0
         unit.fire_counts += per_latent
@@ -306,6 +321,8 @@ class Trainer:
         for name, values in self.model_window.items():
             record[f"{WHOLE_MODEL}/{name}"] = sum(values) / len(values)
         self.model_window.clear()
+        if self.dist is not None and self.dist.mode == "module":  # every rank's SAEs in one record
+            record = {k: v for r in self.dist.gather_objects(record) for k, v in r.items()}
         assert self.logger is not None
         self.logger.log(self.step, record)
         self.last_record = record
@@ -315,7 +332,11 @@ class Trainer:
     def _evaluate(self) -> None:
         """Run the evaluator on the SAEs as they would be saved now; log under eval/ (per SAE when several)."""
         assert self.evaluator is not None and self.logger is not None
+        if self._data_parallel and not self.dist.is_main:  # type: ignore[union-attr]
+            return  # replicas are equal: rank 0 evaluates
         results = self.evaluator(self.final_saes())
+        if self.dist is not None and self.dist.mode == "module":
+            results = {k: v for r in self.dist.gather_objects(results) for k, v in r.items()}
         record = {}
         for name, metrics in results.items():
             prefix = "eval/" if len(self.units) == 1 else f"{name}/eval/"
@@ -346,11 +367,20 @@ class Trainer:
     def finish(self) -> dict[str, SAE]:
         """Fold, save (SAE directories + summary.json when out_dir is set) and return the trained SAEs."""
         saes = self.final_saes()
-        if self.out_dir is not None:
+        if self.out_dir is None:
+            return saes
+        main = self.dist is None or self.dist.is_main
+        if main or not self._data_parallel:  # module parallel: each rank saves its own SAEs
             for unit in self.units:
                 density = log_feature_density(unit.fire_counts, self.tokens)
                 saes[unit.name].save(self.out_dir / unit.name, sparsity=density)
-            atomic_write_text(self.out_dir / "summary.json", json.dumps(self.summary(), indent=2))
+        summary = self.summary()
+        if self.dist is not None and self.dist.mode == "module":
+            summary = {k: v for r in self.dist.gather_objects(summary) for k, v in r.items()}
+        if main:
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
+        if self.dist is not None:
+            self.dist.barrier()  # no rank returns before every file of the run is written
         return saes
 
     def summary(self) -> dict[str, dict[str, Any]]:
@@ -377,7 +407,24 @@ class Trainer:
 
     # ----- checkpoints -------------------------------------------------------------------------------
     def state_dict(self, source: Any = None) -> dict[str, Any]:
-        """Everything that decides the rest of the run (the source position included, when it has one)."""
+        """Everything that decides the rest of the run (the source position included, when it has one). With
+        several processes: every rank's SAEs (module parallel) and every rank's data position (data parallel)."""
+        units = {
+            u.name: {
+                "sae": u.sae.state_dict(),
+                "optimizer": u.optimizer.state_dict(),
+                "tokens_since_fired": u.tokens_since_fired,
+                "fire_counts": u.fire_counts,
+                "in_scale": u.in_scale,
+                "out_scale": u.out_scale,
+            }
+            for u in self.units
+        }
+        source_state = source.state_dict() if hasattr(source, "state_dict") else None
+        if self.dist is not None and self.dist.mode == "module":
+            units = {k: v for r in self.dist.gather_objects(units) for k, v in r.items()}
+        if self._data_parallel:
+            source_state = {f"rank_{i}": s for i, s in enumerate(self.dist.gather_objects(source_state))}  # type: ignore[union-attr]
         return {
             "step": self.step,
             "tokens": self.tokens,
@@ -385,18 +432,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(),
             "python_rng": random.getstate(),
-            "source": source.state_dict() if hasattr(source, "state_dict") else None,
-            "units": {
-                u.name: {
-                    "sae": u.sae.state_dict(),
-                    "optimizer": u.optimizer.state_dict(),
-                    "tokens_since_fired": u.tokens_since_fired,
-                    "fire_counts": u.fire_counts,
-                    "in_scale": u.in_scale,
-                    "out_scale": u.out_scale,
-                }
-                for u in self.units
-            },
+            "source": source_state,
+            "units": units,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -406,6 +443,11 @@ class Trainer:
             np.random.set_state(state["numpy_rng"])
             random.setstate(_as_tuples(state["python_rng"]))
         self._source_state = state["source"]
+        if self._data_parallel:
+            key = f"rank_{self.dist.rank}"  # type: ignore[union-attr]
+            if not isinstance(self._source_state, dict) or key not in self._source_state:
+                raise ValueError(f"this checkpoint was not written by a data-parallel run with {self.dist.world_size} ranks")  # type: ignore[union-attr]
+            self._source_state = self._source_state[key]
         for unit in self.units:
             saved = state["units"][unit.name]
             unit.sae.load_state_dict(saved["sae"])
@@ -418,39 +460,21 @@ class Trainer:
         """Write `out_dir/checkpoints/step_N/`; it counts only once its COMPLETE marker exists."""
         if self.out_dir is None:
             raise ValueError("checkpoints need an out_dir")
+        state = self.state_dict(source)  # collective with several processes: every rank takes part
         root = self.out_dir / CHECKPOINT_DIR
-        path = root / f"step_{self.step:09d}"
-        if path.exists():
-            shutil.rmtree(path)
-        # Built under a staging name and renamed whole: a crash or a full disk leaves the older ones intact.
-        with atomic_directory(path) as staging:
-            save_state(self.state_dict(source), staging)
-            atomic_write_text(staging / COMPLETE_MARKER, str(self.step))
-        for old in complete_checkpoints(root)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return path
+        if self.dist is not None and not self.dist.is_main:
+            return root / f"step_{self.step:09d}"
+        return write_checkpoint(root, self.step, state, self.cfg.keep_checkpoints)
 
     def resume(self, out_dir: str | Path | None = None) -> bool:
-        """Load the newest complete checkpoint under out_dir; False when there is none."""
-        checkpoints = complete_checkpoints(Path(out_dir or self.out_dir) / CHECKPOINT_DIR)
-        for checkpoint in reversed(checkpoints):
-            try:
-                state = load_state(checkpoint)
-            except FileFormatError as e:  # damaged after it was completed: fall back to the one before
-                warnings.warn(f"skipping unreadable checkpoint {checkpoint}: {e}", stacklevel=2)
-                continue
-            self.load_state_dict(state)
-            return True
-        return False
+        """Load the newest readable complete checkpoint under out_dir; False when there is none."""
+        state = read_newest_checkpoint(Path(out_dir or self.out_dir) / CHECKPOINT_DIR)
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
 
 
 def _as_tuples(value):
     """random.setstate wants the nested tuples back that JSON turned into lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories whose completion marker was written, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / COMPLETE_MARKER).exists())

@@ -1,0 +1,107 @@
+"""Several processes on torch.distributed (torchrun; gloo on CPU, NCCL on GPU), kept at the trainer's edges.
+
+Two ways to split the work:
+- `data`: every rank trains a replica of every SAE on its own share of the data (its own contexts, or its own
+  rows of an in-memory source); gradients are averaged and firing statistics summed across ranks before each
+  update, so the replicas stay identical. Only rank 0 writes files.
+- `module`: the SAEs are dealt out to the ranks (SAE i to rank i mod world size). Each rank runs the model on
+  every world-size-th batch of contexts and the harvested activations are all-gathered, so every rank sees the
+  whole stream and trains its SAEs on it exactly as a single process would. Each rank saves its own SAEs.
+
+A rank that fails ends the run with its rank named; a collective that waits longer than `timeout_seconds`
+raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+Mode = Literal["data", "module"]
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: another rank most likely died (its own error says why)."""
+
+
+@dataclass
+class Distributed:
+    """This process's place in the group and the collectives the trainer needs."""
+
+    rank: int
+    world_size: int
+    mode: Mode = "data"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Whether this rank trains SAE number `index` (every SAE in data-parallel mode)."""
+        return self.mode == "data" or index % self.world_size == self.rank
+
+    def _run(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except (RuntimeError, ValueError) as e:
+            raise DistributedError(f"rank {self.rank}: {what} failed ({str(e).splitlines()[0]}); "
+                                   "another rank probably failed first: see its error") from None
+
+    def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Mean of every rank's gradients, in one flat all-reduce."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._run("all-reduce of gradients", dist.all_reduce, flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum over ranks (a new tensor)."""
+        total = tensor.clone()
+        self._run("all-reduce", dist.all_reduce, total)
+        return total
+
+    def gather_rows(self, rows: Tensor) -> list[Tensor]:
+        """Every rank's `rows` (any number of rows, same width and dtype), in rank order."""
+        count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        self._run("all-gather of row counts", dist.all_gather, counts, count)
+        longest = int(max(c.item() for c in counts))
+        padded = torch.zeros(longest, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        padded[: rows.shape[0]] = rows
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._run("all-gather of activations", dist.all_gather, gathered, padded)
+        return [g[: int(c.item())] for g, c in zip(gathered, counts)]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (metrics, states of this process's own making), in rank order."""
+        result: list[Any] = [None] * self.world_size
+        self._run("all-gather", dist.all_gather_object, result, obj)
+        return result
+
+    def barrier(self) -> None:
+        self._run("barrier", dist.barrier)
+
+
+def init_distributed(mode: Mode = "data", timeout_seconds: float = 600) -> Distributed | None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or None for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
+    return Distributed(dist.get_rank(), dist.get_world_size(), mode)

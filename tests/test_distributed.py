@@ -1,0 +1,163 @@
+"""Two processes on torch.distributed (gloo, CPU): data parallel equals one process on the same global batch,
+module parallel equals one process training every SAE, and a failed rank is an error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from tiny import save_tiny_model, sentences, write_jsonl
+
+import saelab
+from saelab.data.tensor_source import TensorSource
+from saelab.training import TrainConfig, Trainer
+from saelab.training.distributed import DistributedError, init_distributed
+
+WORLD = 2
+GLOBAL_BATCH, HALF = 256, 128
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, *args) -> None:
+    """Run fn(rank, *args) in WORLD processes joined as torchrun would join them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    mp.spawn(_enter, args=(fn, args), nprocs=WORLD, join=True)
+
+
+def _enter(rank, fn, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)  # two processes on two cores
+    fn(rank, *args)
+
+
+def planted(n_rows=4096, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.normalize(torch.randn(48, d, generator=g), dim=1)
+    codes = torch.rand(n_rows, 48, generator=g) * (torch.rand(n_rows, 48, generator=g) < 0.08)
+    return codes @ features * 5
+
+
+def config(**overrides):
+    defaults = dict(total_tokens=4096 * 2, batch_size=GLOBAL_BATCH, lr=3e-3, progress_bar=False,
+                    dead_window_tokens=512, norm_estimate_batches=2, log_every=8)
+    return TrainConfig(**{**defaults, **overrides})
+
+
+def new_sae(architecture):
+    torch.manual_seed(0)
+    options = {"k": 4, "aux_coefficient": 0.5} if architecture == "topk" else {}
+    return saelab.create_sae(architecture, 16, 64, normalize_activations="expected_average_only_in", **options)
+
+
+def data_parallel_worker(rank, architecture, data, out):
+    dist = init_distributed("data")
+    # Rank r's batch i is rows [i * 256 + r * 128, i * 256 + (r + 1) * 128): the halves of one global batch.
+    mine = data.view(-1, WORLD, HALF, data.shape[-1])[:, rank].reshape(-1, data.shape[-1])
+    trainer = Trainer(new_sae(architecture), config(), out_dir=out, dist=dist)
+    sae = trainer.fit(TensorSource(mine, HALF, shuffle=False))["sae"]
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_data_parallel_equals_one_process_on_the_same_global_batch(tmp_path, architecture):
+    data = planted()
+    alone = Trainer(new_sae(architecture), config()).fit(TensorSource(data, GLOBAL_BATCH, shuffle=False))["sae"]
+    run_ranks(data_parallel_worker, architecture, data, str(tmp_path))
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # replicas stay identical
+        assert torch.allclose(ranks[0][name], tensor, rtol=1e-4, atol=1e-5), name
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["sae"]  # only rank 0 wrote it
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def tiny_run(folder, out, distributed, checkpoint_every=None):
+    model, dataset = str(folder / "model"), str(folder / "text.jsonl")
+    return {
+        "model": {"name": model}, "out_dir": str(out),
+        "data": {"dataset": dataset, "context_size": 16, "contexts_per_batch": 4, "shuffle_buffer": 512,
+                 "heldout_contexts": 4},
+        "sae": {"architecture": "topk", "k": 4, "expansion_factor": 4},
+        "saes": {"early": {"hook_name": "blocks.0.hook_resid_post"}, "late": {"hook_name": "blocks.2.hook_resid_post"}},
+        "train": {"total_tokens": 2048, "batch_size": 128, "progress_bar": False, "distributed": distributed,
+                  "checkpoint_every": checkpoint_every, "keep_checkpoints": 4},
+    }
+
+
+def saelab_train_worker(rank, run_config):
+    saelab.train(run_config)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    save_tiny_model(folder / "model")
+    write_jsonl(folder / "text.jsonl", sentences(400))
+    return folder
+
+
+def test_module_parallel_trains_each_layer_on_its_rank_as_one_process_would(tiny, tmp_path):
+    alone = saelab.train(tiny_run(tiny, tmp_path / "alone", "module"))
+    run_ranks(saelab_train_worker, tiny_run(tiny, tmp_path / "two", "module"))
+    for name in ("early", "late"):
+        split = saelab.load_sae(tmp_path / "two" / name)
+        for key, tensor in alone[name].state_dict().items():
+            assert torch.equal(split.state_dict()[key], tensor), (name, key)
+    summary = (tmp_path / "two" / "summary.json").read_text()
+    assert '"early"' in summary and '"late"' in summary
+
+
+def test_module_parallel_resumes_from_a_checkpoint_exactly(tiny, tmp_path):
+    import shutil
+
+    run = tiny_run(tiny, tmp_path / "run", "module", checkpoint_every=4)
+    run_ranks(saelab_train_worker, run)
+    finished = {n: saelab.load_sae(tmp_path / "run" / n) for n in ("early", "late")}
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    for later in checkpoints[1:]:
+        shutil.rmtree(later)  # as if both ranks had died after the first checkpoint
+    for name in finished:
+        shutil.rmtree(tmp_path / "run" / name)
+    run_ranks(resume_worker, str(tmp_path / "run"))
+    for name, sae in finished.items():
+        again = saelab.load_sae(tmp_path / "run" / name)
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in sae.state_dict().items()), name
+
+
+def resume_worker(rank, out_dir):
+    saelab.resume(out_dir)
+
+
+def test_data_parallel_model_run_writes_one_set_of_files(tiny, tmp_path):
+    run = tiny_run(tiny, tmp_path / "dp", "data")
+    run_ranks(saelab_train_worker, run)
+    assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == ["config.yaml", "early", "late", "metrics.jsonl",
+                                                                    "summary.json"]
+
+
+def failing_worker(rank, out):
+    dist = init_distributed("data", timeout_seconds=20)
+    if rank == 1:
+        raise SystemExit(1)  # this rank dies before the collective
+    parameter = torch.nn.Parameter(torch.ones(3))
+    parameter.grad = torch.ones(3)
+    try:
+        dist.average_gradients([parameter])
+    except DistributedError as e:
+        (out / "error.txt").write_text(str(e))
+
+
+def test_a_failed_rank_is_a_clear_error_not_a_hang(tmp_path):
+    with pytest.raises(Exception):
+        run_ranks(failing_worker, tmp_path)
+    message = (tmp_path / "error.txt").read_text()
+    assert message.startswith("rank 0: all-reduce of gradients failed") and "another rank" in message
