@@ -1,82 +1,132 @@
-"""Throughput of SAE training steps and of activation harvesting, as ratios to this machine's matmul peak.
+"""Throughput of SAE training steps and of activation harvesting, as ratios to bounds measured on this machine.
 
-    python benchmarks/throughput.py [--d_in 576] [--d_sae 4608] [--batch 1024] [--no-model]
+    python benchmarks/throughput.py [--d_in 576] [--d_sae 4608] [--batch 2048] [--large] [--no-model]
 
-A dense SAE step needs five (batch x d_in x d_sae) matmuls, a sparse TopK step one; the bound printed for each
-is that many matmuls at the measured peak. Figures are from one run: compare ratios, not absolute numbers.
+Bounds, from one fp32 (batch x d_in x d_sae) matmul timed here into a preallocated output:
+- dense bound = 5 such matmuls (encoder forward, decoder forward, two for the decoder backward, one for the
+  encoder weight gradient): what any dense SAE step must do;
+- sparse bound = 1 matmul (the encoder forward): with k << d_sae, TopK's decoder and both weight gradients
+  can be sparse.
+Each case runs in its own process, so its peak resident memory is its own. Harvesting is compared with the
+bare model forward stopped at the same block. Figures are from one run: compare ratios, not absolute numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
+import sys
 import time
 
 import torch
 
-import saelab
-from saelab.training import TrainConfig, Trainer
+CASES = {  # name: (architecture, options, dense SAE step?)
+    "standard": ("standard", {}, True),
+    "gated": ("gated", {}, True),
+    "jumprelu": ("jumprelu", {}, True),
+    "topk (dense)": ("topk", {"k": 32}, True),
+    "topk": ("topk", {"k": 32}, False),
+    "batchtopk": ("batchtopk", {"k": 32}, False),
+    "matryoshka": ("matryoshka", {"k": 32}, False),
+}
 
 
-def timed(fn, seconds: float = 3.0) -> float:
-    """Mean seconds per call, after one warm-up call."""
+def timed(fn, seconds: float = 4.0) -> float:
+    """Mean seconds per call, after two warm-up calls."""
+    fn()
     fn()
     calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while time.perf_counter() - start < seconds or calls < 3:
         fn()
         calls += 1
     return (time.perf_counter() - start) / calls
 
 
 def matmul_seconds(batch: int, d_in: int, d_sae: int) -> float:
-    a, b = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
-    return timed(lambda: a @ b)
+    a, b, out = torch.randn(batch, d_in), torch.randn(d_in, d_sae), torch.empty(batch, d_sae)
+    return timed(lambda: torch.mm(a, b, out=out))
 
 
-def step_seconds(architecture: str, batch: int, d_in: int, d_sae: int, **options) -> float:
+def run_case(name: str, batch: int, d_in: int, d_sae: int) -> dict:
+    """Train-step time and peak memory of one case (run in a fresh process)."""
+    import saelab
+    from saelab.training import TrainConfig, Trainer
+
+    architecture, options, dense = CASES[name]
+    if architecture == "matryoshka":
+        options = {**options, "matryoshka_widths": [d_sae // 8, d_sae // 2, d_sae]}
     sae = saelab.create_sae(architecture, d_in=d_in, d_sae=d_sae, **options)
+    if dense and architecture == "topk":
+        sae.sparse_training = False
     trainer = Trainer(sae, TrainConfig(total_tokens=10**12, batch_size=batch, progress_bar=False))
     trainer.prepared = True
     x = torch.randn(batch, d_in) * 3
-    return timed(lambda: trainer.train_step(x))
+    seconds = timed(lambda: trainer.train_step(x))
+    return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def harvest_rates(layers: list[int], contexts: int = 16, context_size: int = 128) -> list[tuple[int, float, float]]:
+    """(layer, harvest tokens/s, bare forward tokens/s) on the default model."""
+    from saelab.data.activation_store import Harvester
+    from saelab.models import load_model
+
+    model = load_model()
+    tokens = torch.randint(3, 40000, (contexts, context_size))
+    tokens[:, 0] = model.tokenizer.bos_token_id
+    results = []
+    for layer in layers:
+        harvester = Harvester(model, [f"blocks.{layer}.hook_resid_post"], [model.tokenizer.bos_token_id])
+        harvest = timed(lambda: harvester(tokens))
+        base, all_blocks = model.model.model, model.blocks
+        base.layers = all_blocks[: layer + 1]  # the same model cut after the block: no hooks, no copies
+        try:
+            with torch.no_grad():
+                bare = timed(lambda: base(input_ids=tokens, use_cache=False))
+        finally:
+            base.layers = all_blocks
+        results.append((layer, tokens.numel() / harvest, tokens.numel() / bare))
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d_in", type=int, default=576)
     parser.add_argument("--d_sae", type=int, default=4608)
-    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--large", action="store_true", help="also d_in 2304, d_sae 16384 (a 2B model's width)")
     parser.add_argument("--no-model", action="store_true", help="skip the harvesting benchmark (needs the default model)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case in a subprocess
     args = parser.parse_args()
-    b, d, n = args.batch, args.d_in, args.d_sae
-    gemm = matmul_seconds(b, d, n)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one {b}x{d}x{n} fp32 matmul: "
-          f"{gemm * 1e3:.1f} ms = {2 * b * d * n / gemm / 1e9:.0f} GFLOP/s (the peak used below)")
-    print(f"{'SAE step':<28}{'tokens/s':>10}{'ms/step':>9}{'bound':>8}{'ratio':>7}")
-    cases = [
-        ("topk k=32 (sparse kernels)", "topk", {"k": 32}, 1),
-        ("topk k=32 (dense)", "topk", {"k": 32, "_dense": True}, 5),
-        ("standard (ReLU + L1)", "standard", {}, 5),
-        ("jumprelu", "jumprelu", {}, 5),
-    ]
-    for label, arch, options, matmuls in cases:
-        dense = options.pop("_dense", False)
-        if dense:
-            saelab.saes.topk.TopKSAE.sparse_training = False
-        seconds = step_seconds(arch, b, d, n, **options)
-        saelab.saes.topk.TopKSAE.sparse_training = True
-        bound = matmuls * gemm
-        print(f"{label:<28}{b / seconds:>10.0f}{seconds * 1e3:>9.1f}{matmuls:>6}mm{bound / seconds:>7.2f}")
-    if not args.no_model:
-        from saelab.models import load_model
+    from saelab.training.memory import keep_freed_memory
 
-        model = load_model()
-        tokens = torch.randint(3, 40000, (16, 128))
-        for layer in (5, 15, 29):
-            seconds = timed(lambda: model.run_with_cache(tokens, [f"blocks.{layer}.hook_resid_post"]))
-            print(f"harvest SmolLM2-135M blocks.{layer}.hook_resid_post: {tokens.numel() / seconds:.0f} tokens/s")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory: {peak:.0f} MiB")
+    keep_freed_memory()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.batch, args.d_in, args.d_sae)))
+        return
+    shapes = [(args.batch, args.d_in, args.d_sae)] + ([(args.batch, 2304, 16384)] if args.large else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for b, d, n in shapes:
+        gemm = matmul_seconds(b, d, n)
+        print(f"\nbatch {b}, d_in {d}, d_sae {n}: one matmul {gemm * 1e3:.1f} ms = {2 * b * d * n / gemm / 1e9:.0f} GFLOP/s")
+        print(f"{'SAE step':<16}{'tokens/s':>10}{'ms/step':>9}{'peak MiB':>10}{'/ dense bound':>15}{'/ sparse bound':>16}")
+        speeds = {}
+        for name, (_, _, dense) in CASES.items():
+            out = subprocess.run([sys.executable, __file__, "--case", name, "--batch", str(b), "--d_in", str(d),
+                                  "--d_sae", str(n)], capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            seconds = result["seconds"]
+            speeds[name] = b / seconds
+            sparse = "" if dense else f"{gemm / seconds:>16.2f}"
+            print(f"{name:<16}{b / seconds:>10.0f}{seconds * 1e3:>9.1f}{result['peak_mib']:>10.0f}"
+                  f"{5 * gemm / seconds:>15.2f}{sparse}")
+        print(f"sparse over dense TopK: {speeds['topk'] / speeds['topk (dense)']:.1f}x")
+    if not args.no_model:
+        print("\nharvesting SmolLM2-135M, 16 x 128 tokens:")
+        for layer, harvest, bare in harvest_rates([5, 15, 29]):
+            print(f"  blocks.{layer}.hook_resid_post: {harvest:,.0f} tokens/s; bare forward to that block {bare:,.0f}; "
+                  f"overhead {100 * (bare / harvest - 1):+.1f}%")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from saelab.saes.base import SAE, hooks_of
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training.config import ObjectiveConfig, TrainConfig
 from saelab.training.distributed import Distributed, init_distributed
+from saelab.training.memory import keep_freed_memory
 from saelab.training.objectives import local_objectives, model_objectives
 from saelab.training.specs import build_sae, initial_sae, merge_options, sae_specs
 from saelab.training.trainer import WHOLE_MODEL, Trainer
@@ -250,6 +251,7 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resu
     """Run training as configured and return the trained SAEs (also saved under out_dir)."""
     if not isinstance(config, RunConfig):
         config = load_run_config(config)
+    keep_freed_memory()  # before the model loads: harvesting allocates large activations every batch
     dist = init_distributed(config.train.distributed, config.train.distributed_timeout)  # torchrun: several ranks
     main = dist is None or dist.is_main
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()

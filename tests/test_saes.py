@@ -220,3 +220,36 @@ def test_sparse_topk_training_matches_the_dense_computation(with_dead, centre):
     assert torch.equal(outputs[0].firing_counts(), outputs[1].firing_counts())
     for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-12), name
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_centred_linear_gives_autograds_gradients(shift, input_grad):
+    """The encoder matmul with the cheap b_dec gradient equals the plain formula's values and gradients."""
+    from saelab.saes.centred_linear import centred_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 6, dtype=torch.float64, requires_grad=input_grad)
+    b_dec = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 10, 9, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: centred_linear(x, b_dec if shift else None, W, b),
+               lambda: ((x - b_dec) if shift else x) @ W + b):
+        out = fn()
+        inputs = [t for t in (x, b_dec, W, b) if t.requires_grad and (shift or t is not b_dec)]
+        grads.append((out, torch.autograd.grad(out, inputs, upstream)))
+    assert torch.allclose(grads[0][0], grads[1][0])
+    for ours, plain in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(ours, plain, atol=1e-12)
+
+
+def test_l1_as_a_matrix_vector_product_matches_the_norm():
+    from saelab.saes.standard import decoder_weighted_lp
+
+    torch.manual_seed(0)
+    latents, W_dec = torch.relu(torch.randn(20, 30, dtype=torch.float64)), torch.randn(30, 8, dtype=torch.float64)
+    expected = (latents * W_dec.norm(dim=1)).norm(p=1, dim=-1).mean()
+    assert torch.allclose(decoder_weighted_lp(latents, W_dec, 1.0), expected)
+    assert torch.allclose(decoder_weighted_lp(latents, W_dec, 2.0), (latents * W_dec.norm(dim=1)).norm(dim=-1).mean())

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.config import ConfigError, from_dict, unknown_key_error
+from saelab.saes.centred_linear import centred_linear
 
 Normalization = Literal["none", "expected_average_only_in", "layer_norm"]
 
@@ -246,8 +247,10 @@ class SAE(nn.Module):
     # ----- training ----------------------------------------------------------------------------------
     def training_forward(self, x: Tensor) -> TrainOutput:
         """Forward pass that keeps what the losses need."""
-        sae_in = self._sae_input(x)
-        hidden_pre = self.pre_activation(sae_in)
+        normalized = self._normalize_input(x)
+        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        sae_in = normalized if shift is None else normalized - shift  # for losses that encode again (AuxK)
+        hidden_pre = centred_linear(normalized, shift, self.W_enc, self.b_enc)
         latents = self.activate(hidden_pre)
         output = self.decode(latents)
         skip = self.skip(x)

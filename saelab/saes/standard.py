@@ -23,9 +23,13 @@ def decoder_weighted_lp(latents: Tensor, W_dec: Tensor, p: float) -> Tensor:
     """Mean over tokens of the Lp norm of latents scaled by their decoder row norms.
 
     Weighting by row norm stops the optimiser from shrinking latents and growing decoder rows to dodge
-    the penalty, so the decoder need not be constrained to unit norm.
+    the penalty, so the decoder need not be constrained to unit norm. The latents are ReLU outputs, never
+    negative, so the L1 norm is a matrix-vector product (no |x| pass over the latents, forward or backward).
     """
-    return (latents * W_dec.norm(dim=1)).norm(p=p, dim=-1).mean()
+    norms = W_dec.norm(dim=1)
+    if p == 1:
+        return (latents.reshape(-1, latents.shape[-1]) @ norms).mean()
+    return (latents * norms).norm(p=p, dim=-1).mean()
 
 
 @register("standard")

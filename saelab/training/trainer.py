@@ -34,6 +34,7 @@ from saelab.training.config import TrainConfig
 from saelab.training.distributed import Distributed
 from saelab.training.e2e import Forward, SplicedModel
 from saelab.training.logging import MetricsLogger
+from saelab.training.memory import keep_freed_memory
 from saelab.training.objectives import ModelObjective, Objective, StepContext, local_objectives
 from saelab.training.schedules import lr_factor
 
@@ -114,6 +115,7 @@ class Trainer:
         elif not isinstance(saes, Mapping):
             saes = {f"sae_{i}": sae for i, sae in enumerate(saes)}
         self.cfg = config
+        keep_freed_memory()  # large per-step tensors come back from the heap instead of fresh mappings
         self.evaluator = evaluator
         self.dist = dist
         self.splicer, self.model_objectives = splicer, list(model_objectives or [])
