@@ -193,12 +193,15 @@ def test_geometric_median_resists_outliers():
     assert points.mean(0).norm() > 5
 
 
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("centre", [True, False])
-def test_sparse_topk_training_matches_the_dense_computation(with_dead, centre):
+def test_sparse_topk_training_matches_the_dense_computation(with_dead, centre, architecture):
     """The sparse kernels give the dense forward's outputs and gradients (AuxK's dense route included)."""
     torch.manual_seed(0)
-    sparse = saelab.create_sae("topk", d_in=24, d_sae=96, k=5, dtype="float64", apply_b_dec_to_input=centre)
+    options = {"matryoshka_widths": [10, 40]} if architecture == "matryoshka" else {}
+    sparse = saelab.create_sae(architecture, d_in=24, d_sae=96, k=5, dtype="float64", apply_b_dec_to_input=centre,
+                               **options)
     with torch.no_grad():
         sparse.b_dec.normal_()
         sparse.b_enc.normal_()
@@ -253,3 +256,12 @@ def test_l1_as_a_matrix_vector_product_matches_the_norm():
     expected = (latents * W_dec.norm(dim=1)).norm(p=1, dim=-1).mean()
     assert torch.allclose(decoder_weighted_lp(latents, W_dec, 1.0), expected)
     assert torch.allclose(decoder_weighted_lp(latents, W_dec, 2.0), (latents * W_dec.norm(dim=1)).norm(dim=-1).mean())
+
+
+def test_batch_topk_selection_equals_a_full_topk_even_when_one_row_dominates():
+    from saelab.saes.fused_topk import batch_topk_flat_indices
+
+    torch.manual_seed(0)
+    for pre in (torch.randn(64, 300), torch.randn(64, 300) + torch.arange(64.0).unsqueeze(1) * (torch.arange(64) == 7).unsqueeze(1) * 10):
+        expected = pre.reshape(-1).topk(64 * 8).indices.sort().values
+        assert torch.equal(batch_topk_flat_indices(pre, 8), expected)

@@ -101,8 +101,8 @@ class SAEConfig:
 class TrainOutput:
     """What one training forward pass produces; losses read from it.
 
-    Sparse forwards (TopK) give `active = (indices, values)` of the nonzero latents instead of the dense
-    `latents`, which are then built only if something asks for them.
+    Sparse forwards (TopK, BatchTopK) give `active`, the nonzero latents as (cols, offsets, values), instead of
+    the dense `latents`, which are then built only if something asks for them.
     """
 
     def __init__(
@@ -112,7 +112,7 @@ class TrainOutput:
         latents: Tensor | None,
         output: Tensor,
         extras: dict[str, Tensor] | None = None,
-        active: tuple[Tensor, Tensor] | None = None,
+        active: Any = None,
     ):
         if latents is None and active is None:
             raise ValueError("a TrainOutput needs latents or active (indices, values)")
@@ -126,9 +126,9 @@ class TrainOutput:
         """Dense latents `(..., d_sae)`."""
         if self._latents is None:
             assert self.active is not None
-            indices, values = self.active
-            flat = torch.zeros(indices.shape[0], self.hidden_pre.shape[-1], dtype=values.dtype, device=values.device)
-            self._latents = flat.scatter(-1, indices, values).reshape(self.hidden_pre.shape)
+            values = self.active.values
+            flat = torch.zeros(len(self.active.offsets), self.hidden_pre.shape[-1], dtype=values.dtype, device=values.device)
+            self._latents = flat.index_put((self.active.rows(), self.active.cols), values).reshape(self.hidden_pre.shape)
         return self._latents
 
     @torch.no_grad()
@@ -136,8 +136,8 @@ class TrainOutput:
         """Per latent, the number of tokens it fired on (float)."""
         d_sae = self.hidden_pre.shape[-1]
         if self._latents is None and self.active is not None:
-            indices, values = self.active
-            return torch.bincount(indices[values > 0], minlength=d_sae).to(values.dtype)
+            cols, _, values = self.active
+            return torch.bincount(cols[values > 0], minlength=d_sae).to(values.dtype)
         # float sums run much faster than bool sums on CPU
         return (self._latents != 0).reshape(-1, d_sae).to(self.output.dtype).sum(dim=0)
 

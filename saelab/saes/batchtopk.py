@@ -14,6 +14,7 @@ from torch import Tensor
 
 from saelab.config import ConfigError
 from saelab.saes.base import SAE, SAEConfig, TrainOutput, make_config, register, sae_from_config
+from saelab.saes.fused_topk import Selector, batch_topk_flat_indices, select_batch_topk
 from saelab.saes.topk import TopKConfig, TopKSAE
 
 
@@ -31,9 +32,8 @@ class BatchTopKConfig(TopKConfig):
 def keep_batch_topk(values: Tensor, k: int) -> Tensor:
     """Zero all but the k * rows largest entries of the whole batch, then ReLU."""
     flat = values.reshape(-1)
-    n_keep = min(k * values.reshape(-1, values.shape[-1]).shape[0], flat.numel())
-    top = flat.topk(n_keep, sorted=False)
-    kept = torch.zeros_like(flat).scatter_(0, top.indices, torch.relu(top.values))
+    index = batch_topk_flat_indices(values.reshape(-1, values.shape[-1]), k)
+    kept = torch.zeros_like(flat).scatter_(0, index, torch.relu(flat[index]))
     return kept.reshape(values.shape)
 
 
@@ -41,9 +41,10 @@ def keep_batch_topk(values: Tensor, k: int) -> Tensor:
 class BatchTopKSAE(TopKSAE):
     """TopK's decoder constraint and AuxK, with batch-level selection and a threshold for inference."""
 
-    sparse_training = False  # the number of latents per token varies
-
     config_class = BatchTopKConfig
+
+    def selector(self) -> Selector:
+        return select_batch_topk(self.cfg.k)
 
     def create_parameters(self) -> None:
         super().create_parameters()
@@ -56,7 +57,8 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def update_after_step(self, out: TrainOutput) -> None:
-        fired = out.latents[out.latents > 0]
+        values = out.active.values if out.active is not None else out.latents
+        fired = values[values > 0]
         if fired.numel() == 0:
             return
         smallest = fired.min()

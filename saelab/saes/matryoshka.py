@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from saelab.config import ConfigError
 from saelab.saes.base import TrainOutput, register
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saelab.saes.fused_topk import Active, sparse_decode
 
 
 @dataclass
@@ -40,14 +42,29 @@ class MatryoshkaConfig(BatchTopKConfig):
 class MatryoshkaSAE(BatchTopKSAE):
     config_class = MatryoshkaConfig
 
+    def _segments(self, out: TrainOutput):
+        """The decoded contribution of each prefix's new latents [start, width), sparse when possible."""
+        start = 0
+        if out.active is not None:
+            rows = out.active.rows()
+            for width in self.cfg.prefix_widths:
+                keep = (out.active.cols >= start) & (out.active.cols < width)
+                counts = torch.bincount(rows[keep], minlength=len(out.active.offsets))
+                segment = Active(out.active.cols[keep], torch.cumsum(counts, 0) - counts, out.active.values[keep])
+                yield sparse_decode(segment, self.W_dec).reshape(out.output.shape)
+                start = width
+            return
+        for width in self.cfg.prefix_widths:
+            yield out.latents[..., start:width] @ self.W_dec[start:width]
+            start = width
+
     def reconstruction_loss(self, out: TrainOutput, target: Tensor) -> Tensor:
         """Sum over prefixes of each prefix's squared error; the last prefix is the whole dictionary."""
         partial = self.b_dec
         skip = self.skip(out.sae_in)
-        start, loss = 0, 0.0
-        for width in self.cfg.prefix_widths:
-            partial = partial + out.latents[..., start:width] @ self.W_dec[start:width]
-            start = width
+        loss = 0.0
+        for segment in self._segments(out):
+            partial = partial + segment
             prediction = self._sae_output(partial)
             if skip is not None:
                 prediction = prediction + skip

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from saelab.config import ConfigError
 from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
-from saelab.saes.fused_topk import sparse_decode, topk_encode
+from saelab.saes.fused_topk import Selector, select_topk, sparse_decode, sparse_encode
 
 
 @dataclass
@@ -68,7 +68,11 @@ class TopKSAE(SAE):
     default_normalize_decoder = True
 
     sparse_training = True
-    """Train with the sparse kernels of fused_topk (subclasses that pick latents differently turn it off)."""
+    """Train with the sparse kernels of fused_topk (False: the dense computation, same results)."""
+
+    def selector(self) -> Selector:
+        """Which pre-activations fire in training: the k largest of each token."""
+        return select_topk(self.cfg.k)
 
     def activate(self, hidden_pre: Tensor) -> Tensor:
         return keep_topk(hidden_pre, self.cfg.k)
@@ -81,14 +85,14 @@ class TopKSAE(SAE):
         shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
         sae_in = normalized if shift is None else normalized - shift  # what AuxK encodes dead latents from
         flat = normalized.reshape(-1, self.cfg.d_in)
-        top_values, indices, hidden_pre = topk_encode(flat, self.W_enc, self.b_enc, self.cfg.k, shift)
-        values = torch.relu(top_values)
-        output = self._sae_output((sparse_decode(indices, values, self.W_dec) + self.b_dec).reshape(*x.shape[:-1], -1))
+        active, hidden_pre = sparse_encode(flat, self.W_enc, self.b_enc, self.selector(), shift)
+        active = active._replace(values=torch.relu(active.values))
+        output = self._sae_output((sparse_decode(active, self.W_dec) + self.b_dec).reshape(*x.shape[:-1], -1))
         skip = self.skip(x)
         if skip is not None:
             output = output + skip
         hidden_pre = hidden_pre.reshape(*x.shape[:-1], self.cfg.d_sae)
-        return TrainOutput(sae_in, hidden_pre, None, output, active=(indices, values))
+        return TrainOutput(sae_in, hidden_pre, None, output, active=active)
 
     @property
     def k_aux(self) -> int:
