@@ -262,6 +262,10 @@ def test_batch_topk_selection_equals_a_full_topk_even_when_one_row_dominates():
     from saelab.saes.fused_topk import batch_topk_flat_indices
 
     torch.manual_seed(0)
-    for pre in (torch.randn(64, 300), torch.randn(64, 300) + torch.arange(64.0).unsqueeze(1) * (torch.arange(64) == 7).unsqueeze(1) * 10):
-        expected = pre.reshape(-1).topk(64 * 8).indices.sort().values
-        assert torch.equal(batch_topk_flat_indices(pre, 8), expected)
+    dominant = (torch.arange(512) == 7).unsqueeze(1) * 50.0
+    shifted_columns = torch.arange(1000.0) % 8 == 0  # a strided sample that hit only these would mislead
+    for pre in (torch.randn(512, 1000), torch.randn(512, 1000) + dominant, torch.randn(512, 1000) + 3 * shifted_columns,
+                torch.randn(64, 300)):
+        for k in (8, 32):
+            expected = pre.reshape(-1).topk(pre.shape[0] * k).indices.sort().values
+            assert torch.equal(batch_topk_flat_indices(pre, k), expected)
