@@ -139,6 +139,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
     evaluate.add_argument("--no_error_term", action="store_true", help="skip the SAE + error-term check pass")
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="per-latent statistics over a corpus and a static HTML dashboard (optionally Neuronpedia files)",
+        description="Run the SAE in SAE_DIR over contexts of its model and data (from its cfg.json; --model.* and "
+        "--data.* override them), save feature_stats.safetensors in SAE_DIR and write a static HTML dashboard "
+        "that opens from disk.",
+    )
+    dashboard.add_argument("sae_dir", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
+    dashboard.add_argument("--out", metavar="DIR", default=None, help="dashboard folder (default: SAE_DIR/dashboard)")
+    dashboard.add_argument("--n_contexts", type=int, default=256, help="contexts run through the model (default: 256)")
+    dashboard.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
+    dashboard.add_argument("--top_k", type=int, default=16, help="top-activating contexts kept per latent (default: 16)")
+    dashboard.add_argument("--window_left", type=int, default=24, help="tokens shown before a context's maximum (default: 24)")
+    dashboard.add_argument("--window_right", type=int, default=8, help="tokens shown after it (default: 8)")
+    dashboard.add_argument("--chunk_size", type=int, default=64, help="latents per data file of the site (default: 64)")
+    dashboard.add_argument("--neuronpedia", metavar="DIR", default=None,
+                           help="also write Neuronpedia upload batch files into DIR")
+    dashboard.add_argument("--neuronpedia_model_id", default=None, help="Neuronpedia model id (default: the SAE's model_name)")
+    dashboard.add_argument("--neuronpedia_sae_set", default=None, help="Neuronpedia SAE set name (default: the hook name)")
     upload = commands.add_parser(
         "upload",
         help="upload a saved SAE folder to the Hugging Face hub",
@@ -161,10 +180,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     convert.add_argument("--sae_id", default=None, help="which SAE of a folder holding several (e.g. an e2e_sae run's hook position)")
     flags = _data_flags()
     flag_names["upload"] = flag_names["convert"] = []
-    for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations"), (evaluate, "eval")):
+    for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations"), (evaluate, "eval"),
+                          (dashboard, "dashboard")):
         _add_config_flags(command, flags)
         flag_names[name] = [n for n, _ in flags]
     return parser, flag_names
+
+
+def _own_options(parser: argparse.ArgumentParser, command: str) -> list[str]:
+    """The long options a subcommand declares itself (beside the config flags), for suggestions."""
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [o[2:] for action in subcommands.choices[command]._actions for o in action.option_strings if o.startswith("--")]
 
 
 def _suggest_unknown(unknown: list[str], flag_names: list[str], command: str) -> str:
@@ -214,8 +240,9 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
         return  # under torchrun, rank 0 reports
     summary_file = out_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    print(f"\nTrained {len(trained)} SAE(s); results in {out_dir}/ ({RUN_CONFIG_FILE}, metrics.jsonl, summary.json)")
     rows = {name: row for name, row in summary.items() if name != WHOLE_MODEL}
+    count = max(len(rows), len(trained))  # under module parallelism this rank trained only its share
+    print(f"\nTrained {count} SAE(s); results in {out_dir}/ ({RUN_CONFIG_FILE}, metrics.jsonl, summary.json)")
     if rows:
         first = next(iter(rows.values()))
         print(f"  {first['tokens']:,} tokens in {first['steps']} steps, {first['tokens_per_second']:,.0f} tokens/s")
@@ -235,13 +262,12 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
         print(f"  model with every SAE spliced in (last window): {'   '.join(parts)}")
 
 
-def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
+def _model_and_data(sae, args: argparse.Namespace, flag_names: list[str]):
+    """The model and data settings of a saved SAE (from its cfg.json), with --model.* / --data.* overrides."""
     from saelab.data.config import DataConfig
-    from saelab.evals.evaluate import data_config_of, evaluate, summary_rows, write_report
-    from saelab.io.load import load_sae
+    from saelab.evals.evaluate import data_config_of
     from saelab.models import load_model
 
-    sae = load_sae(args.sae_dir)
     overrides = _overrides(args, flag_names)
     data_overrides = overrides.get("data", {})
     unknown = set(data_overrides) - set(DataConfig.__dataclass_fields__)
@@ -252,7 +278,15 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
                        model_options.get("dtype", "float32"), model_options.get("device", "cpu"))
     if "hook_name" in model_options:
         sae.cfg.hook_name = model_options["hook_name"]
-    data = data_config_of(sae, **data_overrides)
+    return model, data_config_of(sae, **data_overrides)
+
+
+def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
+    from saelab.evals.evaluate import evaluate, summary_rows, write_report
+    from saelab.io.load import load_sae
+
+    sae = load_sae(args.sae_dir)
+    model, data = _model_and_data(sae, args, flag_names)
     if args.n_contexts > data.heldout_contexts:
         print(f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
               f"held out of training", file=sys.stderr)
@@ -263,6 +297,27 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     for name, value in summary_rows(result):
         print(f"  {name:<{width}}  {value}")
     print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
+    from saelab.analysis import export_neuronpedia, feature_statistics, write_dashboard
+    from saelab.io.load import load_sae
+
+    sae = load_sae(args.sae_dir)
+    model, data = _model_and_data(sae, args, flag_names)
+    stats = feature_statistics(sae, model, data, args.n_contexts, args.batch_contexts, args.top_k,
+                               (args.window_left, args.window_right), progress=True)
+    stats_file = Path(args.sae_dir) / "feature_stats.safetensors"
+    stats.save(stats_file)
+    index = write_dashboard(stats, model.tokenizer, args.out or Path(args.sae_dir) / "dashboard", chunk_size=args.chunk_size)
+    never = int((stats.firing_counts == 0).sum())
+    print(f"{stats.n_tokens:,} tokens, {stats.d_sae:,} latents ({never:,} never fired); statistics -> {stats_file}")
+    print(f"dashboard -> {index} (open it in a browser; no server needed)")
+    if args.neuronpedia:
+        model_id = args.neuronpedia_model_id or str(sae.cfg.model_name or "model")
+        sae_set = args.neuronpedia_sae_set or str(sae.cfg.hook_name)
+        out = export_neuronpedia(stats, model.tokenizer, args.neuronpedia, model_id, sae_set, sae.cfg.hook_layer)
+        print(f"Neuronpedia batch files -> {out}/")
 
 
 def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
@@ -292,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     names = flag_names[args.command]
     if unknown:
-        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, names, args.command)}\n")
+        candidates = [*_own_options(parser, args.command), *names]
+        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, candidates, args.command)}\n")
     commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations,
-                "eval": run_eval, "upload": run_upload, "convert": run_convert}
+                "eval": run_eval, "dashboard": run_dashboard, "upload": run_upload, "convert": run_convert}
     try:
         commands[args.command](args, names)
     except (ConfigError, OSError, ValueError, KeyError, ImportError, TrainingDiverged, DistributedError) as e:

@@ -1,0 +1,38 @@
+"""Studying trained SAEs: splice them into a model, edit and steer, gather per-latent statistics, dashboards."""
+
+from saelab.analysis.dashboard import write_dashboard
+from saelab.analysis.features import default_token_sets, feature_statistics, logit_effects, token_set, unembedding
+from saelab.analysis.neuronpedia import export_neuronpedia
+from saelab.analysis.splice import (
+    SAE_HOOKS,
+    ablate,
+    clamp,
+    run_with_cache_and_saes,
+    run_with_saes,
+    sae_hook_names,
+    spliced,
+    steer,
+    steering_vector,
+)
+from saelab.analysis.statistics import FeatureStatistics, FeatureStats
+
+__all__ = [
+    "SAE_HOOKS",
+    "FeatureStatistics",
+    "FeatureStats",
+    "ablate",
+    "clamp",
+    "default_token_sets",
+    "export_neuronpedia",
+    "feature_statistics",
+    "logit_effects",
+    "run_with_cache_and_saes",
+    "run_with_saes",
+    "sae_hook_names",
+    "spliced",
+    "steer",
+    "steering_vector",
+    "token_set",
+    "unembedding",
+    "write_dashboard",
+]

@@ -1,0 +1,196 @@
+"""Per-latent statistics of an SAE over a corpus, in one streaming pass with bounded memory.
+
+`FeatureStatistics.add(tokens, latents)` takes one batch of contexts at a time and keeps, per latent:
+how often it fires, the sum and max of its activations, a histogram of its nonzero activations, the top-k
+contexts by the latent's maximum in them (with a window of tokens and activations around that maximum), and
+how often it fires on tokens of named token sets. Memory does not grow with the corpus: the histogram has a
+fixed number of bins per latent whose width doubles (merging pairs of bins, which keeps counts exact) when a
+larger activation arrives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from saelab.io.atomic import atomic_write_bytes
+
+
+@dataclass
+class FeatureStats:
+    """What `FeatureStatistics` gathered, one row per latent. Contexts are numbered in the order they were
+    added; `top_*` hold the top-k contexts in descending order (value 0 and context -1 where fewer fired)."""
+
+    n_tokens: int
+    firing_counts: Tensor
+    activation_sums: Tensor
+    max_activations: Tensor
+    histogram: Tensor
+    bin_widths: Tensor
+    top_values: Tensor
+    top_contexts: Tensor
+    top_positions: Tensor
+    top_tokens: Tensor
+    top_acts: Tensor
+    window_left: int
+    token_set_names: list[str] = field(default_factory=list)
+    token_set_firings: Tensor | None = None
+    token_set_tokens: Tensor | None = None
+    logits: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def d_sae(self) -> int:
+        return len(self.firing_counts)
+
+    @property
+    def density(self) -> Tensor:
+        """Fraction of tokens each latent fires on."""
+        return self.firing_counts.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_activations(self) -> Tensor:
+        """Mean activation of each latent over the tokens it fires on (0 if it never fires)."""
+        return self.activation_sums / self.firing_counts.clamp_min(1)
+
+    def enrichment(self, name: str) -> Tensor:
+        """For token set `name`, per latent: the fraction of its firings on the set's tokens over the set's
+        share of all tokens (1 = no preference; 0 for latents that never fire)."""
+        if name not in self.token_set_names:
+            raise KeyError(f"no token set '{name}'; the statistics have {self.token_set_names}")
+        assert self.token_set_firings is not None and self.token_set_tokens is not None
+        i = self.token_set_names.index(name)
+        share = float(self.token_set_tokens[i]) / max(self.n_tokens, 1)
+        if share == 0:
+            return torch.zeros(self.d_sae, dtype=torch.float64)
+        return self.token_set_firings[i].double() / self.firing_counts.clamp_min(1) / share
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file (tensors, with the rest as JSON in its metadata), written atomically."""
+        tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        tensors.update({f"logits.{k}": v.contiguous() for k, v in self.logits.items()})
+        meta = {"n_tokens": self.n_tokens, "window_left": self.window_left, "token_set_names": self.token_set_names,
+                "info": self.info}
+        atomic_write_bytes(path, save(tensors, metadata={"saelab_feature_stats": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureStats":
+        from safetensors import safe_open
+
+        from saelab.io.saelens_format import FileFormatError
+
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = json.loads((handle.metadata() or {})["saelab_feature_stats"])
+            tensors = load_file(str(path))
+        except Exception as error:  # a truncated or foreign file
+            raise FileFormatError(f"{path}: not a saelab feature-statistics file ({error})") from error
+        logits = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("logits.")}
+        plain = {k: v for k, v in tensors.items() if not k.startswith("logits.")}
+        return cls(**plain, logits=logits, **meta)
+
+
+class FeatureStatistics:
+    """Streaming accumulator of `FeatureStats`; see the module docstring."""
+
+    def __init__(self, d_sae: int, top_k: int = 16, window: tuple[int, int] = (24, 8), n_bins: int = 32,
+                 token_sets: Mapping[str, Tensor] | None = None):
+        if n_bins % 2:
+            raise ValueError("n_bins must be even (bins merge in pairs)")
+        self.d_sae, self.k, self.n_bins = d_sae, top_k, n_bins
+        self.left, self.right = window
+        width = self.left + 1 + self.right
+        self.n_tokens = self.n_contexts = 0
+        self.firing_counts = torch.zeros(d_sae, dtype=torch.long)
+        self.activation_sums = torch.zeros(d_sae, dtype=torch.float64)
+        self.max_activations = torch.zeros(d_sae)
+        self.histogram = torch.zeros(d_sae, n_bins, dtype=torch.long)
+        self.bin_widths = torch.zeros(d_sae, dtype=torch.float64)
+        self.top_values = torch.zeros(d_sae, top_k)
+        self.top_contexts = torch.full((d_sae, top_k), -1, dtype=torch.long)
+        self.top_positions = torch.full((d_sae, top_k), -1, dtype=torch.long)
+        self.top_tokens = torch.full((d_sae, top_k, width), -1, dtype=torch.long)
+        self.top_acts = torch.zeros(d_sae, top_k, width)
+        self.token_sets = {name: torch.as_tensor(ids, dtype=torch.long) for name, ids in (token_sets or {}).items()}
+        self.token_set_firings = torch.zeros(len(self.token_sets), d_sae, dtype=torch.long)
+        self.token_set_tokens = torch.zeros(len(self.token_sets), dtype=torch.long)
+
+    @torch.no_grad()
+    def add(self, tokens: Tensor, latents: Tensor, keep: Tensor | None = None) -> None:
+        """One batch: token ids `(contexts, positions)`, latents `(contexts, positions, d_sae)`, and which
+        positions count (`keep`, e.g. not special tokens; default all)."""
+        tokens, latents = tokens.cpu(), latents.detach().float().cpu()
+        if latents.shape[:2] != tokens.shape or latents.shape[-1] != self.d_sae:
+            raise ValueError(f"latents {tuple(latents.shape)} do not match tokens {tuple(tokens.shape)} x d_sae {self.d_sae}")
+        keep = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep.cpu()
+        latents = latents * keep.unsqueeze(-1)
+        self.n_tokens += int(keep.sum())
+        firing = latents > 0
+        self.firing_counts += firing.sum((0, 1))
+        self.activation_sums += latents.double().sum((0, 1))
+        self.max_activations = torch.maximum(self.max_activations, latents.amax((0, 1)))
+        rows, cols = firing.reshape(-1, self.d_sae).nonzero(as_tuple=True)
+        self._add_to_histogram(cols, latents.reshape(-1, self.d_sae)[rows, cols].double())
+        self._add_top_contexts(tokens, latents)
+        for i, ids in enumerate(self.token_sets.values()):
+            in_set = torch.isin(tokens, ids) & keep
+            self.token_set_tokens[i] += int(in_set.sum())
+            self.token_set_firings[i] += firing[in_set].sum(0)
+        self.n_contexts += tokens.shape[0]
+
+    def _add_to_histogram(self, cols: Tensor, values: Tensor) -> None:
+        batch_max = torch.zeros(self.d_sae, dtype=torch.float64).scatter_reduce_(0, cols, values, "amax")
+        first = (self.bin_widths == 0) & (batch_max > 0)
+        self.bin_widths[first] = batch_max[first] / self.n_bins
+        while True:  # double the bin width of latents whose new maximum lies beyond their last bin
+            over = (batch_max >= self.bin_widths * self.n_bins) & (batch_max > 0)
+            if not over.any():
+                break
+            merged = self.histogram[over].view(-1, self.n_bins // 2, 2).sum(-1)
+            self.histogram[over] = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+            self.bin_widths[over] *= 2
+        bins = (values / self.bin_widths[cols]).long().clamp_(0, self.n_bins - 1)
+        self.histogram.view(-1).index_add_(0, cols * self.n_bins + bins, torch.ones_like(bins))
+
+    def _add_top_contexts(self, tokens: Tensor, latents: Tensor) -> None:
+        context_max, context_argmax = latents.max(dim=1)  # (contexts, d_sae)
+        values, slot = torch.cat([self.top_values, context_max.T], dim=1).topk(self.k, dim=1)
+        from_batch = slot >= self.k
+        kept = slot.clamp_max(self.k - 1)
+        contexts = self.top_contexts.gather(1, kept)
+        positions = self.top_positions.gather(1, kept)
+        window = self.top_tokens.shape[-1]
+        win_tokens = self.top_tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, window)).clone()
+        win_acts = self.top_acts.gather(1, kept.unsqueeze(-1).expand(-1, -1, window)).clone()
+        latent, place = from_batch.nonzero(as_tuple=True)
+        if len(latent):
+            context = slot[latent, place] - self.k
+            position = context_argmax[context, latent]
+            contexts[latent, place] = self.n_contexts + context
+            positions[latent, place] = position
+            span = position.unsqueeze(1) + torch.arange(window)  # in padded coordinates
+            padded_tokens = F.pad(tokens, (self.left, self.right), value=-1)
+            padded_latents = F.pad(latents, (0, 0, self.left, self.right))
+            win_tokens[latent, place] = padded_tokens[context.unsqueeze(1), span]
+            win_acts[latent, place] = padded_latents[context.unsqueeze(1), span, latent.unsqueeze(1)]
+        empty = values <= 0
+        contexts[empty], positions[empty], win_tokens[empty], win_acts[empty] = -1, -1, -1, 0.0
+        self.top_values, self.top_contexts, self.top_positions = values.clamp_min(0), contexts, positions
+        self.top_tokens, self.top_acts = win_tokens, win_acts
+
+    def result(self, logits: Mapping[str, Tensor] | None = None, info: Mapping[str, Any] | None = None) -> FeatureStats:
+        return FeatureStats(
+            n_tokens=self.n_tokens, firing_counts=self.firing_counts, activation_sums=self.activation_sums,
+            max_activations=self.max_activations, histogram=self.histogram, bin_widths=self.bin_widths,
+            top_values=self.top_values, top_contexts=self.top_contexts, top_positions=self.top_positions,
+            top_tokens=self.top_tokens, top_acts=self.top_acts, window_left=self.left,
+            token_set_names=list(self.token_sets), token_set_firings=self.token_set_firings,
+            token_set_tokens=self.token_set_tokens, logits=dict(logits or {}), info=dict(info or {}),
+        )

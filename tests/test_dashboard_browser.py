@@ -1,0 +1,102 @@
+"""The dashboard in a real browser: headless Chromium opens the pages from disk (file://, no server), runs their
+scripts, and the rendered DOM holds the expected latents and tokens. Screenshots go to test-artifacts/.
+
+Needs Debian's `chromium` (`.ci/run` installs it). Elsewhere the test is skipped unless SAELAB_REQUIRE_BROWSER=1,
+which CI sets so that a missing browser fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.analysis import FeatureStatistics, write_dashboard
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+
+if BROWSER is None and os.environ.get("SAELAB_REQUIRE_BROWSER") != "1":
+    pytest.skip("headless Chromium not installed (apt-get install chromium; .ci/run does)", allow_module_level=True)
+
+
+class WordTokenizer:
+    """Enough of a tokenizer for the dashboard: token i is the word WORDS[i]."""
+
+    WORDS = [f" word{i}" for i in range(40)] + [" <b>bold?</b>", " quiet", " cat"]
+
+    def convert_ids_to_tokens(self, i: int) -> str:
+        return self.WORDS[i]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+
+def browser(*args: str) -> subprocess.CompletedProcess:
+    assert BROWSER is not None, "SAELAB_REQUIRE_BROWSER=1 but no chromium found"
+    profile = tempfile.mkdtemp(prefix="saelab-chromium-")
+    flags = [f"--user-data-dir={profile}", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
+             "--disable-component-update", "--no-first-run", "--allow-file-access-from-files",
+             "--virtual-time-budget=5000", "--window-size=1280,900"]
+    try:
+        return subprocess.run([BROWSER, *flags, *args], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    generator = torch.Generator().manual_seed(0)
+    stats = FeatureStatistics(d_sae=300, top_k=3, window=(3, 1))
+    tokens = torch.randint(0, 40, (20, 12), generator=generator)
+    tokens[5, 6] = 42  # " cat"
+    tokens[5, 5] = 40  # markup in a token must show as text, not become markup
+    latents = torch.zeros(20, 12, 300)
+    latents[5, 6, 217] = 7.5  # latent 217 peaks on " cat"
+    latents[5, 5, 217] = 2.0
+    latents[:, :, 3] = torch.rand(20, 12, generator=generator)  # a dense latent
+    stats.add(tokens, latents)
+    out = tmp_path_factory.mktemp("site") / "dashboard"
+    write_dashboard(stats.result(info={"hook_name": "blocks.5.hook_resid_post", "model_name": "test"}), WordTokenizer(),
+                    out, chunk_size=64)
+    ARTIFACTS.mkdir(exist_ok=True)
+    return out
+
+
+def test_index_page_renders_the_latents_from_disk(dashboard):
+    page = browser("--dump-dom", (dashboard / "index.html").as_uri())
+    assert page.returncode == 0, page.stderr[-2000:]
+    dom = page.stdout
+    rows = re.findall(r'<tr data-latent="(\d+)">', dom)
+    assert rows[:3] == ["0", "1", "2"] and len(rows) == 100  # first page of 300
+    assert "300 latents" in dom and "page 1 of 3" in dom
+    assert "blocks.5.hook_resid_post" in dom
+    assert 'href="latent.html#217"' not in dom  # 217 is on page 3
+    shot = browser(f"--screenshot={ARTIFACTS / 'dashboard_index.png'}", (dashboard / "index.html").as_uri())
+    assert shot.returncode == 0 and (ARTIFACTS / "dashboard_index.png").stat().st_size > 5000
+
+
+def test_index_search_and_sort_from_the_address(dashboard):
+    found = browser("--dump-dom", (dashboard / "index.html").as_uri() + "#q=cat").stdout
+    assert re.findall(r'<tr data-latent="(\d+)">', found) == ["217"] and "1 latents" in found
+    dense_first = browser("--dump-dom", (dashboard / "index.html").as_uri() + "#sort=density").stdout
+    assert re.findall(r'<tr data-latent="(\d+)">', dense_first)[:2] == ["3", "217"]
+
+
+def test_latent_page_shows_its_contexts_with_tokens(dashboard):
+    page = browser("--dump-dom", (dashboard / "latent.html").as_uri() + "#217")
+    assert page.returncode == 0, page.stderr[-2000:]
+    dom = page.stdout
+    assert "latent 217" in dom
+    assert re.search(r'class="token max"[^>]*title="activation 7.50"[^>]*> cat</span>', dom), dom[-3000:]
+    assert "&lt;b&gt;bold?&lt;/b&gt;" in dom and "<b>bold?</b>" not in dom
+    assert dom.count('class="context"') == 1  # it fired in one context only
+    assert "<svg" in dom  # the histogram
+    shot = browser(f"--screenshot={ARTIFACTS / 'dashboard_latent.png'}", (dashboard / "latent.html").as_uri() + "#217")
+    assert shot.returncode == 0 and (ARTIFACTS / "dashboard_latent.png").stat().st_size > 5000
