@@ -49,12 +49,12 @@ def _top_token_summary(stats: FeatureStats, latent: int, text: TokenText, n: int
     for place in range(stats.top_values.shape[1]):
         if stats.top_values[latent, place] <= 0:
             break
-        token = text(int(stats.top_tokens[latent, place, stats.window_left]))
-        if token.strip() and token not in seen:
+        token = text(int(stats.top_tokens[latent, place, stats.window_left])).strip()
+        if token and token not in seen:
             seen.append(token)
         if len(seen) == n:
             break
-    return " · ".join(t.strip() for t in seen)
+    return " · ".join(seen)
 
 
 def latent_record(stats: FeatureStats, latent: int, text: TokenText, n_logits: int = 10) -> dict[str, Any]:
