@@ -252,3 +252,23 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_000000005").iterdir()} == good
     resumed = Trainer(saelab.create_sae("topk", 32, 64, k=4), config, out_dir=tmp_path)
     assert resumed.resume() and resumed.step == 5
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_compiled_training_matches_eager(architecture):
+    from torch._dynamo.utils import counters
+
+    options = {"k": 4} if architecture == "topk" else {}
+    data = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
+    trained = {}
+    counters.clear()
+    for compile_ in (False, True):
+        torch.manual_seed(1)
+        sae = saelab.create_sae(architecture, d_in=16, d_sae=64, **options)
+        config = TrainConfig(total_tokens=1024, batch_size=256, progress_bar=False, compile=compile_)
+        trained[compile_] = Trainer(sae, config).fit(TensorSource(data, batch_size=256))["sae"]
+    assert counters["stats"]["unique_graphs"] > 0  # something was compiled
+    for name, eager in trained[False].state_dict().items():
+        assert torch.allclose(trained[True].state_dict()[name], eager, atol=1e-4), name
+    torch.manual_seed(1)
+    assert not torch.allclose(trained[True].W_enc, saelab.create_sae(architecture, d_in=16, d_sae=64, **options).W_enc)

@@ -41,3 +41,22 @@ def test_writes_splice_and_unknown_names_fail_with_the_list(models):
         Harvester(tl, ["blocks.1.hook_resid_psot"])
     rows, ids = Harvester(tl, ["blocks.1.hook_resid_post"], exclude_token_ids=[1])(TOKENS)
     assert rows["blocks.1.hook_resid_post"].shape == (12, 32) and (ids != 1).all()
+
+
+def test_analysis_splices_steers_and_reads_logit_effects_on_transformer_lens_models(models):
+    import saelab
+    from saelab.analysis import logit_effects, run_with_cache_and_saes, run_with_saes, steer
+
+    hf, tl = models
+    torch.manual_seed(0)
+    sae = saelab.create_sae("topk", d_in=32, d_sae=64, k=4, hook_name="blocks.1.hook_resid_post")
+    assert torch.equal(run_with_saes(tl, TOKENS, sae, error_term=True), tl.logits(TOKENS))
+    _, ours = run_with_cache_and_saes(hf, TOKENS, sae)
+    _, theirs = run_with_cache_and_saes(tl, TOKENS, sae)
+    latents = "blocks.1.hook_resid_post.hook_sae_acts_post"
+    assert torch.allclose(ours[latents], theirs[latents], atol=1e-3)
+    with steer(tl, sae, latent=3, coefficient=2.0), tl.hooks(read=["blocks.1.hook_resid_post"]) as steered:
+        tl.logits(TOKENS)
+    clean = tl.run_with_cache(TOKENS, ["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"]
+    assert torch.allclose(steered["blocks.1.hook_resid_post"] - clean, 2.0 * sae.W_dec[3].detach().expand_as(clean), atol=1e-4)
+    assert torch.allclose(logit_effects(sae, tl)["top_values"], logit_effects(sae, hf)["top_values"], atol=1e-4)

@@ -20,7 +20,7 @@ from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.models.hooks import HookedModel
 from saelab.saes.base import SAE, hooks_of
 
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "ln_final")
 
 
 def unembedding(model: HookedModel) -> Tensor:

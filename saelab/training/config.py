@@ -55,6 +55,9 @@ class TrainConfig:
     """Show a tqdm progress bar."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs the wandb package)."""
+    compile: bool = False
+    """Run each SAE's training forward through torch.compile (its first steps are slow while it compiles; on
+    this machine's CPU it gained nothing: the step is matmul-bound; worth trying on a GPU)."""
     distributed: Literal["data", "module"] = "data"
     """Under torchrun with several processes: 'data' (each rank trains replicas of every SAE on its own share of
     the data, batch_size split between ranks, gradients averaged) or 'module' (the SAEs are dealt out to the

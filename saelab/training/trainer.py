@@ -28,7 +28,7 @@ from saelab.config import to_dict
 from saelab.data.tensor_source import Batch
 from saelab.evals.metrics import explained_variance, log_feature_density
 from saelab.io.atomic import atomic_write_text
-from saelab.saes.base import SAE, hooks_of
+from saelab.saes.base import SAE, TrainOutput, hooks_of
 from saelab.training.checkpoints import CHECKPOINT_DIR, read_newest_checkpoint, write_checkpoint
 from saelab.training.config import TrainConfig
 from saelab.training.distributed import Distributed
@@ -60,6 +60,7 @@ class _Unit:
     in_scale: float = 1.0
     out_scale: float = 1.0
     window: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    forward: Callable[[Tensor], TrainOutput] | None = None  # sae.training_forward, compiled when asked
 
 
 def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
@@ -152,6 +153,7 @@ class Trainer:
             lr=lr,
             tokens_since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device),
             fire_counts=torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device),
+            forward=torch.compile(sae.training_forward) if c.compile else sae.training_forward,
         )
 
     @property
@@ -259,7 +261,7 @@ class Trainer:
         check_widths(x, target, unit.sae, unit.name)
         x = x.to(unit.sae.device, unit.sae.dtype) * unit.in_scale
         target = target.to(unit.sae.device, unit.sae.dtype) * unit.out_scale
-        return x, target, unit.sae.training_forward(x)
+        return x, target, (unit.forward or unit.sae.training_forward)(x)
 
     def _terms(self, unit: _Unit, forward: Forward) -> dict[str, Tensor]:
         _, target, out = forward
