@@ -116,7 +116,7 @@ class FeatureStatistics:
         self.top_values = torch.zeros(d_sae, top_k)
         self.top_contexts = torch.full((d_sae, top_k), -1, dtype=torch.long)
         self.top_positions = torch.full((d_sae, top_k), -1, dtype=torch.long)
-        self.top_tokens = torch.full((d_sae, top_k, width), -1, dtype=torch.long)
+        self.top_tokens = torch.full((d_sae, top_k, width), -1, dtype=torch.int32)  # int32: half the memory
         self.top_acts = torch.zeros(d_sae, top_k, width)
         self.token_sets = {name: torch.as_tensor(ids, dtype=torch.long) for name, ids in (token_sets or {}).items()}
         self.token_set_firings = torch.zeros(len(self.token_sets), d_sae, dtype=torch.long)
@@ -176,7 +176,7 @@ class FeatureStatistics:
             contexts[latent, place] = self.n_contexts + context
             positions[latent, place] = position
             span = position.unsqueeze(1) + torch.arange(window)  # in padded coordinates
-            padded_tokens = F.pad(tokens, (self.left, self.right), value=-1)
+            padded_tokens = F.pad(tokens.to(torch.int32), (self.left, self.right), value=-1)
             padded_latents = F.pad(latents, (0, 0, self.left, self.right))
             win_tokens[latent, place] = padded_tokens[context.unsqueeze(1), span]
             win_acts[latent, place] = padded_latents[context.unsqueeze(1), span, latent.unsqueeze(1)]

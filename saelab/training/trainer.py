@@ -29,6 +29,7 @@ from saelab.data.tensor_source import Batch
 from saelab.evals.metrics import explained_variance, log_feature_density
 from saelab.io.atomic import atomic_write_text
 from saelab.saes.base import SAE, TrainOutput, hooks_of
+from saelab.training.batches import check_widths, select_inputs
 from saelab.training.checkpoints import CHECKPOINT_DIR, read_newest_checkpoint, write_checkpoint
 from saelab.training.config import TrainConfig
 from saelab.training.distributed import Distributed
@@ -61,33 +62,6 @@ class _Unit:
     out_scale: float = 1.0
     window: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     forward: Callable[[Tensor], TrainOutput] | None = None  # sae.training_forward, compiled when asked
-
-
-def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
-    """The (input, target) pair an SAE trains on, picked out of a batch."""
-    cfg = sae.cfg
-    if isinstance(batch, Tensor):
-        if cfg.transcoder:
-            raise ValueError("a transcoder needs (input, target) batches or batches keyed by hook name")
-        return batch, batch
-    if isinstance(batch, tuple):
-        return batch[0], batch[1]
-    names = list(batch)
-    x_name = cfg.hook_name if cfg.hook_name is not None or len(names) != 1 else names[0]
-    y_name = cfg.hook_name_out if cfg.transcoder else x_name
-    for name in (x_name, y_name):
-        if name not in batch:
-            raise KeyError(f"SAE reads hook '{name}' but the batch has only: {', '.join(names)}")
-    return batch[x_name], batch[y_name]
-
-
-def check_widths(x: Tensor, target: Tensor, sae: SAE, name: str) -> None:
-    """A clear error when the activations do not fit the SAE (wrong model, hook or layer)."""
-    where = f" at '{sae.cfg.hook_name}'" if sae.cfg.hook_name else ""
-    if x.shape[-1] != sae.cfg.d_in:
-        raise ValueError(f"SAE '{name}' takes inputs of width {sae.cfg.d_in} but the activations{where} have width {x.shape[-1]}")
-    if target.shape[-1] != sae.cfg.d_out:
-        raise ValueError(f"SAE '{name}' reconstructs width {sae.cfg.d_out} but its targets have width {target.shape[-1]}")
 
 
 class Trainer:
