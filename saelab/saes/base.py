@@ -137,9 +137,9 @@ class TrainOutput:
         d_sae = self.hidden_pre.shape[-1]
         if self._latents is None and self.active is not None:
             cols, _, values = self.active
-            return torch.bincount(cols[values > 0], minlength=d_sae).to(values.dtype)
-        # float sums run much faster than bool sums on CPU
-        return (self._latents != 0).reshape(-1, d_sae).to(self.output.dtype).sum(dim=0)
+            return torch.bincount(cols[values > 0], minlength=d_sae).float()
+        # float sums run much faster than bool sums on CPU; float32 counts stay exact (bfloat16 ones would not)
+        return (self._latents != 0).reshape(-1, d_sae).float().sum(dim=0)
 
 
 class SAE(nn.Module):

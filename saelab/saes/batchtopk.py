@@ -61,7 +61,7 @@ class BatchTopKSAE(TopKSAE):
         fired = values[values > 0]
         if fired.numel() == 0:
             return
-        smallest = fired.min()
+        smallest = fired.min().to(self.topk_threshold.dtype)
         if self.topk_threshold <= 0:  # first update: start from the observed value, not from zero
             self.topk_threshold.copy_(smallest)
         else:

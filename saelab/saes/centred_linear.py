@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab.saes.autocast import to_autocast
+
 
 class _CentredLinear(torch.autograd.Function):
     @staticmethod
@@ -32,5 +34,5 @@ class _CentredLinear(torch.autograd.Function):
 
 def centred_linear(x: Tensor, shift: Tensor | None, W: Tensor, b: Tensor) -> Tensor:
     """`(x - shift) @ W + b` for inputs `(..., d_in)` (no shift when `shift` is None)."""
-    flat = x.reshape(-1, x.shape[-1])
+    flat, shift, W, b = to_autocast(x.reshape(-1, x.shape[-1]), shift, W, b)
     return _CentredLinear.apply(flat, shift, W, b).reshape(*x.shape[:-1], W.shape[1])

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.saes.autocast import to_autocast
+
 
 class Active(NamedTuple):
     """The nonzero latents of a batch: column indices, each token's start in them, and their values."""
@@ -150,10 +152,12 @@ def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Selector, shi
                   ) -> tuple[Active, Tensor]:
     """(the selected pre-activations as `Active`, all pre-activations) of `(x - shift) @ W_enc + b_enc` for
     inputs `(batch, d_in)`; `shift` is b_dec when the SAE centres its input. Values are not yet ReLU'd."""
+    x, W_enc, b_enc, shift = to_autocast(x, W_enc, b_enc, shift)
     values, cols, offsets, pre = _SparseEncode.apply(x, W_enc, b_enc, shift, select)
     return Active(cols, offsets, values), pre
 
 
 def sparse_decode(active: Active, W_dec: Tensor) -> Tensor:
     """sum over a token's entries of value * W_dec[col]: the decoder applied to the nonzero latents only."""
-    return F.embedding_bag(active.cols, W_dec, active.offsets, per_sample_weights=active.values, mode="sum")
+    values, W_dec = to_autocast(active.values, W_dec)
+    return F.embedding_bag(active.cols, W_dec, active.offsets, per_sample_weights=values, mode="sum")

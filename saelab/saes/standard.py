@@ -26,7 +26,7 @@ def decoder_weighted_lp(latents: Tensor, W_dec: Tensor, p: float) -> Tensor:
     the penalty, so the decoder need not be constrained to unit norm. The latents are ReLU outputs, never
     negative, so the L1 norm is a matrix-vector product (no |x| pass over the latents, forward or backward).
     """
-    norms = W_dec.norm(dim=1)
+    norms = W_dec.norm(dim=1).to(latents.dtype)  # bfloat16 latents under autocast
     if p == 1:
         return (latents.reshape(-1, latents.shape[-1]) @ norms).mean()
     return (latents * norms).norm(p=p, dim=-1).mean()

@@ -58,6 +58,10 @@ class TrainConfig:
     compile: bool = False
     """Run each SAE's training forward through torch.compile (its first steps are slow while it compiles; on
     this machine's CPU it gained nothing: the step is matmul-bound; worth trying on a GPU)."""
+    autocast: bool = False
+    """Run the forward pass (the SAEs' matmuls; end-to-end: the model's too) in bfloat16 under torch.autocast.
+    Weights, gradients, optimiser state and losses stay float32. Fast on GPUs and on CPUs with bfloat16
+    instructions (avx512_bf16 / AMX); slow on CPUs without them."""
     distributed: Literal["data", "module"] = "data"
     """Under torchrun with several processes: 'data' (each rank trains replicas of every SAE on its own share of
     the data, batch_size split between ranks, gradients averaged) or 'module' (the SAEs are dealt out to the

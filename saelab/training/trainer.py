@@ -198,14 +198,16 @@ class Trainer:
         return self.finish()
 
     def train_step(self, batch: Batch) -> None:
-        if self.splicer is not None:
-            forwards, run = self.splicer.run(batch, self.units)
-        else:
-            forwards, run = {unit.name: self._local_forward(unit, batch) for unit in self.units}, None
-        unit_terms = {unit.name: self._terms(unit, forwards[unit.name]) for unit in self.units}
-        model_terms = {o.name: term for o in self.model_objectives if (term := o(run)) is not None} if run else {}
+        device_type = self.units[0].sae.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            if self.splicer is not None:
+                forwards, run = self.splicer.run(batch, self.units)
+            else:
+                forwards, run = {unit.name: self._local_forward(unit, batch) for unit in self.units}, None
+            unit_terms = {unit.name: self._terms(unit, forwards[unit.name]) for unit in self.units}
+            model_terms = {o.name: term for o in self.model_objectives if (term := o(run)) is not None} if run else {}
         self._check_finite(unit_terms, model_terms)
-        loss = torch.stack([t for terms in [*unit_terms.values(), model_terms] for t in terms.values()]).sum()
+        loss = torch.stack([t.float() for terms in [*unit_terms.values(), model_terms] for t in terms.values()]).sum()
         for unit in self.units:
             unit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
