@@ -7,8 +7,10 @@ Bounds, from one fp32 (batch x d_in x d_sae) matmul timed here into a preallocat
   encoder weight gradient): what any dense SAE step must do;
 - sparse bound = 1 matmul (the encoder forward): with k << d_sae, TopK's decoder and both weight gradients
   can be sparse.
-Each case runs in its own process, so its peak resident memory is its own. Harvesting is compared with the
-bare model forward stopped at the same block. Figures are from one run: compare ratios, not absolute numbers.
+Each case runs twice, in float32 and under `train.autocast` (bfloat16 matmuls, float32 weights), against bounds
+from a float32 and a bfloat16 matmul respectively. Each case runs in its own process, so its peak resident
+memory is its own. Harvesting, in float32 and with the model in bfloat16, is compared with the bare model
+forward stopped at the same block. Figures are from one run: compare ratios, not absolute numbers.
 """
 
 from __future__ import annotations
@@ -44,12 +46,13 @@ def timed(fn, seconds: float = 4.0) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def matmul_seconds(batch: int, d_in: int, d_sae: int) -> float:
-    a, b, out = torch.randn(batch, d_in), torch.randn(d_in, d_sae), torch.empty(batch, d_sae)
+def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(batch, d_in, dtype=dtype), torch.randn(d_in, d_sae, dtype=dtype)
+    out = torch.empty(batch, d_sae, dtype=dtype)
     return timed(lambda: torch.mm(a, b, out=out))
 
 
-def run_case(name: str, batch: int, d_in: int, d_sae: int) -> dict:
+def run_case(name: str, batch: int, d_in: int, d_sae: int, autocast: bool = False) -> dict:
     """Train-step time and peak memory of one case (run in a fresh process)."""
     import saelab
     from saelab.training import TrainConfig, Trainer
@@ -60,19 +63,21 @@ def run_case(name: str, batch: int, d_in: int, d_sae: int) -> dict:
     sae = saelab.create_sae(architecture, d_in=d_in, d_sae=d_sae, **options)
     if dense and architecture == "topk":
         sae.sparse_training = False
-    trainer = Trainer(sae, TrainConfig(total_tokens=10**12, batch_size=batch, progress_bar=False))
+    config = TrainConfig(total_tokens=10**12, batch_size=batch, progress_bar=False, autocast=autocast)
+    trainer = Trainer(sae, config)
     trainer.prepared = True
     x = torch.randn(batch, d_in) * 3
     seconds = timed(lambda: trainer.train_step(x))
     return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def harvest_rates(layers: list[int], contexts: int = 16, context_size: int = 128) -> list[tuple[int, float, float]]:
+def harvest_rates(layers: list[int], dtype: str = "float32", contexts: int = 16, context_size: int = 128
+                  ) -> list[tuple[int, float, float]]:
     """(layer, harvest tokens/s, bare forward tokens/s) on the default model."""
     from saelab.data.activation_store import Harvester
     from saelab.models import load_model
 
-    model = load_model()
+    model = load_model(dtype=dtype)
     tokens = torch.randint(3, 40000, (contexts, context_size))
     tokens[:, 0] = model.tokenizer.bos_token_id
     results = []
@@ -98,35 +103,44 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also d_in 2304, d_sae 16384 (a 2B model's width)")
     parser.add_argument("--no-model", action="store_true", help="skip the harvesting benchmark (needs the default model)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case in a subprocess
+    parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)  # internal, with --case
     args = parser.parse_args()
     from saelab.training.memory import keep_freed_memory
 
     keep_freed_memory()
     if args.case:
-        print(json.dumps(run_case(args.case, args.batch, args.d_in, args.d_sae)))
+        print(json.dumps(run_case(args.case, args.batch, args.d_in, args.d_sae, args.autocast)))
         return
     shapes = [(args.batch, args.d_in, args.d_sae)] + ([(args.batch, 2304, 16384)] if args.large else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for b, d, n in shapes:
-        gemm = matmul_seconds(b, d, n)
-        print(f"\nbatch {b}, d_in {d}, d_sae {n}: one matmul {gemm * 1e3:.1f} ms = {2 * b * d * n / gemm / 1e9:.0f} GFLOP/s")
-        print(f"{'SAE step':<16}{'tokens/s':>10}{'ms/step':>9}{'peak MiB':>10}{'/ dense bound':>15}{'/ sparse bound':>16}")
+        gemm, gemm16 = matmul_seconds(b, d, n), matmul_seconds(b, d, n, torch.bfloat16)
+        print(f"\nbatch {b}, d_in {d}, d_sae {n}: one matmul {gemm * 1e3:.1f} ms float32 "
+              f"({2 * b * d * n / gemm / 1e9:.0f} GFLOP/s), {gemm16 * 1e3:.1f} ms bfloat16")
+        print(f"{'SAE step':<16}{'tokens/s':>10}{'ms/step':>9}{'peak MiB':>10}{'/ dense bound':>15}{'/ sparse bound':>16}"
+              f"{'autocast tok/s':>16}{'speed-up':>10}{'/ bf16 bound':>14}")
         speeds = {}
         for name, (_, _, dense) in CASES.items():
-            out = subprocess.run([sys.executable, __file__, "--case", name, "--batch", str(b), "--d_in", str(d),
-                                  "--d_sae", str(n)], capture_output=True, text=True, check=True)
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            seconds = result["seconds"]
-            speeds[name] = b / seconds
-            sparse = "" if dense else f"{gemm / seconds:>16.2f}"
-            print(f"{name:<16}{b / seconds:>10.0f}{seconds * 1e3:>9.1f}{result['peak_mib']:>10.0f}"
-                  f"{5 * gemm / seconds:>15.2f}{sparse}")
+            seconds, peak = {}, 0.0
+            for autocast in (False, True):
+                command = [sys.executable, __file__, "--case", name, "--batch", str(b), "--d_in", str(d), "--d_sae", str(n)]
+                out = subprocess.run(command + ["--autocast"] * autocast, capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                seconds[autocast] = result["seconds"]
+                peak = peak or result["peak_mib"]
+            speeds[name] = b / seconds[False]
+            bound, bound16 = (5 * gemm, 5 * gemm16) if dense else (gemm, gemm16)
+            dense_ratio = f"{5 * gemm / seconds[False]:>15.2f}" if dense else f"{'':>15}"
+            sparse_ratio = f"{'':>16}" if dense else f"{bound / seconds[False]:>16.2f}"
+            print(f"{name:<16}{b / seconds[False]:>10.0f}{seconds[False] * 1e3:>9.1f}{peak:>10.0f}{dense_ratio}{sparse_ratio}"
+                  f"{b / seconds[True]:>16.0f}{seconds[False] / seconds[True]:>9.1f}x{bound16 / seconds[True]:>14.2f}")
         print(f"sparse over dense TopK: {speeds['topk'] / speeds['topk (dense)']:.1f}x")
     if not args.no_model:
-        print("\nharvesting SmolLM2-135M, 16 x 128 tokens:")
-        for layer, harvest, bare in harvest_rates([5, 15, 29]):
-            print(f"  blocks.{layer}.hook_resid_post: {harvest:,.0f} tokens/s; bare forward to that block {bare:,.0f}; "
-                  f"overhead {100 * (bare / harvest - 1):+.1f}%")
+        for dtype in ("float32", "bfloat16"):
+            print(f"\nharvesting SmolLM2-135M in {dtype}, 16 x 128 tokens:")
+            for layer, harvest, bare in harvest_rates([5, 15, 29], dtype):
+                print(f"  blocks.{layer}.hook_resid_post: {harvest:,.0f} tokens/s; bare forward to that block {bare:,.0f};"
+                      f" overhead {100 * (bare / harvest - 1):+.1f}%")
 
 
 if __name__ == "__main__":
