@@ -170,7 +170,7 @@ def activation_source(config: RunConfig, dist: Distributed | None = None
         info = {k: v for k, v in cached.metadata.items() if k not in ("shards", "hooks", "format", "hook_layers")}
         layers = {h: cached.metadata.get("hook_layers", {}).get(h) for h in hooks}
         return cached, {h: cached.widths[h] for h in hooks}, info, layers, None
-    model = pipeline.open_model(config.model)
+    model = pipeline.open_model(config.model, backpropagate=config.objective.end_to_end)
     if config.objective.end_to_end:
         source = pipeline.model_contexts(model, config.data, batch_size, shard)
     else:

@@ -121,3 +121,24 @@ def test_auto_dtype_is_bfloat16_only_where_it_is_fast(monkeypatch):
     with pytest.raises(ValueError, match="unknown dtype 'bf16'"):
         loading.resolve_dtype("bf16")
     assert loading.fast_bfloat16("mps") is False
+
+
+def test_auto_dtype_keeps_float32_when_gradients_flow_through_the_model(tmp_path, monkeypatch):
+    """Harvesting under 'auto' loads bfloat16 where it is fast; end-to-end training (backpropagation through the
+    model) keeps float32 unless bfloat16 is named."""
+    from tiny import save_tiny_model
+
+    from saelab.data.pipeline import open_model
+    from saelab.models import loading
+    from saelab.models.config import ModelConfig
+
+    folder = str(save_tiny_model(tmp_path / "model"))
+    monkeypatch.setattr(loading, "fast_bfloat16", lambda device: True)
+
+    def dtype_of(config, **options):
+        return next(open_model(config, **options).model.parameters()).dtype
+
+    assert dtype_of(ModelConfig(name=folder)) == torch.bfloat16
+    assert dtype_of(ModelConfig(name=folder), backpropagate=True) == torch.float32
+    assert dtype_of(ModelConfig(name=folder, dtype="bfloat16"), backpropagate=True) == torch.bfloat16
+    assert dtype_of(ModelConfig(name=folder, dtype="float32")) == torch.float32

@@ -16,8 +16,11 @@ from saelab.models.hooks import HookedModel
 from saelab.models.loading import load_model
 
 
-def open_model(config: ModelConfig) -> HookedModel:
-    return load_model(config.name, dtype=config.dtype, device=config.device)
+def open_model(config: ModelConfig, backpropagate: bool = False) -> HookedModel:
+    """The configured model. `backpropagate`: gradients will flow through it (end-to-end training), so 'auto'
+    keeps float32 there; bfloat16 only when asked for by name."""
+    dtype = "float32" if backpropagate and config.dtype == "auto" else config.dtype
+    return load_model(config.name, dtype=dtype, device=config.device)
 
 
 def make_harvester(model: HookedModel, data: DataConfig, hook_names: Sequence[str]) -> Harvester:

@@ -17,7 +17,8 @@ class ModelConfig:
     """Hook point the SAE reads (an alias such as blocks.5.hook_resid_post, or a module path [':input'])."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype: float32, bfloat16, float16, or auto = bfloat16 where the hardware runs it fast (CUDA GPUs with
-    bfloat16; CPUs with avx512_bf16 or AMX), else float32. The SAEs train in their own dtype (float32) either
-    way; bfloat16 only rounds the activations they read, and harvests ~2.7x faster on such a CPU."""
+    bfloat16; CPUs with avx512_bf16 or AMX), else float32; end-to-end training, which backpropagates through the
+    model, keeps float32 under auto. The SAEs train in their own dtype (float32) either way; bfloat16 only rounds
+    the activations they read, and harvests ~2.7x faster on such a CPU."""
     device: str = "cpu"
     """Device of the model and of the activations."""
