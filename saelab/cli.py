@@ -275,7 +275,7 @@ def _model_and_data(sae, args: argparse.Namespace, flag_names: list[str]):
         raise ConfigError(f"unknown data option {sorted(unknown)[0]}")
     model_options = overrides.get("model", {})
     model = load_model(model_options.get("name", sae.cfg.model_name or "smollm2-135m"),
-                       model_options.get("dtype", "float32"), model_options.get("device", "cpu"))
+                       model_options.get("dtype", "auto"), model_options.get("device", "cpu"))
     if "hook_name" in model_options:
         sae.cfg.hook_name = model_options["hook_name"]
     return model, data_config_of(sae, **data_overrides)

@@ -86,10 +86,16 @@ def test_identity_sae_recovers_everything_and_a_zero_sae_nothing(tiny):
     assert nothing["kl_div_with_ablation"] > 1e-3  # ablation does change this (random, flat) model
 
 
-def test_with_the_error_term_any_sae_gives_the_clean_logits(tiny):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_with_the_error_term_any_sae_gives_the_clean_logits(tiny, dtype):
+    """Also exact with the model in bfloat16 and the SAE in float32."""
     model, data = tiny
+    model.model.to(getattr(torch, dtype))
     sae = saelab.create_sae("topk", d_in=32, d_sae=64, k=3, hook_name=HOOK)  # random: a poor SAE
-    result = run(model, data, sae)
+    try:
+        result = run(model, data, sae)
+    finally:
+        model.model.to(torch.float32)
     assert result["kl_div_with_sae"] > 1e-3
     assert result["kl_div_with_sae_and_error"] == pytest.approx(0.0, abs=1e-9)
     assert result["ce_loss_with_sae_and_error"] == pytest.approx(result["ce_loss_without_sae"], abs=1e-6)

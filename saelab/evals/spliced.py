@@ -55,9 +55,9 @@ class SplicedEvaluation:
                 x = captured[hook_in] if hook_in != hook_out else out
                 if mode == "zero":
                     return _replace(keep, torch.zeros_like(out), out)
-                recon = sae(x.to(sae.device, sae.dtype)).to(out.dtype)
-                if mode == "sae+error":
-                    recon = recon + (out - recon)
+                recon = sae(x.to(sae.device, sae.dtype))
+                if mode == "sae+error":  # in the SAE's dtype: a bfloat16 model gets its activation back exactly
+                    recon = recon + (out.to(recon) - recon)
                 return _replace(keep, recon, out)
 
             return replace
