@@ -17,7 +17,7 @@ import torch
 import saelab
 
 RUN = ["--source", "synthetic", "--synthetic.d_in", "16", "--synthetic.n_features", "32",
-       "--train.total_tokens", "256000", "--train.batch_size", "256", "--train.checkpoint_every", "5",
+       "--train.total_tokens", "512000", "--train.batch_size", "256", "--train.checkpoint_every", "5",
        "--train.keep_checkpoints", "2", "--train.progress_bar", "false"]
 
 
@@ -36,7 +36,9 @@ def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list
         args = ["train", "--resume", str(out)] if started else ["train", *run, *extra, "--out_dir", str(out)]
         process = subprocess.Popen(saelab_command(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < kills:
-            time.sleep(rng.uniform(1.5, 4.5))  # python + torch start-up takes ~1.5 s, the run ~5 s more
+            # python + torch start-up takes ~1.5 s and the run ~6 s more: at most 2 s of progress per attempt, so at
+            # least two kills land on a running process
+            time.sleep(rng.uniform(1.5, 3.5))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 interrupted += 1
