@@ -116,10 +116,13 @@ def test_module_parallel_trains_each_layer_on_its_rank_as_one_process_would(tiny
     assert '"early"' in summary and '"late"' in summary
 
 
-def test_module_parallel_resumes_from_a_checkpoint_exactly(tiny, tmp_path):
+@pytest.mark.parametrize("mode", ["module", "data"])
+def test_two_ranks_resume_from_a_checkpoint_exactly(tiny, tmp_path, mode):
+    """Both ranks die after the first checkpoint; resuming ends with the uninterrupted run's weights (data
+    parallel: each rank's own data position and shuffle buffer come back)."""
     import shutil
 
-    run = tiny_run(tiny, tmp_path / "run", "module", checkpoint_every=4)
+    run = tiny_run(tiny, tmp_path / "run", mode, checkpoint_every=4)
     run_ranks(saelab_train_worker, run)
     finished = {n: saelab.load_sae(tmp_path / "run" / n) for n in ("early", "late")}
     checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
