@@ -19,6 +19,6 @@ class ModelConfig:
     """Model dtype: float32, bfloat16, float16, or auto = bfloat16 where the hardware runs it fast (CUDA GPUs with
     bfloat16; CPUs with avx512_bf16 or AMX), else float32; end-to-end training, which backpropagates through the
     model, keeps float32 under auto. The SAEs train in their own dtype (float32) either way; bfloat16 only rounds
-    the activations they read, and harvests ~2.7x faster on such a CPU."""
+    the activations they read, and harvests ~3x faster on such a CPU."""
     device: str = "cpu"
     """Device of the model and of the activations."""
