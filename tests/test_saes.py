@@ -78,6 +78,28 @@ def test_jumprelu_threshold_gradient_only_inside_the_kernel():
     assert sae.log_threshold.grad[2] == 0
 
 
+def test_jumprelu_training_gradients_match_the_straight_through_formulas():
+    """Against the formulas written out plainly: for loss = sum(w * latents) + L0, d/dx = w * H(x - t) and
+    d/d(log t) = t * [-(t / bw) * sum_tokens w * K - (1 / bw) * sum_tokens K / tokens], K the rectangle kernel."""
+    torch.manual_seed(0)
+    bandwidth = 0.3
+    sae = saelab.create_sae("jumprelu", 4, 32, bandwidth=bandwidth, init_threshold=1.0)
+    with torch.no_grad():
+        sae.log_threshold.add_(torch.randn(32) * 0.2)
+    t = sae.log_threshold.exp().detach()
+    x = (t + torch.randn(2, 50, 32) * 0.3).requires_grad_(True)  # (batch, positions, d_sae), many near t
+    w = torch.randn(2, 50, 32)
+    out = TrainOutput(sae_in=torch.zeros(100, 4), hidden_pre=x, latents=x, output=torch.zeros(100, 4))
+    loss = (w * sae.activate(x)).sum() + sae.sparsity_loss(out)
+    loss.backward()
+    kernel = ((x.detach() - t) / bandwidth).abs() < 0.5
+    assert 0 < kernel.sum() < kernel.numel()
+    assert torch.allclose(x.grad, w * (x.detach() > t))
+    d_threshold = -(t / bandwidth) * (w * kernel).sum((0, 1)) - (1 / bandwidth) * kernel.sum((0, 1)) / 100
+    assert torch.allclose(sae.log_threshold.grad, d_threshold * t, atol=1e-5)
+    assert float(sae.sparsity_loss(out).detach()) == pytest.approx(float((x > t).sum()) / 100)
+
+
 def test_jumprelu_inference_is_relu_above_threshold():
     sae = randomised(saelab.create_sae("jumprelu", 8, 16))
     x = torch.randn(10, 8)

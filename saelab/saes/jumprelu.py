@@ -17,8 +17,12 @@ from torch import Tensor
 from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
 
 
-def rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u)
+def in_window(x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """The rectangle kernel K((x - threshold) / bandwidth) as float32 0/1, flattened to (tokens, d_sae): 1 where
+    x is within bandwidth / 2 of its latent's threshold."""
+    x = x.reshape(-1, x.shape[-1])
+    half = bandwidth / 2
+    return ((x > threshold - half) & (x < threshold + half)).float()
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -33,27 +37,28 @@ class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         x, threshold = ctx.saved_tensors
-        kernel = rectangle((x - threshold) / ctx.bandwidth)
-        grad_x = (x > threshold).to(x) * grad
-        grad_threshold = (-(threshold / ctx.bandwidth) * kernel * grad).reshape(-1, x.shape[-1]).sum(0)
-        return grad_x, grad_threshold, None
+        grad_x = (x > threshold).to(grad) * grad
+        # summed over tokens first, scaled per latent after: no full-size pass for the scale
+        summed = (in_window(x, threshold, ctx.bandwidth) * grad.reshape(-1, x.shape[-1])).sum(0)
+        return grad_x, -(threshold / ctx.bandwidth) * summed, None
 
 
-class _Step(torch.autograd.Function):
-    """H(x - threshold); d/dthreshold = -(1 / bandwidth) * K((x - threshold) / bandwidth)."""
+class _FiringCount(torch.autograd.Function):
+    """Per token, the number of latents above their thresholds: sum_i H(x_i - threshold_i);
+    d/dthreshold_i = -(1 / bandwidth) * K((x_i - threshold_i) / bandwidth). The counts, not the (tokens, d_sae)
+    steps, are the output, so the backward is one matrix-vector product over the kernel."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(x, threshold)
         ctx.bandwidth = bandwidth
-        return (x > threshold).to(x)
+        return (x > threshold).float().sum(dim=-1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
         x, threshold = ctx.saved_tensors
-        kernel = rectangle((x - threshold) / ctx.bandwidth)
-        grad_threshold = (-(1.0 / ctx.bandwidth) * kernel * grad).reshape(-1, x.shape[-1]).sum(0)
-        return None, grad_threshold, None
+        per_latent = grad.reshape(-1).float() @ in_window(x, threshold, ctx.bandwidth)
+        return None, (-(1.0 / ctx.bandwidth) * per_latent).to(threshold.dtype), None
 
 
 @dataclass
@@ -89,8 +94,7 @@ class JumpReLUSAE(SAE):
         return torch.relu(hidden_pre) * (hidden_pre > self.threshold).to(hidden_pre)
 
     def sparsity_loss(self, out: TrainOutput) -> Tensor:
-        fired = _Step.apply(out.hidden_pre, self.log_threshold.exp(), self.cfg.bandwidth)
-        return fired.sum(dim=-1).mean()
+        return _FiringCount.apply(out.hidden_pre, self.log_threshold.exp(), self.cfg.bandwidth).mean()
 
     @torch.no_grad()
     def update_after_step(self, out: TrainOutput) -> None:
