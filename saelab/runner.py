@@ -282,6 +282,8 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resu
             for name, recovery in found.items():
                 summary[name]["feature_recovery"] = recovery
             atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    if dist is not None:
+        dist.close()
     return saes
 
 

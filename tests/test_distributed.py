@@ -65,6 +65,7 @@ def data_parallel_worker(rank, architecture, data, out):
     trainer = Trainer(new_sae(architecture), config(), out_dir=out, dist=dist)
     sae = trainer.fit(TensorSource(mine, HALF, shuffle=False))["sae"]
     save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+    dist.close()
 
 
 @pytest.mark.parametrize("architecture", ["standard", "topk"])
@@ -164,3 +165,18 @@ def test_a_failed_rank_is_a_clear_error_not_a_hang(tmp_path):
         run_ranks(failing_worker, tmp_path)
     message = (tmp_path / "error.txt").read_text()
     assert message.startswith("rank 0: all-reduce of gradients failed") and "another rank" in message
+
+
+def test_close_ends_only_a_group_saelab_started(monkeypatch):
+    """train() ends the process group it started (so no rank tears gloo down at exit while another still uses it),
+    but leaves a group the caller started alone."""
+    calls = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    from saelab.training.distributed import Distributed
+
+    Distributed(0, 2, owns_group=False).close()
+    assert calls == ["barrier"]
+    Distributed(0, 2, owns_group=True).close()
+    assert calls == ["barrier", "barrier", "destroy"]

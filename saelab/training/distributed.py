@@ -37,6 +37,7 @@ class Distributed:
     rank: int
     world_size: int
     mode: Mode = "data"
+    owns_group: bool = False  # this process group was started by init_distributed, so close() ends it
 
     @property
     def is_main(self) -> bool:
@@ -93,15 +94,23 @@ class Distributed:
     def barrier(self) -> None:
         self._run("barrier", dist.barrier)
 
+    def close(self) -> None:
+        """Wait for every rank, then end the process group if saelab started it. Leaving it to interpreter
+        exit lets one rank tear down gloo while another still talks to it (an abort, seen here now and then)."""
+        self.barrier()
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def init_distributed(mode: Mode = "data", timeout_seconds: float = 600) -> Distributed | None:
     """Join the process group torchrun describes (WORLD_SIZE > 1), or None for a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return None
-    if not dist.is_initialized():
+    started = not dist.is_initialized()
+    if started:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
-    return Distributed(dist.get_rank(), dist.get_world_size(), mode)
+    return Distributed(dist.get_rank(), dist.get_world_size(), mode, owns_group=started)
