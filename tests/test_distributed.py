@@ -42,7 +42,8 @@ def _enter(rank, fn, args):
     fn(rank, *args)
     # Skip interpreter finalization in these spawned children: there, now and then (about one run in ten of this
     # file), a native thread aborts the finished process ("terminate called without an active exception") even
-    # after train() has ended the process group. The same runs under torchrun (10 of 10) never did.
+    # after train() has ended the process group. The same jobs outside pytest (torchrun 10 of 10, a plain
+    # mp.spawn script 16 of 16) never did.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
