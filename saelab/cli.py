@@ -265,8 +265,9 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
 def _model_and_data(sae, args: argparse.Namespace, flag_names: list[str]):
     """The model and data settings of a saved SAE (from its cfg.json), with --model.* / --data.* overrides."""
     from saelab.data.config import DataConfig
+    from saelab.data.pipeline import open_model
     from saelab.evals.evaluate import data_config_of
-    from saelab.models import load_model
+    from saelab.models.config import ModelConfig
 
     overrides = _overrides(args, flag_names)
     data_overrides = overrides.get("data", {})
@@ -274,8 +275,7 @@ def _model_and_data(sae, args: argparse.Namespace, flag_names: list[str]):
     if unknown:
         raise ConfigError(f"unknown data option {sorted(unknown)[0]}")
     model_options = overrides.get("model", {})
-    model = load_model(model_options.get("name", sae.cfg.model_name or "smollm2-135m"),
-                       model_options.get("dtype", "auto"), model_options.get("device", "cpu"))
+    model = open_model(ModelConfig(**{"name": sae.cfg.model_name or ModelConfig.name, **model_options}))
     if "hook_name" in model_options:
         sae.cfg.hook_name = model_options["hook_name"]
     return model, data_config_of(sae, **data_overrides)
