@@ -317,7 +317,8 @@ def test_fold_W_dec_norm_gives_unit_decoder_rows_and_the_same_outputs(architectu
         assert torch.allclose(folded.encode(x), sae.encode(x) * sae.W_dec.norm(dim=1), atol=1e-5)
     folded.train()  # the training-mode forward (log thresholds, batch selection) agrees too
     with torch.no_grad():
-        assert torch.allclose(folded.training_forward(x).output, sae.clone().train().training_forward(x).output, atol=1e-5)
+        trained = sae.clone().train().training_forward(x).output
+        assert torch.allclose(folded.training_forward(x).output, trained, atol=1e-5)
 
 
 @pytest.mark.parametrize("architecture", sorted(SELECTS_BY_SIZE))
