@@ -100,7 +100,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
 
     train = commands.add_parser(
         "train",
-        help="train SAEs (with no flags: a TopK SAE on SmolLM2-135M's residual stream and the built-in text)",
+        help="train SAEs (with no flags: a TopK SAE on the residual stream of SmolLM2-135M-Instruct (Q4_1 GGUF, "
+             "run in float32) and the built-in text)",
         description="Train SAEs. Settings come from the defaults, then --config FILE (YAML), then --section.key flags.",
     )
     train.add_argument("--config", metavar="FILE", help="YAML run config (see examples/)")

@@ -178,6 +178,44 @@ def test_streaming_histogram_density_and_means_equal_brute_force():
         assert width > float(batches[0][1][..., latent].max()) / 8  # the first batch's width was doubled
 
 
+def test_interval_samples_are_tokens_of_their_interval_and_counts_are_exact():
+    batches = random_batches()
+    stats = stream(batches, window=(3, 2), n_bins=8, quantile_intervals=4, samples_per_interval=3)
+    tokens = torch.cat([t for t, _ in batches])
+    latents = torch.cat([a for _, a in batches])
+    for latent in range(10):
+        acts = latents[..., latent]
+        width = float(stats.interval_width[latent])
+        interval = (acts / width).long().clamp(max=3)
+        for i in range(4):
+            members = (acts > 0) & (interval == i)
+            assert stats.interval_counts[latent, i] == int(members.sum())
+            sampled = stats.interval_tokens[latent, i, :, 3] >= 0
+            assert int(sampled.sum()) == min(3, int(members.sum()))
+            for sample in sampled.nonzero().flatten().tolist():
+                window_acts = stats.interval_acts[latent, i, sample]
+                context, position = (acts == window_acts[3]).nonzero()[0].tolist()  # values are distinct
+                assert members[context, position]
+                for offset in range(-3, 3):
+                    where = position + offset
+                    expected = int(tokens[context, where]) if 0 <= where < 20 else -1
+                    assert stats.interval_tokens[latent, i, sample, offset + 3] == expected
+
+
+def test_interval_samples_are_uniform_across_batches_and_bin_merges():
+    """Each of 12 tokens in one interval is kept equally often, though later batches double the bin width."""
+    values = [[0.5, 0.6, 0.7, 0.8], [1.1, 1.2, 1.3, 1.4], [2.5, 2.6, 2.7, 2.8]]  # widths double as these arrive
+    chosen = torch.zeros(12)
+    for seed in range(300):
+        stats = FeatureStatistics(1, top_k=1, window=(0, 0), n_bins=4, quantile_intervals=1, samples_per_interval=2,
+                                  seed=seed)
+        for batch in values:
+            stats.add(torch.zeros(1, 4, dtype=torch.long), torch.tensor(batch).reshape(1, 4, 1))
+        for value in stats.result().interval_acts[0, 0, :, 0].tolist():
+            chosen[[v for row in values for v in row].index(pytest.approx(value))] += 1
+    assert chosen.sum() == 600 and chosen.min() > 25 and chosen.max() < 80  # 50 each expected
+
+
 def test_latents_that_never_fire_have_no_contexts_and_masked_positions_do_not_count():
     tokens = torch.arange(12).reshape(2, 6)
     latents = torch.zeros(2, 6, 3)
@@ -280,26 +318,52 @@ def test_dashboard_files_hold_every_latent_and_replace_an_old_dashboard(tiny, tm
 
 
 def test_neuronpedia_export_has_their_batch_format(tiny, tmp_path):
+    """What Neuronpedia's importer (convert-saedashboard-to-neuronpedia-export) reads, as SAEDashboard writes it."""
     model, data, _ = tiny
-    stats = feature_statistics(random_sae(k=4), model, data, n_contexts=8, batch_contexts=4, top_k=2)
+    stats = feature_statistics(random_sae(k=4), model, data, n_contexts=8, batch_contexts=4, top_k=2,
+                               window=(5, 2))
     out = export_neuronpedia(stats, model.tokenizer, tmp_path / "np", model_id="tiny", sae_set="res-test", layer=1,
                              features_per_batch=50)
     batches = sorted(out.glob("batch-*.json"))
     assert [b.name for b in batches] == ["batch-0.json", "batch-1.json"]
     first = json.loads(batches[0].read_text())
-    assert first["model_id"] == "tiny" and first["layer"] == 1 and first["sae_set"] == "res-test"
+    assert (first["model_id"], first["layer"], first["sae_set"], first["sae_id_suffix"]) == ("tiny", 1, "res-test", "")
     features = first["features"] + json.loads(batches[1].read_text())["features"]
     assert [f["feature_index"] for f in features] == list(range(64))
-    feature = next(f for f in features if f["activations"])
+    feature = max(features, key=lambda f: len(f["activations"]))
     for key in ("pos_str", "pos_values", "neg_str", "neg_values", "frac_nonzero", "freq_hist_data_bar_values",
                 "freq_hist_data_bar_heights", "logits_hist_data_bar_values", "logits_hist_data_bar_heights",
-                "n_prompts_total", "n_tokens_in_prompt", "dataset", "neuron_alignment_indices"):
+                "n_prompts_total", "n_tokens_in_prompt", "dataset", "neuron_alignment_indices", "decoder_weights_dist"):
         assert key in feature
-    activation = feature["activations"][0]
-    assert len(activation["tokens"]) == len(activation["values"]) and max(activation["values"]) == pytest.approx(
-        activation["bin_max"], abs=1e-3)
-    assert sum(feature["freq_hist_data_bar_heights"]) == int(stats.firing_counts[feature["feature_index"]])
+    assert feature["n_tokens_in_prompt"] == 5 + 1 + 2  # the windows shown, not the 16-token contexts
+    latent = feature["feature_index"]
+    top, intervals = feature["activations"][:2], feature["activations"][2:]
+    assert [(a["bin_min"], a["bin_contains"]) for a in top] == [(-1, -1)] * 2
+    assert max(top[0]["values"]) == pytest.approx(top[0]["bin_max"], abs=1e-3)
+    assert intervals, "activations sampled per interval of the activation range follow the top contexts"
+    for activation in feature["activations"]:
+        assert len(activation["tokens"]) == len(activation["values"]) <= 8
+        qualifying = activation["values"][activation["qualifying_token_index"]]
+        if activation["bin_min"] >= 0:
+            assert activation["bin_min"] - 1e-3 <= qualifying <= activation["bin_max"] + 1e-3
+    bins = {(a["bin_min"], a["bin_max"]): a["bin_contains"] for a in intervals}
+    assert [low for low, _ in bins] == sorted((low for low, _ in bins), reverse=True)  # highest interval first
+    in_bins = sum(contains for contains in bins.values()) * stats.n_tokens
+    assert in_bins <= int(stats.firing_counts[latent]) + 1e-6 and in_bins > 0
+    assert sum(feature["freq_hist_data_bar_heights"]) == int(stats.firing_counts[latent])
     assert json.loads((out / "run_settings.json").read_text())["n_features"] == 64
+
+
+def test_neuronpedia_export_refuses_an_unknown_layer(tiny, tmp_path):
+    model, data, _ = tiny
+    stats = feature_statistics(random_sae(k=4), model, data, n_contexts=4, batch_contexts=4, top_k=1)
+    assert stats.info["hook_layer"] == 1  # the model's layer of the SAE's hook, blocks.1.hook_resid_post
+    out = export_neuronpedia(stats, model.tokenizer, tmp_path / "np", model_id="tiny", sae_set="s")
+    assert json.loads((out / "batch-0.json").read_text())["layer"] == 1
+    stats.info["hook_layer"] = None  # e.g. statistics of an SAE read from a hook outside the blocks
+    with pytest.raises(ValueError, match="layer of this SAE's hook .* is not known"):
+        export_neuronpedia(stats, model.tokenizer, tmp_path / "np2", model_id="tiny", sae_set="s")
+    assert not (tmp_path / "np2").exists()
 
 
 def test_dashboard_command(tiny, tmp_path, capsys):
@@ -316,6 +380,7 @@ def test_dashboard_command(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "dashboard ->" in printed and (tmp_path / "sae" / "dashboard" / "index.html").exists()
     assert (tmp_path / "sae" / "feature_stats.safetensors").exists() and (tmp_path / "np" / "batch-0.json").exists()
+    assert json.loads((tmp_path / "np" / "batch-0.json").read_text())["layer"] == 1  # from the hook, not cfg
     with pytest.raises(SystemExit) as exit_info:
         main(["dashboard", str(tmp_path / "sae"), "--n_contxts", "8"])
     assert exit_info.value.code == 2 and "did you mean --n_contexts" in capsys.readouterr().err

@@ -174,19 +174,54 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+SAEBENCH_CFG_READS = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos",
+                      "dataset_path", "dataset_trust_remote_code", "exclude_special_tokens",
+                      "model_from_pretrained_kwargs", "d_in", "d_sae", "architecture", "dtype", "device")
+"""What SAEBench 0.6 reads from `sae.cfg` (custom_saes/base_sae.py, sae_bench_utils/general_utils.py, and the
+core, sparse_probing and absorption evals); `_standardize_sae_cfg` also writes each onto cfg and cfg.metadata."""
+
+
 @pytest.mark.parametrize("architecture", saelab.available_architectures())
-def test_every_sae_meets_saebench_custom_sae_contract(architecture):
-    """What SAEBench reads from a custom SAE: weights, encode/decode, and these cfg fields and properties."""
-    sae = saelab.create_sae(architecture, d_in=D_IN, d_sae=D_SAE, model_name="m", hook_name="blocks.2.hook_resid_post",
-                            hook_layer=2)
-    for name in ("W_enc", "W_dec", "b_dec"):
+def test_every_sae_meets_saebench_custom_sae_contract(architecture, tmp_path):
+    """What SAEBench reads from and writes to a custom SAE: weights, encode/decode, cfg fields filled from the
+    run's data settings, metadata by attribute, a JSON-ready cfg.to_dict(), dtype kept by sae.to(...)."""
+    from saelab.data.config import DataConfig
+    from saelab.data.pipeline import data_info
+    from saelab.models.config import ModelConfig
+    from saelab.training.specs import build_sae
+
+    origin = {**data_info(ModelConfig(name="m"), DataConfig(dataset="corpus.txt", context_size=64, prepend_bos=False)),
+              "hook_name": "blocks.2.hook_resid_post", "hook_layer": 2}
+    options = {"k": 4} if architecture in ("topk", "batchtopk", "matryoshka") else {}
+    sae = build_sae({"architecture": architecture, "d_sae": D_SAE, **options}, D_IN, origin)
+    for name in ("W_enc", "W_dec", "b_dec", "b_mag" if architecture == "gated" else "b_enc"):
         assert isinstance(getattr(sae, name), torch.Tensor)
     assert sae.W_enc.shape == (D_IN, D_SAE) and sae.W_dec.shape == (D_SAE, D_IN)
-    assert (sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.hook_layer, sae.cfg.d_in, sae.cfg.d_sae) == \
-        ("m", "blocks.2.hook_resid_post", 2, D_IN, D_SAE)
-    assert sae.dtype == torch.float32 and sae.device == torch.device("cpu") and sae.cfg.dtype == "float32"
+    cfg = sae.cfg
+    assert {name: getattr(cfg, name) for name in SAEBENCH_CFG_READS} == {
+        "model_name": "m", "hook_name": "blocks.2.hook_resid_post", "hook_layer": 2, "hook_head_index": None,
+        "context_size": 64, "prepend_bos": False, "dataset_path": "corpus.txt", "dataset_trust_remote_code": False,
+        "exclude_special_tokens": True, "model_from_pretrained_kwargs": {}, "d_in": D_IN, "d_sae": D_SAE,
+        "architecture": architecture, "dtype": "float32", "device": "cpu"}
+    assert sae.dtype == torch.float32 and sae.device == torch.device("cpu")
+    assert not sae.hook_z_reshaping_mode
+    sae.turn_off_forward_pass_hook_z_reshaping()
     x = torch.randn(3, 4, D_IN)
     assert sae.encode(x).shape == (3, 4, D_SAE) and sae.decode(sae.encode(x)).shape == (3, 4, D_IN)
+    # SAEBench standardises the cfg: each name read (cfg first, then cfg.metadata) and written onto both
+    for name in SAEBENCH_CFG_READS[:10]:
+        value = getattr(cfg, name)
+        setattr(cfg, name, value)
+        setattr(cfg.metadata, name, value)
+    cfg.architecture_str = cfg.architecture
+    assert cfg.metadata.hook_layer == 2 and cfg.metadata["context_size"] == 64 and cfg.metadata.neuronpedia_id is None
+    assert json.loads(json.dumps(cfg.to_dict()))["metadata"]["context_size"] == 64
+    # the evals move the SAE to the model's dtype; SAEBench's runner reads cfg.dtype
+    assert sae.to(device="cpu", dtype=torch.bfloat16) is sae
+    assert cfg.dtype == "bfloat16" and sae.W_enc.dtype == torch.bfloat16
+    sae.save(tmp_path / "sae")
+    loaded = saelab.load_sae(tmp_path / "sae")
+    assert loaded.W_enc.dtype == torch.bfloat16 and loaded.cfg.context_size == 64 and not loaded.cfg.prepend_bos
 
 
 def saelens_weights(architecture, folder, seed=0):

@@ -291,3 +291,73 @@ def test_batch_topk_selection_equals_a_full_topk_even_when_one_row_dominates():
         for k in (8, 32):
             expected = pre.reshape(-1).topk(pre.shape[0] * k).indices.sort().values
             assert torch.equal(batch_topk_flat_indices(pre, k), expected)
+
+
+SELECTS_BY_SIZE = {"topk", "batchtopk", "matryoshka"}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_fold_W_dec_norm_gives_unit_decoder_rows_and_the_same_outputs(architecture, transcoder):
+    """Per-latent norms move into the encoder (ReLU, JumpReLU, gated); TopK-family SAEs can move only a norm
+    their rows share, as after folding the activation scale into a decoder kept on the sphere."""
+    shape = {"d_out": 6, "skip_connection": True} if transcoder else {}
+    sae = randomised(saelab.create_sae(architecture, 8, 32, **shape))
+    if architecture in SELECTS_BY_SIZE:
+        sae.normalize_decoder_rows()  # what training keeps
+    sae.fold_activation_scale(3.0, 0.25 if transcoder else 3.0)  # rows now all of norm 1/out_scale (TopK family)
+    assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-3)
+    folded = sae.clone()
+    assert folded.fold_W_dec_norm()
+    assert torch.allclose(folded.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
+    x = torch.randn(200, 8) * 2
+    with torch.no_grad():
+        assert torch.allclose(folded(x), sae(x), atol=1e-5)
+        assert torch.equal(folded.encode(x) != 0, sae.encode(x) != 0)
+        assert torch.allclose(folded.encode(x), sae.encode(x) * sae.W_dec.norm(dim=1), atol=1e-5)
+    folded.train()  # the training-mode forward (log thresholds, batch selection) agrees too
+    with torch.no_grad():
+        trained = sae.clone().train().training_forward(x).output
+        assert torch.allclose(folded.training_forward(x).output, trained, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", sorted(SELECTS_BY_SIZE))
+def test_fold_W_dec_norm_leaves_size_selecting_saes_with_unequal_rows_alone(architecture):
+    sae = randomised(saelab.create_sae(architecture, 8, 32))
+    before = {name: t.clone() for name, t in sae.state_dict().items()}
+    assert not sae.fold_W_dec_norm()
+    assert all(torch.equal(before[name], t) for name, t in sae.state_dict().items())
+    with pytest.raises(ValueError, match="only a uniform scale"):
+        sae.scale_latents(torch.rand(32) + 0.5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_trained_saes_are_saved_with_unit_norm_decoder_rows(tmp_path, architecture):
+    """What SAEBench checks of a custom SAE, after the activation scale was folded in on saving."""
+    from saelab.data import TensorSource
+    from saelab.training import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    raw = torch.randn(2048, 16) * 37.0
+    options = {"k": 4} if architecture in SELECTS_BY_SIZE else {}
+    sae = saelab.create_sae(architecture, 16, 48, normalize_activations="expected_average_only_in", **options)
+    config = TrainConfig(total_tokens=256 * 8, batch_size=256, lr=3e-3, progress_bar=False)
+    trainer = Trainer(sae, config, out_dir=tmp_path)
+    trainer.fit(TensorSource(raw, 256))
+    loaded = saelab.load_sae(tmp_path / "sae").eval()
+    assert torch.allclose(loaded.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
+    in_scale = trainer.units[0].in_scale
+    trained = trainer.saes["sae"].eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(raw[:256]), trained(raw[:256] * in_scale) / in_scale, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("cast", ["to", "bfloat16", "half", "double"])
+def test_cfg_dtype_and_device_follow_the_parameters(cast):
+    sae = saelab.create_sae("jumprelu", 8, 16)
+    expected = {"to": torch.bfloat16, "bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
+    moved = sae.to(device="cpu", dtype=torch.bfloat16) if cast == "to" else getattr(sae, cast)()
+    assert moved is sae and sae.W_enc.dtype == expected and sae.threshold.dtype == expected
+    assert sae.cfg.torch_dtype == expected and sae.cfg.device == "cpu"
+    sae.float()
+    assert sae.cfg.dtype == "float32"

@@ -117,6 +117,7 @@ def feature_statistics(
         x = model.run_with_cache(tokens, [hook_in])[hook_in]
         latents = sae.encode(x.to(sae.device, sae.dtype))
         stats.add(tokens, latents, keep=~torch.isin(tokens, excluded))
-    info: dict[str, Any] = {"model_name": sae.cfg.model_name, "hook_name": hook_in, "dataset": data.dataset,
-                            "context_size": data.context_size, "n_contexts": stats.n_contexts}
+    layer = sae.cfg.hook_layer if sae.cfg.hook_layer is not None else model.hook_point(hook_in).layer
+    info: dict[str, Any] = {"model_name": sae.cfg.model_name, "hook_name": hook_in, "hook_layer": layer,
+                            "dataset": data.dataset, "context_size": data.context_size, "n_contexts": stats.n_contexts}
     return stats.result(logits=logit_effects(sae, model, n_logits), info=info)

@@ -86,10 +86,10 @@ def pretokenize_dataset(model: ModelConfig, data: DataConfig, out_dir: str | Pat
     """Tokenise and pack `data.dataset` with the model's tokenizer into token shards under out_dir."""
     from transformers import AutoTokenizer
 
-    from saelab.models.loading import DEFAULT_MODEL, convert_default_model
+    from saelab.models.loading import model_source
 
-    source = convert_default_model() if model.name == DEFAULT_MODEL else model.name
-    return pretokenize(data, AutoTokenizer.from_pretrained(source), out_dir, max_tokens)
+    source, local_only = model_source(model.name)  # the same names, and the same errors, as load_model
+    return pretokenize(data, AutoTokenizer.from_pretrained(source, local_files_only=local_only), out_dir, max_tokens)
 
 
 def cache_activations(

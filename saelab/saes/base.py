@@ -1,4 +1,4 @@
-"""The SAE interface shared by every architecture, its config, and the registry of architectures.
+"""The SAE interface shared by every architecture, and the registry of architectures (the config: saes/config.py).
 
 Parameter names and shapes follow SAELens / SAEBench: `W_enc (d_in, d_sae)`, `W_dec (d_sae, d_out)`,
 `b_enc (d_sae)`, `b_dec (d_out)`, so encoding is `x @ W_enc + b_enc` and decoding `z @ W_dec + b_dec`.
@@ -9,93 +9,14 @@ and, optionally, a linear skip connection `W_skip (d_out, d_in)`.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from saelab.config import ConfigError, from_dict, unknown_key_error
 from saelab.saes.centred_linear import centred_linear
-
-Normalization = Literal["none", "expected_average_only_in", "layer_norm"]
-
-
-MAX_MATRIX_ELEMENTS = 2**38  # 1 TiB of float32 per weight matrix: larger is a typo, not a plan
-
-
-@dataclass
-class SAEConfig:
-    """Shape, wiring and normalisation shared by every architecture."""
-
-    d_in: int
-    """Width of the activations the SAE reads."""
-    d_sae: int
-    """Number of latents in the dictionary."""
-    architecture: str = "standard"
-    """Registered architecture name (see `saelab.available_architectures()`)."""
-    d_out: int | None = None
-    """Width of the activations it reconstructs; defaults to d_in. Differing from d_in makes a transcoder."""
-    transcoder: bool = False
-    """Reconstruct a different activation (hook_name_out) than the one read; implied by d_out != d_in or skip."""
-    skip_connection: bool = False
-    """Add a learned linear map of the input to the output (W_skip), as in skip transcoders."""
-    apply_b_dec_to_input: bool | None = None
-    """Subtract b_dec from the input before encoding; defaults to true for SAEs and false for transcoders."""
-    normalize_activations: Normalization = "none"
-    """'none'; 'expected_average_only_in' (scale inputs so E||x|| = sqrt(d_in) while training, folded into the
-    weights on save); or 'layer_norm' (normalise each input, undo it on the output)."""
-    decoder_init_norm: float | None = None
-    """Norm of each decoder row at initialisation; None uses the architecture's default."""
-    normalize_decoder: bool | None = None
-    """Keep decoder rows at unit norm during training (parallel gradient removed, rows renormalised after each
-    step); None uses the architecture's default."""
-    b_dec_init: Literal["zeros", "mean", "geometric_median"] = "zeros"
-    """How the trainer initialises b_dec from a sample of targets before training."""
-    dtype: str = "float32"
-    """Parameter dtype."""
-    device: str = "cpu"
-    """Parameter device."""
-    model_name: str | None = None
-    """Name or path of the model whose activations the SAE reads."""
-    hook_name: str | None = None
-    """Hook point the SAE reads."""
-    hook_layer: int | None = None
-    """Layer index of hook_name."""
-    hook_name_out: str | None = None
-    """Hook point a transcoder reconstructs."""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    """Free-form provenance (dataset, context size, training settings)."""
-
-    def __post_init__(self) -> None:
-        if self.d_out is None:
-            self.d_out = self.d_in
-        self.transcoder = bool(
-            self.transcoder or self.d_out != self.d_in or self.skip_connection or self.hook_name_out
-        )
-        if self.apply_b_dec_to_input is None:
-            self.apply_b_dec_to_input = not self.transcoder
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ConfigError for values that cannot work together."""
-        for name in ("d_in", "d_sae", "d_out"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.d_sae * max(self.d_in, self.d_out) > MAX_MATRIX_ELEMENTS:
-            raise ConfigError(f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory (check d_sae / expansion_factor)")
-        if self.apply_b_dec_to_input and self.transcoder:
-            raise ConfigError("apply_b_dec_to_input needs an SAE, not a transcoder: b_dec lives in output space")
-        if self.normalize_activations == "layer_norm" and self.transcoder:
-            raise ConfigError("normalize_activations='layer_norm' is only defined for SAEs, not transcoders")
-        try:
-            getattr(torch, self.dtype)
-        except AttributeError:
-            raise ConfigError(f"unknown dtype '{self.dtype}'") from None
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+from saelab.saes.config import SAEConfig
 
 
 class TrainOutput:
@@ -154,6 +75,11 @@ class SAE(nn.Module):
     default_decoder_init_norm: ClassVar[float] = 0.1
     default_normalize_decoder: ClassVar[bool] = False
     sparsity_coefficient_name: ClassVar[str | None] = None  # config field weighting `sparsity_loss`
+    per_latent_scaling: ClassVar[bool] = True
+    """Scaling one latent (and dividing its decoder row) leaves outputs unchanged; false where latents compete
+    for selection (TopK, BatchTopK), where only a uniform scale does."""
+    hook_z_reshaping_mode: ClassVar[bool] = False
+    """SAEBench asks SAELens SAEs this for hook_z: saelab's hook_z SAEs read the heads flattened already."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -324,6 +250,47 @@ class SAE(nn.Module):
     def fold_extra(self, in_scale: float, out_scale: float) -> None:
         """Architecture-specific part of folding (none by default)."""
 
+    @torch.no_grad()
+    def scale_latents(self, factors: Tensor) -> None:
+        """Multiply each latent by its positive factor and divide its decoder row by it, so outputs stay the same.
+
+        The encoder side scales with the latent (its W_enc column, biases and thresholds: `scale_encoder_biases`),
+        which is exact where activation is positively homogeneous per latent (ReLU, JumpReLU, gated). Where
+        latents compete for selection (TopK, BatchTopK) only a uniform factor leaves the outputs unchanged.
+        """
+        factors = factors.to(self.W_dec)
+        if not self.per_latent_scaling and not bool((factors == factors[0]).all()):
+            raise ValueError(f"a {self.cfg.architecture} SAE selects latents by size: only a uniform scale keeps "
+                             "its outputs, got per-latent factors")
+        self.W_enc *= factors
+        self.scale_encoder_biases(factors)
+        self.W_dec /= factors.unsqueeze(1)
+
+    def scale_encoder_biases(self, factors: Tensor) -> None:
+        """The per-latent encoder parameters' part of `scale_latents` (b_enc; architectures add thresholds)."""
+        self.b_enc *= factors
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> bool:
+        """Give decoder rows unit norm, moving each row's norm into the encoder side, outputs unchanged (the
+        form SAEBench expects and SAELens's method of this name gives). Architectures that select latents by
+        size (TopK family) can move only a norm the rows share: the decoder kept on the sphere in training,
+        then divided by the activation scale on folding. Rows of differing norms are left as they are there,
+        as are all-zero rows. Returns whether every nonzero row now has unit norm."""
+        norms = self.W_dec.norm(dim=1)
+        live = norms > 0
+        if not bool(live.any()):
+            return False
+        if self.per_latent_scaling:
+            factors = torch.where(live, norms, torch.ones_like(norms))
+        else:
+            common = norms[live].mean()
+            if not torch.allclose(norms[live], common.expand(int(live.sum())), rtol=1e-4, atol=0):
+                return False
+            factors = common.expand_as(norms).clone()
+        self.scale_latents(factors)
+        return True
+
     def weights_for_saving(self) -> dict[str, Tensor]:
         """Tensors under their SAELens names."""
         return {name: t.detach().contiguous() for name, t in self.state_dict().items()}
@@ -340,6 +307,21 @@ class SAE(nn.Module):
 
     def clone(self) -> "SAE":
         return copy.deepcopy(self)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "SAE":
+        # Every move or cast (.to, .cuda, .half, .bfloat16, ...) passes here: keep cfg.dtype/cfg.device true,
+        # since SAELens/SAEBench code reads them rather than the parameters.
+        result = super()._apply(fn, recurse)
+        self.cfg.dtype = str(self.W_dec.dtype).removeprefix("torch.")
+        self.cfg.device = str(self.W_dec.device)
+        return result
+
+    def turn_off_forward_pass_hook_z_reshaping(self) -> None:
+        """SAEBench's switch for SAELens hook_z SAEs; saelab SAEs never reshape, so there is nothing to switch."""
+
+    def turn_on_forward_pass_hook_z_reshaping(self) -> None:
+        raise NotImplementedError("saelab SAEs read hook_z with the heads flattened (n_heads * d_head); they do not "
+                                  "reshape it themselves")
 
     @property
     def device(self) -> torch.device:

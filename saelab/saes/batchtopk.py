@@ -55,6 +55,10 @@ class BatchTopKSAE(TopKSAE):
             return keep_batch_topk(hidden_pre, self.cfg.k)
         return torch.relu(hidden_pre) * (hidden_pre > self.topk_threshold).to(hidden_pre)
 
+    def scale_encoder_biases(self, factors: Tensor) -> None:
+        super().scale_encoder_biases(factors)
+        self.topk_threshold *= factors[0]  # uniform (checked by scale_latents)
+
     @torch.no_grad()
     def update_after_step(self, out: TrainOutput) -> None:
         values = out.active.values if out.active is not None else out.latents

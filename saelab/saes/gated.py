@@ -37,6 +37,11 @@ class GatedSAE(SAE):
         self.r_mag = self._empty(self.cfg.d_sae)
         self.b_mag = self._empty(self.cfg.d_sae)
 
+    def scale_encoder_biases(self, factors: Tensor) -> None:
+        # W_enc's column scales both paths: the gate's sign is unchanged, the magnitude scales with the latent
+        self.b_gate *= factors
+        self.b_mag *= factors
+
     def gate_pre_activation(self, sae_in: Tensor) -> Tensor:
         return sae_in @ self.W_enc + self.b_gate
 

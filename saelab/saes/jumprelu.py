@@ -100,6 +100,11 @@ class JumpReLUSAE(SAE):
     def update_after_step(self, out: TrainOutput) -> None:
         self.threshold.copy_(self.log_threshold.exp())
 
+    def scale_encoder_biases(self, factors: Tensor) -> None:
+        super().scale_encoder_biases(factors)
+        self.threshold *= factors  # the latent fires when its scaled pre-activation passes its scaled threshold
+        self.log_threshold += factors.log()
+
     def weights_for_saving(self) -> dict[str, Tensor]:
         weights = super().weights_for_saving()
         del weights["log_threshold"]

@@ -66,6 +66,7 @@ class TopKSAE(SAE):
     config_class = TopKConfig
     default_decoder_init_norm = 1.0
     default_normalize_decoder = True
+    per_latent_scaling = False  # scaling one latent changes which k are largest
 
     sparse_training = True
     """Train with the sparse kernels of fused_topk (False: the dense computation, same results)."""

@@ -334,13 +334,16 @@ class Trainer:
 
     # ----- results -----------------------------------------------------------------------------------
     def final_saes(self) -> dict[str, SAE]:
-        """Copies of the SAEs with normalisation folded into the weights, in eval mode."""
+        """Copies of the SAEs in eval mode, as they are saved: working on raw activations (the normalisation
+        scale folded into the weights) with unit-norm decoder rows where the architecture allows it (see
+        `SAE.fold_W_dec_norm`), which SAEBench expects. Outputs are those of the SAEs being trained."""
         result = {}
         for unit in self.units:
             sae = unit.sae.clone().eval()
             if sae.cfg.normalize_activations == "expected_average_only_in":
                 sae.fold_activation_scale(unit.in_scale, unit.out_scale)
                 sae.cfg.normalize_activations = "none"
+            sae.fold_W_dec_norm()
             result[unit.name] = sae
         return result
 
