@@ -62,7 +62,7 @@ def saelab_sae(name):
     if hasattr(sae, "topk_threshold"):
         with torch.no_grad():
             sae.topk_threshold.fill_(0.2)
-    if name.startswith("gated"):  # gates that open below, at and above the magnitude path's zero
+    if name.startswith("gated"):  # equivalent JumpReLU thresholds b_mag - e^r_mag b_gate of both signs
         with torch.no_grad():
             sae.b_gate.copy_(torch.randn(D_SAE) * 2)
     return sae
@@ -187,7 +187,8 @@ def test_sparsify_and_saelab_read_each_others_files(tmp_path, x, transcode, skip
 @pytest.mark.parametrize("dict_class", ["AutoEncoder", "GatedAutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK",
                                         "BatchTopKSAE"])
 def test_saelab_loads_dictionary_learning_checkpoints_and_computes_the_same(tmp_path, x, dict_class):
-    pytest.importorskip("dictionary_learning.dictionary", reason="dictionary_learning not installed (pip install --no-deps dictionary-learning)")
+    pytest.importorskip("dictionary_learning.dictionary",
+                        reason="dictionary_learning not installed (pip install --no-deps dictionary-learning)")
     from dictionary_learning.dictionary import AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
