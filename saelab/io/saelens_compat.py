@@ -36,7 +36,8 @@ SAELENS_ONLY = {
 }
 """Keys only SAELens writes: a cfg.json holding any of them (or an old name in RENAMES) is SAELens's."""
 INFERENCE_KEYS = {"architecture", "d_in", "d_sae", "d_out", "k", "apply_b_dec_to_input", "normalize_activations",
-                  "dtype", "model_name", "hook_name", "hook_layer", "hook_name_out", "metadata"}
+                  "dtype", "model_name", "hook_name", "hook_layer", "hook_name_out", "metadata", "transcoder",
+                  "skip_connection"}
 """What saelab takes from a SAELens cfg.json; its other fields (training, dataset, device) go into metadata."""
 TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
                "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
@@ -78,8 +79,9 @@ def from_saelens(options: dict[str, Any]) -> dict[str, Any]:
         kwargs = options.get("activation_fn_kwargs") or {}
         options.setdefault("k", kwargs.get("k", nested.get("k")))
     options["architecture"] = architecture
-    if options.get("d_sae") is None and options.get("expansion_factor") is not None:  # SAELens <= 2 training configs
-        options["d_sae"] = options["d_in"] * options["expansion_factor"]
+    d_in, expansion = options.get("d_in"), options.get("expansion_factor")
+    if options.get("d_sae") is None and isinstance(d_in, int) and isinstance(expansion, int):  # SAELens <= 2
+        options["d_sae"] = d_in * expansion
     if isinstance(options.get("dtype"), str):  # SAELens <= 2 wrote str(torch.float32)
         options["dtype"] = options["dtype"].removeprefix("torch.")
     if "normalize_activations" in options:
@@ -89,9 +91,8 @@ def from_saelens(options: dict[str, Any]) -> dict[str, Any]:
         options["normalize_activations"] = NORMALIZATION[value]
     if options.get("reshape_activations") not in (None, "none", "hook_z"):  # saelab's hook_z is already flat
         raise ConfigError(f"SAELens reshape_activations '{options['reshape_activations']}' is not supported")
-    kept = INFERENCE_KEYS | {"transcoder", "skip_connection"}
-    metadata = {**nested, **{key: value for key, value in options.items() if key not in kept}}
-    options = {key: value for key, value in options.items() if key in kept}
+    metadata = {**nested, **{key: value for key, value in options.items() if key not in INFERENCE_KEYS}}
+    options = {key: value for key, value in options.items() if key in INFERENCE_KEYS}
     options["metadata"] = {**metadata, "source_format": "saelens"}
     return options
 
