@@ -331,13 +331,20 @@ def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
 def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
     from saelab.io import save_sparsify
     from saelab.io.load import load_sae
+    from saelab.io.saelens_compat import to_saelens
+    from saelab.io.saelens_format import load_sparsity, save_sae
 
     sae = load_sae(args.source, sae_id=args.sae_id)
     if args.to == "sparsify":
         save_sparsify(sae, args.out)
-    else:
-        sae.save(args.out)
-    print(f"{sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.d_sae} latents) -> {args.out}/ ({args.to} layout)")
+        written = sae
+    else:  # what SAELens loads: the SAE itself or its equivalent (BatchTopK -> JumpReLU, ...), or an error line
+        written = to_saelens(sae)
+        source = Path(args.source)  # a saelab/SAELens folder's sparsity.safetensors goes along
+        save_sae(written, args.out, sparsity=load_sparsity(source) if source.is_dir() else None)
+    kind = written.cfg.architecture + (" transcoder" if written.cfg.transcoder else " SAE")
+    converted = f", from {sae.cfg.architecture}" if written is not sae else ""
+    print(f"{kind} ({written.cfg.d_in} -> {written.cfg.d_sae} latents{converted}) -> {args.out}/ ({args.to} layout)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,157 @@ def test_saelens_3_and_6_style_cfgs(tmp_path):
     (tmp_path / "v3" / "cfg.json").write_text(json.dumps(v3))
     old = saelab.load_sae(tmp_path / "v3")
     assert (old.cfg.hook_name, old.cfg.hook_layer, old.cfg.normalize_activations) == ("blocks.1.hook_resid_pre", 1, "none")
+
+
+def saelens_2_cfg(d_in, d_sae):
+    """cfg.json as SAELens 2.x wrote it: its whole LanguageModelSAERunnerConfig, dtype as str(torch.float32)."""
+    return {
+        "model_name": "gpt2-small", "model_class_name": "HookedTransformer", "hook_point": "blocks.4.hook_resid_pre",
+        "hook_point_eval": "blocks.{layer}.attn.pattern", "hook_point_layer": 4, "hook_point_head_index": None,
+        "dataset_path": "Skylion007/openwebtext", "streaming": True, "is_dataset_tokenized": False,
+        "context_size": 128, "use_cached_activations": False, "cached_activations_path": None, "d_in": d_in,
+        "d_sae": d_sae, "b_dec_init_method": "geometric_median", "expansion_factor": d_sae // d_in,
+        "activation_fn": "relu", "normalize_sae_decoder": True, "noise_scale": 0.0, "from_pretrained_path": None,
+        "apply_b_dec_to_input": True, "decoder_orthogonal_init": False, "decoder_heuristic_init": False,
+        "init_encoder_as_decoder_transpose": False, "n_batches_in_buffer": 64, "training_tokens": 300_000_000,
+        "finetuning_tokens": 0, "store_batch_size_prompts": 32, "train_batch_size_tokens": 4096,
+        "normalize_activations": False, "device": "cuda", "seed": 42, "dtype": "torch.float32", "prepend_bos": True,
+        "autocast": False, "compile_llm": False, "llm_compilation_mode": None, "compile_sae": False,
+        "sae_compilation_mode": None, "adam_beta1": 0, "adam_beta2": 0.999, "mse_loss_normalization": None,
+        "l1_coefficient": 8e-05, "lp_norm": 1, "scale_sparsity_penalty_by_decoder_norm": False,
+        "l1_warm_up_steps": 0, "lr": 0.0004, "lr_scheduler_name": "constant", "lr_warm_up_steps": 5000,
+        "lr_end": 4e-05, "lr_decay_steps": 0, "n_restart_cycles": 1, "finetuning_method": None,
+        "use_ghost_grads": False, "feature_sampling_window": 1000, "dead_feature_window": 5000,
+        "dead_feature_threshold": 1e-08, "n_eval_batches": 10, "eval_batch_size_prompts": None, "log_to_wandb": True,
+        "log_activations_store_to_wandb": False, "log_optimizer_state_to_wandb": False,
+        "wandb_project": "mats_sae_training_gpt2_small_resid_pre_5", "wandb_id": "a1b2c3", "run_name": "jb-l4",
+        "wandb_entity": None, "wandb_log_frequency": 100, "eval_every_n_wandb_logs": 100, "resume": False,
+        "n_checkpoints": 10, "checkpoint_path": "checkpoints/a1b2c3", "verbose": True, "model_kwargs": {},
+        "model_from_pretrained_kwargs": {}, "sae_lens_version": "2.1.3", "sae_lens_training_version": "2.1.3",
+        "tokens_per_buffer": 33_554_432,
+    }
+
+
+def test_saelens_1_and_2_cfgs_with_their_training_keys_load(tmp_path):
+    w = saelens_weights("standard", tmp_path / "v2")
+    save_file({**w, "scaling_factor": torch.ones(D_SAE)}, str(tmp_path / "v2" / "sae_weights.safetensors"))
+    (tmp_path / "v2" / "cfg.json").write_text(json.dumps(saelens_2_cfg(D_IN, D_SAE)))
+    sae = saelab.load_sae(tmp_path / "v2")
+    x = torch.randn(20, D_IN)
+    latents = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    assert torch.allclose(sae.encode(x), latents, atol=1e-5)
+    assert torch.allclose(sae(x), latents @ w["W_dec"] + w["b_dec"], atol=1e-4)
+    assert (sae.cfg.architecture, sae.cfg.hook_name, sae.cfg.hook_layer, sae.cfg.model_name, sae.cfg.dtype,
+            sae.cfg.device) == ("standard", "blocks.4.hook_resid_pre", 4, "gpt2-small", "float32", "cpu")
+    assert sae.cfg.metadata["lr"] == 0.0004 and sae.cfg.metadata["l1_coefficient"] == 8e-05
+    assert sae.cfg.metadata["device"] == "cuda"  # where it was trained, not where it loads
+    sae.save(tmp_path / "resaved")  # saelab's own keys now: loads strictly, to the same SAE
+    again = saelab.load_sae(tmp_path / "resaved")
+    assert torch.equal(again(x), sae(x)) and again.cfg.metadata["lr"] == 0.0004
+
+    # jbloom's first GPT-2 small residual SAEs (SAELens 0.x): d_sae null beside expansion_factor, no
+    # apply_b_dec_to_input (it defaulted to true), no version, training fields since renamed
+    old = {"model_name": "gpt2-small", "hook_point": "blocks.8.hook_resid_pre", "hook_point_layer": 8,
+           "hook_point_head_index": None, "dataset_path": "Skylion007/openwebtext", "is_dataset_tokenized": False,
+           "context_size": 128, "use_cached_activations": False, "d_in": D_IN, "n_batches_in_buffer": 128,
+           "total_training_tokens": 300_000_000, "store_batch_size": 32, "device": "mps", "seed": 42,
+           "dtype": "torch.float32", "b_dec_init_method": "geometric_median", "expansion_factor": D_SAE // D_IN,
+           "from_pretrained_path": None, "l1_coefficient": 8e-05, "lr": 0.0004, "lr_scheduler_name": None,
+           "lr_warm_up_steps": 5000, "train_batch_size": 4096, "use_ghost_grads": False,
+           "feature_sampling_window": 1000, "feature_sampling_method": None, "resample_batches": 1028,
+           "feature_reinit_scale": 0.2, "dead_feature_window": 5000, "dead_feature_estimation_method": "no_re_init",
+           "dead_feature_threshold": 1e-08, "log_to_wandb": True, "wandb_project": "mats_sae_training_gpt2_small",
+           "wandb_entity": None, "wandb_log_frequency": 100, "n_checkpoints": 10, "d_sae": None,
+           "tokens_per_buffer": 67_108_864, "run_name": "24576-L1-8e-05-LR-0.0004-Tokens-3.000e+08"}
+    d_sae = D_IN * (D_SAE // D_IN)
+    g = torch.Generator().manual_seed(1)
+    w = {"W_enc": torch.randn(D_IN, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g),
+         "W_dec": torch.randn(d_sae, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    (tmp_path / "v0").mkdir()
+    save_file(w, str(tmp_path / "v0" / "sae_weights.safetensors"))
+    (tmp_path / "v0" / "cfg.json").write_text(json.dumps(old))
+    sae = saelab.load_sae(tmp_path / "v0")
+    assert (sae.cfg.d_sae, sae.cfg.hook_name, sae.cfg.hook_layer, sae.cfg.apply_b_dec_to_input) == \
+        (d_sae, "blocks.8.hook_resid_pre", 8, True)
+    assert torch.allclose(sae(x), torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"],
+                          atol=1e-4)
+
+
+def test_saelens_3_finetuning_scaling_factor_is_folded_into_the_decoder(tmp_path):
+    w = saelens_weights("standard", tmp_path / "v3")
+    scale = torch.rand(D_SAE) + 0.5
+    save_file({**w, "finetuning_scaling_factor": scale}, str(tmp_path / "v3" / "sae_weights.safetensors"))
+    cfg = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "model_name": "gpt2",
+           "hook_name": "blocks.1.hook_resid_pre", "hook_layer": 1, "hook_head_index": None,
+           "activation_fn_str": "relu", "apply_b_dec_to_input": True, "finetuning_scaling_factor": True,
+           "sae_lens_training_version": "3.5.0", "prepend_bos": True, "dataset_path": "x", "context_size": 128,
+           "normalize_activations": "none"}
+    (tmp_path / "v3" / "cfg.json").write_text(json.dumps(cfg))
+    sae = saelab.load_sae(tmp_path / "v3")
+    x = torch.randn(20, D_IN)
+    latents = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    assert torch.allclose(sae.encode(x), latents, atol=1e-5)  # SAELens applies the factor when decoding
+    assert torch.allclose(sae(x), (latents * scale) @ w["W_dec"] + w["b_dec"], atol=1e-4)
+
+
+def test_old_saelens_activation_functions_saelab_does_not_compute_are_refused(tmp_path):
+    saelens_weights("standard", tmp_path / "tanh")
+    cfg = {**saelens_2_cfg(D_IN, D_SAE), "activation_fn": "tanh-relu"}
+    (tmp_path / "tanh" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileFormatError, match="activation_fn 'tanh-relu' is not supported"):
+        saelab.load_sae(tmp_path / "tanh")
+
+
+@pytest.mark.parametrize("architecture, options, converted", [
+    ("batchtopk", {"k": K}, "jumprelu"), ("matryoshka", {"k": K, "matryoshka_widths": [8]}, "jumprelu"),
+    ("gated", {"d_out": 7}, "jumprelu_transcoder"), ("gated", {"d_out": 7, "skip_connection": True},
+                                                     "jumprelu_skip_transcoder"),
+    ("batchtopk", {"k": K, "d_out": 7}, "jumprelu_transcoder"), ("topk", {"k": K}, "topk"),
+    ("gated", {}, "gated"), ("topk", {"k": K, "transcoder": True}, "topk"),
+])
+def test_convert_to_saelens_writes_what_saelens_has_a_class_for_with_the_same_outputs(tmp_path, architecture, options,
+                                                                                     converted):
+    from saelab.cli import main
+
+    torch.manual_seed(0)
+    sae = saelab.create_sae(architecture, d_in=D_IN, d_sae=D_SAE, **options)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        if hasattr(sae, "topk_threshold"):
+            sae.topk_threshold.fill_(0.3)
+    sae.eval().save(tmp_path / "sae", sparsity=torch.full((D_SAE,), -1.5))
+    assert main(["convert", str(tmp_path / "sae"), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["architecture"] == converted
+    x = torch.randn(50, D_IN) * 2
+    back = saelab.load_sae(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.allclose(back.encode(x), sae.encode(x), atol=1e-5) and (sae.encode(x) > 0).any()
+        assert torch.allclose(back(x), sae(x), atol=1e-5)
+    assert torch.equal(saelab.io.load_sparsity(tmp_path / "out"), torch.full((D_SAE,), -1.5))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"architecture": "topk", "k": K, "d_out": 7}, "no TopK transcoder class.*maps 12 -> 7\\)$"),
+    ({"architecture": "topk", "k": K, "skip_connection": True}, "no TopK transcoder.*W_skip.*--to sparsify$"),
+    ({"architecture": "standard", "normalize_activations": "layer_norm"}, "layer_norm.*unbiased standard deviation"),
+])
+def test_saes_saelens_has_no_equivalent_of_are_refused_in_one_line_before_writing_or_uploading(
+        tmp_path, fake_hub_api, capsys, options, message):
+    from saelab.cli import main
+
+    sae = saelab.create_sae(options.pop("architecture"), d_in=D_IN, d_sae=D_SAE, **options)
+    sae.save(tmp_path / "sae")  # saelab's own format keeps it
+    assert main(["convert", str(tmp_path / "sae"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search("cannot be written for SAELens: .*" + message, err.strip())
+    assert not (tmp_path / "out").exists()
+    assert main(["upload", str(tmp_path / "sae"), "me/saes"]) == 2
+    assert fake_hub_api == {} and "cannot be written for SAELens" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=message):
+        saelab.push_to_hub(sae, "me/saes")
+    if "sparsify" in message:  # the way out the message offers works
+        assert main(["convert", str(tmp_path / "sae"), str(tmp_path / "sp"), "--to", "sparsify"]) == 0
 
 
 @pytest.fixture

@@ -1,17 +1,25 @@
-"""cfg.json keys written by SAELens (3.x to 6.x) mapped onto saelab's SAE config.
+"""saelab's SAEs and SAELens's cfg.json files, both ways.
 
-saelab's own files use saelab's keys and load strictly (a typo is an error). A cfg.json written by SAELens
-carries dataset and tooling fields saelab does not model: those move into `metadata`, old names are renamed,
-and TopK's k comes out of `activation_fn_kwargs` where older versions kept it. SAELens 6 TopK SAEs with
-`rescale_acts_by_decoder_norm` select and scale latents by decoder row norms: `fold_decoder_norms` turns that
-into plain weights with the same latents and outputs.
+Reading: saelab's own files use saelab's keys and load strictly (a typo is an error). A cfg.json written by
+SAELens (1.x to 6.x) carries dataset, training and tooling fields saelab does not model: old names are renamed
+(`hook_point` -> `hook_name`), `"torch.float32"` dtypes lose their prefix, `d_sae` comes from
+`expansion_factor` where it is null, TopK's k comes out of `activation_fn_kwargs`, and every other field
+(learning rate, L1 coefficient, dataset, the device it was trained on, ...) is kept in `metadata`. SAELens 6 TopK
+SAEs with `rescale_acts_by_decoder_norm` select and scale latents by decoder row norms: `fold_decoder_norms` turns
+that into plain weights with the same latents and outputs; old files' per-latent `scaling_factor` is folded into
+the decoder the same way (`saelens_weights`).
+
+Writing: `to_saelens(sae)` is the SAE in a form SAELens 6 loads (`sae_lens.SAE.load_from_disk`) and that
+computes the same latents and outputs, or a ValueError saying why there is none.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from saelab.config import ConfigError
 
@@ -24,35 +32,58 @@ SAELENS_ONLY = {
     "hook_head_index", "activation_fn_str", "activation_fn_kwargs", "finetuning_scaling_factor", "context_size",
     "prepend_bos", "dataset_path", "dataset_trust_remote_code", "sae_lens_training_version", "sae_lens_version",
     "neuronpedia_id", "model_from_pretrained_kwargs", "seqpos_slice", "model_class_name", "reshape_activations",
-    "exclude_special_tokens", "rescale_acts_by_decoder_norm",
+    "exclude_special_tokens", "rescale_acts_by_decoder_norm", "expansion_factor",
 }
+"""Keys only SAELens writes: a cfg.json holding any of them (or an old name in RENAMES) is SAELens's."""
+INFERENCE_KEYS = {"architecture", "d_in", "d_sae", "d_out", "k", "apply_b_dec_to_input", "normalize_activations",
+                  "dtype", "model_name", "hook_name", "hook_layer", "hook_name_out", "metadata", "transcoder",
+                  "skip_connection"}
+"""What saelab takes from a SAELens cfg.json; its other fields (training, dataset, device) go into metadata."""
 TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
                "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
 """SAELens's transcoder architecture names: (saelab architecture, skip connection)."""
 NORMALIZATION = {None: "none", False: "none", "none": "none", True: "expected_average_only_in",
                  "expected_average_only_in": "expected_average_only_in", "layer_norm": "layer_norm"}
+SAELENS_DTYPES = ("float32", "float64", "float16", "bfloat16")
+SCALING_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
+"""Per-latent factors old SAELens versions multiplied latents by before decoding (all ones unless fine-tuned)."""
+
+
+def is_saelens_config(options: dict[str, Any]) -> bool:
+    """Whether a cfg.json was written by SAELens (not by saelab, even after saelab loaded a SAELens file)."""
+    nested = options.get("metadata") if isinstance(options.get("metadata"), dict) else {}
+    if nested.get("source_format") == "saelens":  # saelab re-saved it under saelab's own keys
+        return False
+    return bool((SAELENS_ONLY | set(RENAMES)) & (set(options) | set(nested)))
 
 
 def from_saelens(options: dict[str, Any]) -> dict[str, Any]:
     """saelab SAE options from a SAELens cfg.json (unchanged when it is one of saelab's own)."""
-    options = {RENAMES.get(key, key): value for key, value in options.items()}
-    nested = options.get("metadata") if isinstance(options.get("metadata"), dict) else {}
-    if options.get("architecture") in TRANSCODERS:
+    if options.get("architecture") in TRANSCODERS:  # the names saelab writes transcoders under too
+        options = dict(options)
         options["architecture"], options["skip_connection"] = TRANSCODERS[options["architecture"]]
         options["transcoder"] = True
-        if options.get("hook_name_out") is None and nested.get("hook_name_out") is not None:
-            options["hook_name_out"] = nested["hook_name_out"]
-    if not (SAELENS_ONLY & (set(options) | set(nested))):
+    if not is_saelens_config(options):
         return options
-    if options.pop("finetuning_scaling_factor", False):
-        raise ConfigError("SAELens finetuning_scaling_factor is not supported")
-    kwargs = options.get("activation_fn_kwargs") or {}
-    if options.get("activation_fn_str") == "topk" or options.get("architecture") == "topk":
-        options["architecture"] = "topk"
-        options.setdefault("k", kwargs.get("k", nested.get("k")))
-    for key in ("model_name", "hook_name", "hook_layer"):  # SAELens 6 keeps these in metadata
-        if options.get(key) is None and key in nested:
+    options = {RENAMES.get(key, key): value for key, value in options.items()}
+    nested = options.get("metadata") if isinstance(options.get("metadata"), dict) else {}
+    for key in ("model_name", "hook_name", "hook_layer", "hook_name_out"):  # SAELens 6 keeps these in metadata
+        if options.get(key) is None and nested.get(key) is not None:
             options[key] = nested[key]
+    architecture = options.get("architecture") or "standard"
+    activation = options.get("activation_fn_str")
+    if activation not in (None, "relu", "topk"):
+        raise ConfigError(f"SAELens activation_fn '{activation}' is not supported (saelab computes relu and topk)")
+    if activation == "topk" or architecture == "topk":
+        architecture = "topk"
+        kwargs = options.get("activation_fn_kwargs") or {}
+        options.setdefault("k", kwargs.get("k", nested.get("k")))
+    options["architecture"] = architecture
+    d_in, expansion = options.get("d_in"), options.get("expansion_factor")
+    if options.get("d_sae") is None and isinstance(d_in, int) and isinstance(expansion, int):  # SAELens <= 2
+        options["d_sae"] = d_in * expansion
+    if isinstance(options.get("dtype"), str):  # SAELens <= 2 wrote str(torch.float32)
+        options["dtype"] = options["dtype"].removeprefix("torch.")
     if "normalize_activations" in options:
         value = options["normalize_activations"]
         if value not in NORMALIZATION:
@@ -60,9 +91,22 @@ def from_saelens(options: dict[str, Any]) -> dict[str, Any]:
         options["normalize_activations"] = NORMALIZATION[value]
     if options.get("reshape_activations") not in (None, "none", "hook_z"):  # saelab's hook_z is already flat
         raise ConfigError(f"SAELens reshape_activations '{options['reshape_activations']}' is not supported")
-    metadata = {**nested, **{key: options.pop(key) for key in SAELENS_ONLY if key in options}}
+    metadata = {**nested, **{key: value for key, value in options.items() if key not in INFERENCE_KEYS}}
+    options = {key: value for key, value in options.items() if key in INFERENCE_KEYS}
     options["metadata"] = {**metadata, "source_format": "saelens"}
     return options
+
+
+@torch.no_grad()
+def saelens_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A SAELens weights file's tensors as saelab's: old files' per-latent scaling factor (latents are multiplied
+    by it before decoding; all ones unless fine-tuned) folded into the decoder rows, which computes the same."""
+    for name in SCALING_TENSORS:
+        if name in weights and "W_dec" in weights:
+            weights = dict(weights)
+            scale = weights.pop(name)
+            weights["W_dec"] = weights["W_dec"] * scale.to(weights["W_dec"]).unsqueeze(1)
+    return weights
 
 
 def saelens_architecture(architecture: str, transcoder: bool, skip_connection: bool) -> str:
@@ -85,3 +129,55 @@ def fold_decoder_norms(sae: "SAE") -> None:
     sae.b_enc *= norms
     sae.W_dec /= norms.unsqueeze(1)
     sae.cfg.metadata["rescale_acts_by_decoder_norm"] = False  # folded: the weights are plain now
+
+
+# ----- writing for SAELens -------------------------------------------------------------------------------------
+def to_saelens(sae: "SAE") -> "SAE":
+    """`sae` in a form SAELens 6 loads and that computes the same latents and outputs: the SAE itself where
+    SAELens has its class (standard, gated, jumprelu, topk; standard and JumpReLU transcoders, with or without
+    skip; TopK transcoders whose output is as wide as their input, as a TopK SAE with `hook_name_out`); BatchTopK
+    and Matryoshka as the JumpReLU they are at inference; gated transcoders as the JumpReLU transcoder they
+    equal. Raises ValueError, saying why, for the SAEs SAELens has no equivalent of."""
+    cfg = sae.cfg
+    why = f"a {cfg.architecture} {'transcoder' if cfg.transcoder else 'SAE'} cannot be written for SAELens"
+    if cfg.normalize_activations == "layer_norm":
+        raise ValueError(f"{why}: with normalize_activations 'layer_norm' SAELens would compute other outputs (it "
+                         "divides by the unbiased standard deviation + 1e-5, saelab by sqrt(variance + 1e-5))")
+    if cfg.dtype not in SAELENS_DTYPES:
+        raise ValueError(f"{why} in dtype {cfg.dtype}: SAELens reads {', '.join(SAELENS_DTYPES)}")
+    if hasattr(sae, "to_jumprelu"):  # BatchTopK, Matryoshka: a JumpReLU at inference
+        return _converted(sae.to_jumprelu(), cfg.architecture)
+    if cfg.architecture == "gated" and cfg.transcoder:
+        return _converted(gated_to_jumprelu(sae), "gated")
+    if cfg.architecture == "topk" and cfg.transcoder and (cfg.skip_connection or cfg.d_out != cfg.d_in):
+        sparsify = "; sparsify reads it: saelab convert --to sparsify" if cfg.d_out == cfg.d_in else ""
+        raise ValueError(
+            f"{why}: SAELens 6 has no TopK transcoder class, and its TopK SAE class reads and writes one width "
+            f"without a skip connection (this one maps {cfg.d_in} -> {cfg.d_out}"
+            f"{', with W_skip' if cfg.skip_connection else ''}){sparsify}"
+        )
+    return sae
+
+
+def _converted(sae: "SAE", architecture: str) -> "SAE":
+    sae.cfg.metadata = {**sae.cfg.metadata, "converted_from": architecture}
+    return sae
+
+
+@torch.no_grad()
+def gated_to_jumprelu(sae: "SAE") -> "SAE":
+    """The JumpReLU SAE equal to a gated one. Gated latents are [x.w + b_gate > 0] * relu(x.w e^r + b_mag); with
+    h = x.(w e^r) + b_mag the gate condition is h > b_mag - e^r b_gate (e^r > 0), so the JumpReLU with encoder
+    W_enc e^r, bias b_mag and that threshold (a threshold <= 0 acts as 0 after the ReLU) computes the same."""
+    from saelab.saes.base import SAEConfig, make_config, sae_from_config
+
+    shared = {f.name for f in fields(SAEConfig)}
+    options = {key: value for key, value in vars(sae.cfg).items() if key in shared}
+    jump = sae_from_config(make_config({**options, "architecture": "jumprelu"}))
+    scale = sae.r_mag.exp()
+    weights = {name: t for name, t in sae.weights_for_saving().items() if name not in ("b_gate", "r_mag", "b_mag")}
+    weights["W_enc"] = sae.W_enc * scale
+    weights["b_enc"] = sae.b_mag.clone()
+    weights["threshold"] = (sae.b_mag - scale * sae.b_gate).clamp_min(0)
+    jump.load_saved_weights(weights)
+    return jump.eval()

@@ -27,7 +27,8 @@ class FileFormatError(ValueError):
 
 
 def save_sae(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Path:
-    """Write an SAE directory. `sparsity` is the log10 firing density of each latent, when known."""
+    """Write an SAE directory as it is (saelab reloads it exactly; SAELens reads it too unless `to_saelens`
+    would convert it). `sparsity` is the log10 firing density of each latent, when known."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path / WEIGHTS_FILE, safetensors_bytes(sae.weights_for_saving()))
@@ -40,6 +41,15 @@ def save_sae(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Pa
     # The config goes last: a directory with a cfg.json has its weights.
     atomic_write_text(path / CFG_FILE, json.dumps(cfg, indent=2))
     return path
+
+
+def save_saelens(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Path:
+    """Write an SAE directory that SAELens 6 loads (`sae_lens.SAE.load_from_disk`) and that computes the same
+    latents and outputs: the SAE itself, or its SAELens equivalent (see `saelens_compat.to_saelens`, which raises
+    ValueError for an SAE SAELens has no equivalent of; nothing is written then)."""
+    from saelab.io.saelens_compat import to_saelens
+
+    return save_sae(to_saelens(sae), path, sparsity)
 
 
 def read_safetensors(file: Path) -> dict[str, Tensor]:
@@ -75,7 +85,7 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
     path = Path(path)
     if not path.is_dir():
         raise FileFormatError(f"{path}: not a directory containing {CFG_FILE} and {WEIGHTS_FILE}")
-    from saelab.io.saelens_compat import fold_decoder_norms, from_saelens
+    from saelab.io.saelens_compat import fold_decoder_norms, from_saelens, saelens_weights
 
     try:
         options = from_saelens(read_json(path / CFG_FILE))
@@ -90,7 +100,7 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
     except ConfigError as e:
         raise FileFormatError(f"{path / CFG_FILE}: {e}") from None
     sae = sae_from_config(cfg)
-    weights = read_safetensors(path / WEIGHTS_FILE)
+    weights = saelens_weights(read_safetensors(path / WEIGHTS_FILE))
     check_weights(sae, weights, path / WEIGHTS_FILE)
     sae.load_saved_weights({name: t.to(device=sae.device) for name, t in weights.items()})
     fold_decoder_norms(sae)
