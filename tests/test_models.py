@@ -163,8 +163,9 @@ def bent(x: torch.Tensor) -> torch.Tensor:
 
 def norms(model: HookedModel, i: int):
     block = model.blocks[i]
-    first, second = ("input_layernorm", "post_attention_layernorm") if hasattr(block, "input_layernorm") else ("ln_1", "ln_2")
-    return getattr(block, first), getattr(block, second), block.mlp
+    if hasattr(block, "input_layernorm"):
+        return block.input_layernorm, block.post_attention_layernorm, block.mlp
+    return block.ln_1, block.ln_2, block.mlp
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
@@ -172,7 +173,8 @@ def test_mlp_in_is_resid_pre_plus_attn_out(architecture):
     """hook_mlp_in is the residual stream before the second norm, as in TransformerLens (saelab read the second
     norm's output there once, so SAELens SAEs trained on hook_mlp_in were spliced at the wrong place)."""
     model = hooked(architecture)
-    acts = model.run_with_cache(TINY_TOKENS, ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_in"])
+    names = ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_in"]
+    acts = model.run_with_cache(TINY_TOKENS, names)
     mid = acts["blocks.0.hook_resid_pre"] + acts["blocks.0.hook_attn_out"]
     assert torch.allclose(acts["blocks.0.hook_mlp_in"], mid, atol=1e-6)
     _, ln2, _ = norms(model, 0)
@@ -234,7 +236,8 @@ def test_normalized_is_the_norms_input_before_its_weight(architecture):
         model.logits(TINY_TOKENS)
     assert torch.allclose(written["blocks.0.mlp.hook_in"], bent(n) * gain + bias, atol=1e-5)
     clean = model.logits(TINY_TOKENS)
-    assert torch.allclose(model.logits(TINY_TOKENS, write={"blocks.0.ln2.hook_normalized": lambda v: v + 0}), clean, atol=1e-5)
+    same = model.logits(TINY_TOKENS, write={"blocks.0.ln2.hook_normalized": lambda v: v + 0})
+    assert torch.allclose(same, clean, atol=1e-5)
 
 
 def test_parallel_attention_blocks_have_no_resid_mid():

@@ -98,7 +98,8 @@ def hooked_transformer(hf_model):
             d_mlp=c.intermediate_size, d_vocab=c.vocab_size, n_ctx=c.max_position_embeddings, act_fn=c.hidden_act,
             n_key_value_heads=c.num_key_value_heads, normalization_type="RMS", eps=c.rms_norm_eps, final_rms=True,
             gated_mlp=True, positional_embedding_type="rotary", rotary_dim=d_head, rotary_adjacent_pairs=False,
-            rotary_base=c.rope_parameters["rope_theta"], original_architecture="LlamaForCausalLM", default_prepend_bos=False)
+            rotary_base=c.rope_parameters["rope_theta"], original_architecture="LlamaForCausalLM",
+            default_prepend_bos=False)
         convert = convert_llama_weights
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

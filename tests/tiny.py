@@ -60,14 +60,15 @@ def tiny_causal_lm(architecture: str, n_layers: int = 2, seed: int = 0):
     weight 1 or bias 0 and a name read before a norm's weight differs from one read after it."""
     import transformers as t
 
-    vocab, small = len(word_tokenizer().get_vocab()), dict(num_hidden_layers=n_layers, num_attention_heads=4)
+    vocab = len(word_tokenizer().get_vocab())
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4)
     configs = {
-        "llama": lambda: t.LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **small),
+        "llama": lambda: t.LlamaConfig(num_key_value_heads=2, **small),
         "gpt2": lambda: t.GPT2Config(n_embd=32, n_layer=n_layers, n_head=4, n_positions=64),
-        "neox-parallel": lambda: t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, use_parallel_residual=True, **small),
-        "neox": lambda: t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, use_parallel_residual=False, **small),
-        "gemma2": lambda: t.Gemma2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8, **small),
-        "olmo2": lambda: t.Olmo2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **small),
+        "neox-parallel": lambda: t.GPTNeoXConfig(use_parallel_residual=True, **small),
+        "neox": lambda: t.GPTNeoXConfig(use_parallel_residual=False, **small),
+        "gemma2": lambda: t.Gemma2Config(num_key_value_heads=2, head_dim=8, **small),
+        "olmo2": lambda: t.Olmo2Config(num_key_value_heads=2, **small),
         "gptj": lambda: t.GPTJConfig(n_embd=32, n_layer=n_layers, n_head=4, n_positions=64, rotary_dim=4),
     }
     config = configs[architecture]()

@@ -38,8 +38,8 @@ MLP_NAMES = ("mlp", "feed_forward", "ffn")
 OUT_PROJECTION_NAMES = ("o_proj", "c_proj", "dense", "out_proj")
 DOWN_PROJECTION_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc_out", "fc2")
 FIRST_NORM_NAMES = ("input_layernorm", "ln_1", "ln1", "attention_norm", "self_attn_layer_norm")
-# before the MLP: Gemma's pre_feedforward_layernorm first, since its post_attention_layernorm follows attention
-SECOND_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ln2", "ffn_norm")
+SECOND_NORM_NAMES = ("post_attention_layernorm", "ln_2", "ln2", "ffn_norm")
+SANDWICH_SECOND_NORM = ("pre_feedforward_layernorm",)  # where post_attention_layernorm follows attention
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 ATTENTION_POST_NORM, MLP_POST_NORM = "post_attention_layernorm", "post_feedforward_layernorm"
 
@@ -96,44 +96,38 @@ def is_norm(module: nn.Module) -> bool:
     return has_eps and (isinstance(module, nn.LayerNorm) or "layernorm" in name or "rmsnorm" in name)
 
 
-def _block_points(i: int, path: str, block: nn.Module) -> tuple[dict[str, HookPoint], str | None, str | None]:
-    """Block i's hook points except resid_mid, where its MLP branch begins (a module path and its input, or
-    None), and why hook_mlp_in is absent when it is."""
-    def point(name: str, module: str, side: str, order: int = DEFAULT) -> tuple[str, HookPoint]:
-        return f"blocks.{i}.{name}", HookPoint(f"blocks.{i}.{name}", f"{path}.{module}" if module else path, side, i, order)
+def _block_points(i: int, path: str, block: nn.Module) -> tuple[list[HookPoint], str | None, str | None]:
+    """Block i's hook points but resid_mid; the module whose input begins its MLP branch (or None); and why
+    there is none, when there is none."""
+    def point(name: str, module: str = "", side: str = "output", order: int = DEFAULT) -> HookPoint:
+        return HookPoint(f"blocks.{i}.{name}", f"{path}.{module}".rstrip("."), side, i, order)
 
-    attention, mlp = child(block, ATTENTION_NAMES), child(block, MLP_NAMES)
-    ln1 = child(block, FIRST_NORM_NAMES)
-    # sandwich norms (Gemma 2/3: pre- and post-norm around each branch) and post-norm blocks (OLMo 2: only
-    # post-norms) add the post-norms' outputs to the residual stream
-    post_norms = bool(child(block, (MLP_POST_NORM,))) and bool(child(block, (ATTENTION_POST_NORM,)))
-    ln2 = child(block, SECOND_NORM_NAMES) if ln1 and (not post_norms or child(block, ("pre_feedforward_layernorm",))) else None
-    points = dict([point("hook_resid_pre", "", "input"), point("hook_resid_post", "", "output")])
+    attention, mlp, ln1 = child(block, ATTENTION_NAMES), child(block, MLP_NAMES), child(block, FIRST_NORM_NAMES)
+    # Sandwich norms (Gemma 2/3: a norm before and after each branch) and post-norms (OLMo 2: only after) add
+    # the post-norms' outputs to the residual stream; with post-norms only, the MLP reads the stream itself.
+    post_norms = all(child(block, (name,)) for name in (ATTENTION_POST_NORM, MLP_POST_NORM))
+    ln2 = child(block, SANDWICH_SECOND_NORM if post_norms else SECOND_NORM_NAMES) if ln1 else None
+    points = [point("hook_resid_pre", side="input"), point("hook_resid_post")]
     if attention:
-        points.update([point("hook_attn_out", ATTENTION_POST_NORM if post_norms else attention, "output")])
+        points.append(point("hook_attn_out", ATTENTION_POST_NORM if post_norms else attention))
         if projection := child(getattr(block, attention), OUT_PROJECTION_NAMES):
-            points.update([point("attn.hook_z", f"{attention}.{projection}", "input")])
-            points[f"blocks.{i}.hook_z"] = replace(points[f"blocks.{i}.attn.hook_z"], name=f"blocks.{i}.hook_z")
+            z = point("attn.hook_z", f"{attention}.{projection}", "input")
+            points += [z, replace(z, name=f"blocks.{i}.hook_z")]
     if mlp:
-        points.update([point("hook_mlp_out", MLP_POST_NORM if post_norms else mlp, "output"),
-                       point("mlp.hook_in", mlp, "input", LAST)])
+        points.append(point("hook_mlp_out", MLP_POST_NORM if post_norms else mlp))
+        points.append(point("mlp.hook_in", mlp, "input", LAST))
         if projection := child(getattr(block, mlp), DOWN_PROJECTION_NAMES):
-            points.update([point("mlp.hook_post", f"{mlp}.{projection}", "input")])
+            points.append(point("mlp.hook_post", f"{mlp}.{projection}", "input"))
     for name, norm in (("ln1", ln1), ("ln2", ln2)):
         if norm and is_norm(getattr(block, norm)):
-            points.update([point(f"{name}.hook_normalized", norm, "normalized")])
-    entry, missing = None, None
-    if ln2:
-        entry = f"{path}.{ln2}"
-    elif mlp and post_norms and not ln1:
-        entry = f"{path}.{mlp}"  # post-norm: the MLP reads the residual stream itself
-    else:
-        missing = (f"saelab finds no norm of block {i}'s own in front of its MLP (attention and MLP share one, in "
-                   "a parallel block, or it has an unfamiliar name), so it cannot place this name; module paths "
-                   f"('{path}.{mlp or 'mlp'}:input') still work")
-    if entry:
-        points.update([point("hook_mlp_in", entry[len(path) + 1:], "input")])
-    return points, entry, missing
+            points.append(point(f"{name}.hook_normalized", norm, "normalized"))
+    entry = ln2 or (mlp if post_norms and not ln1 else None)
+    if entry is None:
+        return points, None, (f"saelab finds no norm of block {i}'s own in front of its MLP (attention and MLP "
+                              "share one, in a parallel block, or it has an unfamiliar name), so it cannot place "
+                              f"this name; module paths ('{path}.{mlp or 'mlp'}:input') still work")
+    points.append(point("hook_mlp_in", entry, "input"))
+    return points, f"{path}.{entry}", None
 
 
 def discover_hook_points(model: nn.Module) -> dict[str, HookPoint]:
@@ -149,7 +143,7 @@ def discover(model: nn.Module) -> tuple[dict[str, HookPoint], dict[str, str]]:
     entries: dict[int, str] = {}
     for i, block in enumerate(blocks):
         block_points, entry, reason = _block_points(i, f"{blocks_path}.{i}", block)
-        points.update(block_points)
+        points.update((p.name, p) for p in block_points)
         if entry:
             entries[i] = entry
         else:
@@ -157,17 +151,18 @@ def discover(model: nn.Module) -> tuple[dict[str, HookPoint], dict[str, str]]:
     parallel = _parallel_blocks(model, blocks_path, entries)
     for i, entry in entries.items():
         name = f"blocks.{i}.hook_resid_mid"
-        if i in parallel:
-            missing[name] = (f"block {i} is a parallel-attention block: attention and MLP both read the block's "
-                             f"input, so no residual stream runs between them (blocks.{i}.hook_mlp_in is the MLP's input)")
-        elif isinstance(parallel, set):
-            points[name] = HookPoint(name, entry, "input", i, FIRST, residual=f"{blocks_path}.{i}")
+        if isinstance(parallel, str):
+            missing[name] = f"saelab could not run the model to see if block {i} has parallel attention: {parallel}"
+        elif i in parallel:
+            missing[name] = (f"block {i} is a parallel-attention block: attention and MLP both read the block's input, "
+                             f"so no residual stream runs between them (blocks.{i}.hook_mlp_in is the MLP's input)")
         else:
-            missing[name] = f"saelab could not run the model to tell whether block {i} is a parallel-attention block: {parallel}"
+            points[name] = HookPoint(name, entry, "input", i, FIRST, residual=f"{blocks_path}.{i}")
     parent = blocks_path.rpartition(".")[0]
-    root = model.get_submodule(parent) if parent else model
+    root = model.get_submodule(parent)
     if (final := child(root, FINAL_NORM_NAMES)) and is_norm(getattr(root, final)):
-        points["ln_final.hook_normalized"] = HookPoint("ln_final.hook_normalized", f"{parent}.{final}".lstrip("."), "normalized", None)
+        name = "ln_final.hook_normalized"
+        points[name] = HookPoint(name, f"{parent}.{final}".lstrip("."), "normalized", None)
     ordered = sorted(points.values(), key=lambda p: (p.layer is None, p.layer or 0))  # block by block, then ln_final
     return {p.name: p for p in ordered}, missing
 
@@ -187,12 +182,13 @@ def _parallel_blocks(model: nn.Module, blocks_path: str, entries: dict[int, str]
 
     handles = []
     for i, entry in entries.items():
-        handles.append(model.get_submodule(f"{blocks_path}.{i}").register_forward_pre_hook(keep(("block", i)), with_kwargs=True))
-        handles.append(model.get_submodule(entry).register_forward_pre_hook(keep(("entry", i)), with_kwargs=True))
+        for key, module in ((("block", i), f"{blocks_path}.{i}"), (("entry", i), entry)):
+            handles.append(model.get_submodule(module).register_forward_pre_hook(keep(key), with_kwargs=True))
     handles.append(model.get_submodule(f"{blocks_path}.{max(entries)}").register_forward_hook(stop))
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
     try:
         with torch.no_grad():
-            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
+            model(input_ids=tokens, use_cache=False)
     except _Stop:
         pass
     except Exception as error:  # noqa: BLE001 - a model that cannot run here still reads and writes everything else

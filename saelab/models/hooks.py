@@ -116,7 +116,8 @@ class HookedModel:
             if path.startswith(prefix):
                 layer = int(path[len(prefix) :].split(".")[0])
             return HookPoint(name, path, "input" if side == "input" else "output", layer)
-        raise self.unknown_hook(name, f"; or any module path (e.g. '{self.blocks_path}.0.mlp', optionally with ':input')")
+        example = f"{self.blocks_path}.0.mlp"
+        raise self.unknown_hook(name, f"; or any module path (e.g. '{example}', optionally with ':input')")
 
     def unknown_hook(self, name: str, also: str = "") -> UnknownHookError:
         """The error for an unknown hook name: why it is absent, or the closest valid name; and the valid ones."""
@@ -124,7 +125,8 @@ class HookedModel:
             return UnknownHookError(f"hook point '{name}' does not exist in this model: {self.unavailable[name]}")
         hint = closest(name, self.hook_points)
         suggestion = f" Did you mean '{hint}'?" if hint else ""
-        return UnknownHookError(f"unknown hook point '{name}'.{suggestion} Valid names: {', '.join(self.hook_points)}{also}")
+        valid = ", ".join(self.hook_points)
+        return UnknownHookError(f"unknown hook point '{name}'.{suggestion} Valid names: {valid}{also}")
 
     def _install(self, module: str, side: str, site: _Site):
         """Put `site` on a side of a module with one torch hook; returns its handle."""

@@ -105,6 +105,7 @@ def wrap_transformer_lens(hf_model: nn.Module, tokenizer, name: str) -> Transfor
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
-        raise ImportError("TransformerLens models need: pip install 'saelab[transformer-lens]' (TransformerLens >= 4)") from None
+        needed = "pip install 'saelab[transformer-lens]' (TransformerLens >= 4)"
+        raise ImportError(f"TransformerLens models need: {needed}") from None
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
     return TransformerLensModel(bridge, tokenizer)
