@@ -21,8 +21,8 @@ from saelab.models.hook_points import (
 
 __all__ = ["HookPoint", "HookedModel", "UnknownHookError", "discover_hook_points", "find_blocks"]
 
-Entry = Callable[[Tensor, Tensor], "Tensor | None"]
-"""A function run at a hook site: (activation, the module's input) -> its replacement, or None to keep it."""
+Entry = Callable[[Tensor], "Tensor | None"]
+"""A function run at a hook site: activation -> its replacement, or None to keep it."""
 
 
 class UnknownHookError(KeyError):
@@ -50,9 +50,9 @@ class _Site:
         self.entries: list[tuple[int, int, Entry]] = []
         self.handle = None
 
-    def run(self, value: Tensor, inputs: Tensor) -> Tensor:
+    def run(self, value: Tensor) -> Tensor:
         for _, _, fn in list(self.entries):
-            new = fn(value, inputs)
+            new = fn(value)
             if new is not None:
                 value = new
         return value
@@ -134,7 +134,7 @@ class HookedModel:
         if side == "input":
             def on_input(_m, args, kwargs):
                 x = first_input(args, kwargs)
-                new = site.run(x, x)
+                new = site.run(x)
                 if new is x:
                     return None
                 if args:
@@ -143,18 +143,18 @@ class HookedModel:
                 return args, {**kwargs, key: new}
             return target.register_forward_pre_hook(on_input, with_kwargs=True)
         if side == "output":
-            def on_output(_m, args, kwargs, output):
+            def on_output(_m, _args, output):
                 y = _first(output)
-                new = site.run(y, first_input(args, kwargs))
+                new = site.run(y)
                 return None if new is y else _with_first(output, new)
-            return target.register_forward_hook(on_output, with_kwargs=True)
+            return target.register_forward_hook(on_output)
 
         def on_normalized(_m, args, kwargs, output):
             x, y = first_input(args, kwargs), _first(output)
             n = normalized(target, x)
             affine = norm_affine(target, n, y, module)
             start = n.to(x.dtype)
-            new = site.run(start, x)
+            new = site.run(start)
             return None if new is start else _with_first(output, affine(new))
         # before any hook on the norm's output, which the normalised values come before
         return target.register_forward_hook(on_normalized, with_kwargs=True, prepend=True)
@@ -181,18 +181,18 @@ class HookedModel:
     def _add(self, point: HookPoint, fn: Callable[[Tensor], Tensor | None], writes: bool) -> list[Callable[[], None]]:
         """Run `fn` on the activation at `point` (replacing it by what fn returns, unless None)."""
         if not (writes and point.residual):
-            return [self._attach(point.module, point.side, point.order, lambda value, _x: fn(value))]
+            return [self._attach(point.module, point.side, point.order, fn)]
         # A residual stream that is no module's output: what reads it (the norm in front of the MLP) sees the
         # replacement, and the block's output, which adds the MLP's output to the unreplaced stream, moves by
         # the same change, so that everything after sees the replaced stream, as in TransformerLens.
         change: list[Tensor | None] = [None]
 
-        def replace(value: Tensor, _x: Tensor) -> Tensor | None:
+        def replace(value: Tensor) -> Tensor | None:
             new = fn(value)
             change[0] = None if new is None else new - value
             return new
 
-        def move(value: Tensor, _x: Tensor) -> Tensor | None:
+        def move(value: Tensor) -> Tensor | None:
             moved, change[0] = (None if change[0] is None else value + change[0]), None
             return moved
 
@@ -225,7 +225,7 @@ class HookedModel:
                 detach += self._add(point, capture, writes=False)
             layers = [p.layer for p in points]
             if stop_after_last_read and points and None not in layers:
-                def stop(_value, _x):
+                def stop(_value):
                     raise _StopForward
                 last = self._stop_point(max(layers))
                 detach.append(self._attach(last.module, last.side, LAST + 1, stop))

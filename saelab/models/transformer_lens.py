@@ -90,7 +90,7 @@ class TransformerLensModel(HookedModel):
 
         def hook(x: Tensor, hook=None) -> Tensor | None:
             flat = _flat(x)
-            new = site.run(flat, flat)
+            new = site.run(flat)
             return None if new is flat else new.reshape(x.shape)
 
         hook_point.add_hook(hook, level=level)
