@@ -1,41 +1,28 @@
 """Named hook points on any Hugging Face causal LM: read (capture) or write (replace) activations.
 
-Every place an activation can be read or replaced has a name. TransformerLens-style aliases cover the usual
-places of each decoder block; any module path also works, as `path` (its output) or `path:input`.
-
-    blocks.{i}.hook_resid_pre    input of block i (residual stream before it)
-    blocks.{i}.hook_resid_post   output of block i (residual stream after it)
-    blocks.{i}.hook_attn_out     output of block i's attention
-    blocks.{i}.hook_z            input of the attention output projection (n_heads * d_head)
-    blocks.{i}.hook_mlp_in       input of block i's MLP
-    blocks.{i}.hook_mlp_out      output of block i's MLP
+Every place an activation can be read or replaced has a name. TransformerLens's names cover the places of each
+decoder block, with TransformerLens's meaning (see `saelab.models.hook_points` for the list); any module path
+also works, as `path` (its output) or `path:input`.
 """
 
 from __future__ import annotations
 
+from bisect import insort
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from saelab.config import closest
+from saelab.models.hook_points import (
+    FIRST, LAST, HookPoint, discover, discover_hook_points, find_blocks, first_input,
+)
 
-BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
-ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
-OUT_PROJECTION_NAMES = ("o_proj", "c_proj", "dense", "out_proj")
+__all__ = ["HookPoint", "HookedModel", "UnknownHookError", "discover_hook_points", "find_blocks"]
 
-
-@dataclass(frozen=True)
-class HookPoint:
-    """Where a named activation lives: a module, which side of it, and the block it belongs to."""
-
-    name: str
-    module: str
-    side: Literal["input", "output"]
-    layer: int | None
+Entry = Callable[[Tensor], "Tensor | None"]
+"""A function run at a hook site: activation -> its replacement, or None to keep it."""
 
 
 class UnknownHookError(KeyError):
@@ -47,44 +34,6 @@ class _StopForward(Exception):
     """Raised after the last needed block, so the rest of the model (and the unembedding) never runs."""
 
 
-def _child(module: nn.Module, names: Sequence[str]) -> str | None:
-    return next((n for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The module path and ModuleList of the decoder blocks."""
-    modules = dict(model.named_modules())
-    for path in BLOCK_LISTS:
-        if isinstance(modules.get(path), nn.ModuleList):
-            return path, modules[path]
-    lists = [(p, m) for p, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
-    return max(lists, key=lambda pm: len(pm[1]))
-
-
-def discover_hook_points(model: nn.Module) -> dict[str, HookPoint]:
-    """Aliases for every block of `model`, mapped onto its module paths."""
-    blocks_path, blocks = find_blocks(model)
-    points: dict[str, HookPoint] = {}
-    for i, block in enumerate(blocks):
-        path = f"{blocks_path}.{i}"
-        points[f"blocks.{i}.hook_resid_pre"] = HookPoint(f"blocks.{i}.hook_resid_pre", path, "input", i)
-        points[f"blocks.{i}.hook_resid_post"] = HookPoint(f"blocks.{i}.hook_resid_post", path, "output", i)
-        attention = _child(block, ATTENTION_NAMES)
-        if attention:
-            points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"blocks.{i}.hook_attn_out", f"{path}.{attention}", "output", i)
-            projection = _child(getattr(block, attention), OUT_PROJECTION_NAMES)
-            if projection:
-                module = f"{path}.{attention}.{projection}"
-                points[f"blocks.{i}.hook_z"] = HookPoint(f"blocks.{i}.hook_z", module, "input", i)
-        mlp = _child(block, MLP_NAMES)
-        if mlp:
-            points[f"blocks.{i}.hook_mlp_in"] = HookPoint(f"blocks.{i}.hook_mlp_in", f"{path}.{mlp}", "input", i)
-            points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"blocks.{i}.hook_mlp_out", f"{path}.{mlp}", "output", i)
-    return points
-
-
 def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
@@ -93,17 +42,64 @@ def _with_first(value, first):
     return (first, *value[1:]) if isinstance(value, tuple) else first
 
 
+class _Site:
+    """The functions active on one side of one module, run in (order, registration) order by one torch hook, so
+    that the order of hook points sharing a place does not depend on which `hooks()` block added them first."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, int, Entry]] = []
+        self.handle = None
+
+    def run(self, value: Tensor) -> Tensor:
+        for _, _, fn in list(self.entries):
+            new = fn(value)
+            if new is not None:
+                value = new
+        return value
+
+
+def normalized(norm: nn.Module, x: Tensor) -> Tensor:
+    """The norm's input normalised before its weight and bias, in float32 (as TransformerLens's hook_normalized)."""
+    x = x.float()
+    if "rmsnorm" not in type(norm).__name__.lower():
+        x = x - x.mean(-1, keepdim=True)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def norm_affine(norm: nn.Module, n: Tensor, output: Tensor, name: str) -> Callable[[Tensor], Tensor]:
+    """The map from normalised values to the norm's output (its weight and bias), checked against the output
+    it just gave: RMSNorms scale by `weight` (Llama) or by `1 + weight` (Gemma)."""
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    gains = [None] if weight is None else [weight.float(), 1.0 + weight.float()]
+    tolerance = 1e-4 if output.dtype in (torch.float32, torch.float64) else 2e-2
+    for gain in gains:
+        def affine(values: Tensor, gain=gain) -> Tensor:
+            out = values.float() if gain is None else values.float() * gain
+            return (out if bias is None else out + bias.float()).to(output.dtype)
+
+        if torch.allclose(affine(n), output, rtol=tolerance, atol=tolerance):
+            return affine
+    raise ValueError(f"{name}: saelab cannot reproduce what {type(norm).__name__} outputs from its normalised input "
+                     "(an unfamiliar normalisation); read or replace its output (the module path) instead")
+
+
 class HookedModel:
     """A frozen causal LM whose activations can be read or replaced by hook-point name."""
 
     def __init__(self, model: nn.Module, tokenizer=None):
+        self._adopt(model, tokenizer)
+        self.blocks_path, self.blocks = find_blocks(model)
+        self.hook_points, self.unavailable = discover(model)
+
+    def _adopt(self, model: nn.Module, tokenizer) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
-        self.blocks_path, self.blocks = find_blocks(model)
-        self.hook_points = discover_hook_points(model)
         self._modules = dict(model.named_modules())
+        self._sites: dict[tuple[str, str], _Site] = {}
+        self._added = 0
 
     @property
     def n_layers(self) -> int:
@@ -120,13 +116,92 @@ class HookedModel:
             if path.startswith(prefix):
                 layer = int(path[len(prefix) :].split(".")[0])
             return HookPoint(name, path, "input" if side == "input" else "output", layer)
-        raise self.unknown_hook(name, f"; or any module path (e.g. '{self.blocks_path}.0.mlp', optionally with ':input')")
+        example = f"{self.blocks_path}.0.mlp"
+        raise self.unknown_hook(name, f"; or any module path (e.g. '{example}', optionally with ':input')")
 
     def unknown_hook(self, name: str, also: str = "") -> UnknownHookError:
-        """The error for an unknown hook name: the closest valid name and the list of valid ones."""
+        """The error for an unknown hook name: why it is absent, or the closest valid name; and the valid ones."""
+        if name in self.unavailable:
+            return UnknownHookError(f"hook point '{name}' does not exist in this model: {self.unavailable[name]}")
         hint = closest(name, self.hook_points)
         suggestion = f" Did you mean '{hint}'?" if hint else ""
-        return UnknownHookError(f"unknown hook point '{name}'.{suggestion} Valid names: {', '.join(self.hook_points)}{also}")
+        valid = ", ".join(self.hook_points)
+        return UnknownHookError(f"unknown hook point '{name}'.{suggestion} Valid names: {valid}{also}")
+
+    def _install(self, module: str, side: str, site: _Site):
+        """Put `site` on a side of a module with one torch hook; returns its handle."""
+        target = self._modules[module]
+        if side == "input":
+            def on_input(_m, args, kwargs):
+                x = first_input(args, kwargs)
+                new = site.run(x)
+                if new is x:
+                    return None
+                if args:
+                    return (new, *args[1:]), kwargs
+                key = next(iter(kwargs))  # e.g. hidden_states passed by keyword
+                return args, {**kwargs, key: new}
+            return target.register_forward_pre_hook(on_input, with_kwargs=True)
+        if side == "output":
+            def on_output(_m, _args, output):
+                y = _first(output)
+                new = site.run(y)
+                return None if new is y else _with_first(output, new)
+            return target.register_forward_hook(on_output)
+
+        def on_normalized(_m, args, kwargs, output):
+            x, y = first_input(args, kwargs), _first(output)
+            n = normalized(target, x)
+            affine = norm_affine(target, n, y, module)
+            start = n.to(x.dtype)
+            new = site.run(start)
+            return None if new is start else _with_first(output, affine(new))
+        # before any hook on the norm's output, which the normalised values come before
+        return target.register_forward_hook(on_normalized, with_kwargs=True, prepend=True)
+
+    def _attach(self, module: str, side: str, order: int, fn: Entry) -> Callable[[], None]:
+        """Run `fn` at a side of a module until the returned function is called."""
+        key = (module, side)
+        if key not in self._sites:
+            site = self._sites[key] = _Site()
+            site.handle = self._install(module, side, site)
+        site = self._sites[key]
+        self._added += 1
+        entry = (order, self._added, fn)
+        insort(site.entries, entry, key=lambda e: e[:2])
+
+        def detach() -> None:
+            site.entries.remove(entry)
+            if not site.entries:
+                site.handle.remove()
+                del self._sites[key]
+
+        return detach
+
+    def _add(self, point: HookPoint, fn: Callable[[Tensor], Tensor | None], writes: bool) -> list[Callable[[], None]]:
+        """Run `fn` on the activation at `point` (replacing it by what fn returns, unless None)."""
+        if not (writes and point.residual):
+            return [self._attach(point.module, point.side, point.order, fn)]
+        # A residual stream that is no module's output: what reads it (the norm in front of the MLP) sees the
+        # replacement, and the block's output, which adds the MLP's output to the unreplaced stream, moves by
+        # the same change, so that everything after sees the replaced stream, as in TransformerLens.
+        change: list[Tensor | None] = [None]
+
+        def replace(value: Tensor) -> Tensor | None:
+            new = fn(value)
+            change[0] = None if new is None else new - value
+            return new
+
+        def move(value: Tensor) -> Tensor | None:
+            moved, change[0] = (None if change[0] is None else value + change[0]), None
+            return moved
+
+        return [self._attach(point.module, point.side, point.order, replace),
+                self._attach(point.residual, "output", FIRST, move)]
+
+    def _stop_point(self, layer: int) -> HookPoint:
+        """The hook point after which nothing of block `layer` remains to run."""
+        return self.hook_point(f"blocks.{layer}.hook_resid_post")
 
     @contextmanager
     def hooks(
@@ -138,46 +213,29 @@ class HookedModel:
         """Within the block, forward passes fill the yielded dict with the `read` activations and replace
         each `write` activation by `fn(activation)`. With `stop_after_last_read`, the pass stops after the
         block of the deepest read (catch nothing: use `run_with_cache`)."""
-        write = dict(write or {})
         cache: dict[str, Tensor] = {}
-        handles = []
-
-        def add(point: HookPoint, fn: Callable[[Tensor], Tensor | None]) -> None:
-            module = self._modules[point.module]
-            if point.side == "output":
-                def on_output(_m, _args, output):
-                    new = fn(_first(output))
-                    return None if new is None else _with_first(output, new)
-                handles.append(module.register_forward_hook(on_output))
-            else:
-                def on_input(_m, args, kwargs):
-                    if args:
-                        new = fn(args[0])
-                        return None if new is None else ((new, *args[1:]), kwargs)
-                    key = next(iter(kwargs))  # e.g. hidden_states passed by keyword
-                    new = fn(kwargs[key])
-                    return None if new is None else (args, {**kwargs, key: new})
-                handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
-
+        detach: list[Callable[[], None]] = []
         try:
-            for name, fn in write.items():
-                add(self.hook_point(name), fn)
+            for name, fn in (write or {}).items():
+                detach += self._add(self.hook_point(name), fn, writes=True)
             points = [self.hook_point(name) for name in read]
             for point in points:
-                def capture(x, name=point.name):
+                def capture(x: Tensor, name: str = point.name) -> None:
                     cache[name] = x
-                    return None
-                add(point, capture)
-            if stop_after_last_read and points:
-                layers = [p.layer for p in points]
-                if None not in layers:
-                    def stop(_m, _args, _output):
-                        raise _StopForward
-                    handles.append(self.blocks[max(layers)].register_forward_hook(stop))
+                detach += self._add(point, capture, writes=False)
+            layers = [p.layer for p in points]
+            if stop_after_last_read and points and None not in layers:
+                def stop(_value):
+                    raise _StopForward
+                last = self._stop_point(max(layers))
+                detach.append(self._attach(last.module, last.side, LAST + 1, stop))
             yield cache
         finally:
-            for handle in handles:
-                handle.remove()
+            for undo in reversed(detach):
+                undo()
+
+    def _logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def run_with_cache(
         self, input_ids: Tensor, names: Sequence[str], attention_mask: Tensor | None = None
@@ -185,7 +243,7 @@ class HookedModel:
         """Activations at `names` for a batch of token ids, running only as far as the deepest one needs."""
         with torch.no_grad(), self.hooks(read=names, stop_after_last_read=True) as cache:
             try:
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                self._logits(input_ids, attention_mask)
             except _StopForward:
                 pass
         return {name: cache[name] for name in names}
@@ -202,4 +260,4 @@ class HookedModel:
     ) -> Tensor:
         """Logits of a full forward pass, with activations replaced at the `write` hook points."""
         with self.hooks(write=write):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self._logits(input_ids, attention_mask)

@@ -1,52 +1,79 @@
 """TransformerLens models behind HookedModel's interface (optional: `pip install -e '.[transformer-lens]'`).
 
-TransformerLens >= 4 wraps a Hugging Face model in a `TransformerBridge` whose hook points carry the names
-researchers know (`blocks.3.hook_resid_post`, `blocks.3.attn.hook_z`, `blocks.3.mlp.hook_post`, ...). This
-adapter exposes that bridge with the same methods as `HookedModel`, so harvesting, training and splicing
-work unchanged. Per-head activations `(batch, pos, n_heads, d_head)` are read and written as
-`(batch, pos, n_heads * d_head)`, the width an SAE sees.
+TransformerLens's `TransformerBridge` wraps a Hugging Face model and gives its activations the names researchers
+know (`blocks.3.hook_resid_post`, `blocks.3.attn.hook_z`, `blocks.3.mlp.hook_post`, ...). This adapter exposes
+the bridge with HookedModel's methods and mechanics, so harvesting, training and splicing work unchanged, and
+the names shared with the plain Hugging Face path read and replace the same activations there and here:
+
+- `blocks.N.hook_mlp_in` (gated off in the bridge by default) is switched on;
+- `blocks.N.hook_resid_mid` is replaced as in HookedTransformer: the MLP and the rest of the residual stream both
+  see the replacement (the bridge alone changes only what the second norm sees);
+- `blocks.N.hook_z` is the same place as `blocks.N.attn.hook_z`.
+
+Per-head activations `(batch, pos, n_heads, d_head)` are read and written as `(batch, pos, n_heads * d_head)`,
+the width an SAE sees.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
-from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 
-import torch
 from torch import Tensor, nn
 
-from saelab.models.hooks import HookedModel, HookPoint
+from saelab.models.hook_points import FIRST, HookPoint
+from saelab.models.hooks import HookedModel, _Site
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+_LEVELS = itertools.count(10**6)  # TransformerLens removes hooks by level: one of its own for each site
 
 
 def _flat(x: Tensor) -> Tensor:
     return x.flatten(-2) if x.dim() == 4 else x
 
 
-def _flat_fn(fn: Callable[[Tensor], Tensor]) -> Callable:
-    """A TransformerLens hook that shows `fn` flattened heads and gives the model back its own layout."""
+class _Handle:
+    def __init__(self, hook_point: nn.Module, level: int):
+        self.hook_point, self.level = hook_point, level
 
-    def hook(x: Tensor, hook=None) -> Tensor:
-        new = fn(_flat(x))
-        return new.reshape(x.shape) if new is not None else None
+    def remove(self) -> None:
+        self.hook_point.remove_hooks("fwd", level=self.level)
 
-    return hook
+
+def bridge_hook_points(bridge: nn.Module) -> tuple[dict[str, HookPoint], dict[str, str]]:
+    """HookPoints for every name of the bridge (each the output of a TransformerLens HookPoint module), with
+    resid_mid and hook_z as on the Hugging Face path; and why the resid_mid names it lacks are absent."""
+    paths: dict[int, str] = {}
+    for path, module in bridge.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), path)
+    points = {
+        name: HookPoint(name, paths[id(hook)], "output", int(m.group(1)) if (m := _LAYER.match(name)) else None)
+        for name, hook in bridge.hook_dict.items()
+    }
+    missing = {}
+    for i in range(int(bridge.cfg.n_layers)):
+        block = f"blocks.{i}."
+        if (z := points.get(block + "attn.hook_z")) is not None:
+            points[block + "hook_z"] = replace(z, name=block + "hook_z")
+        mlp_in, mid = points.get(block + "hook_mlp_in"), block + "hook_resid_mid"
+        if mlp_in is None:
+            continue
+        if mid in points:  # read where hook_mlp_in is read, before it, as HookedTransformer computes one from the other
+            points[mid] = replace(mlp_in, name=mid, order=FIRST, residual=points[block + "hook_resid_post"].module)
+        else:
+            missing[mid] = (f"block {i} is a parallel-attention block: attention and MLP both read the block's input, "
+                            f"so no residual stream runs between them ({block}hook_mlp_in is the MLP's input)")
+    return points, missing
 
 
 class TransformerLensModel(HookedModel):
-    """A TransformerLens TransformerBridge with HookedModel's interface (its own hook names and mechanics)."""
+    """A TransformerLens TransformerBridge with HookedModel's interface and hook mechanics."""
 
     def __init__(self, bridge: nn.Module, tokenizer=None):  # noqa: D107 - HookedModel's init expects HF blocks
-        self.model = bridge.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(bridge, "tokenizer", None)
-        self.hook_points = {
-            name: HookPoint(name, name, "output", int(m.group(1)) if (m := _LAYER.match(name)) else None)
-            for name in bridge.hook_dict
-        }
+        self._adopt(bridge, tokenizer if tokenizer is not None else getattr(bridge, "tokenizer", None))
+        bridge.set_use_hook_mlp_in(True)
+        self.hook_points, self.unavailable = bridge_hook_points(bridge)
 
     @property
     def n_layers(self) -> int:
@@ -57,41 +84,20 @@ class TransformerLensModel(HookedModel):
             return self.hook_points[name]
         raise self.unknown_hook(name)
 
-    @contextmanager
-    def hooks(
-        self,
-        read: Sequence[str] = (),
-        write: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
-        stop_after_last_read: bool = False,
-    ) -> Iterator[dict[str, Tensor]]:
-        """As HookedModel.hooks (stopping early is done by run_with_cache, through TransformerLens)."""
-        cache: dict[str, Tensor] = {}
-        fwd_hooks = [(self.hook_point(name).name, _flat_fn(fn)) for name, fn in (write or {}).items()]
-        for name in read:
-            def capture(x: Tensor, name: str = self.hook_point(name).name) -> None:
-                cache[name] = x
-            fwd_hooks.append((name, _flat_fn(capture)))
-        with self.model.hooks(fwd_hooks=fwd_hooks):
-            yield cache
+    def _install(self, module: str, side: str, site: _Site) -> _Handle:
+        """Put `site` on a TransformerLens HookPoint (through TransformerLens, which must know its hooks)."""
+        hook_point, level = self._modules[module], next(_LEVELS)
 
-    def run_with_cache(
-        self, input_ids: Tensor, names: Sequence[str], attention_mask: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        """Activations at `names`, running only the blocks up to the deepest one."""
-        layers = [self.hook_point(name).layer for name in names]
-        stop = max(layers) + 1 if None not in layers and max(layers) + 1 < self.n_layers else None
-        with torch.no_grad():
-            _, cache = self.model.run_with_cache(
-                input_ids, names_filter=list(names), stop_at_layer=stop, attention_mask=attention_mask
-            )
-        return {name: _flat(cache[name]) for name in names}
+        def hook(x: Tensor, hook=None) -> Tensor | None:
+            flat = _flat(x)
+            new = site.run(flat)
+            return None if new is flat else new.reshape(x.shape)
 
-    def logits(
-        self, input_ids: Tensor, write: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
-        attention_mask: Tensor | None = None,
-    ) -> Tensor:
-        with self.hooks(write=write):
-            return self.model(input_ids, attention_mask=attention_mask)
+        hook_point.add_hook(hook, level=level)
+        return _Handle(hook_point, level)
+
+    def _logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return self.model(input_ids, attention_mask=attention_mask)
 
 
 def wrap_transformer_lens(hf_model: nn.Module, tokenizer, name: str) -> TransformerLensModel:
@@ -99,6 +105,7 @@ def wrap_transformer_lens(hf_model: nn.Module, tokenizer, name: str) -> Transfor
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
-        raise ImportError("TransformerLens models need: pip install 'saelab[transformer-lens]' (TransformerLens >= 4)") from None
+        needed = "pip install 'saelab[transformer-lens]' (TransformerLens >= 3.9)"
+        raise ImportError(f"TransformerLens models need: {needed}") from None
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
     return TransformerLensModel(bridge, tokenizer)
