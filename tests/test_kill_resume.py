@@ -1,10 +1,12 @@
 """Kill a training process with SIGKILL at random moments (checkpoint writes included), resume each time, and
-get bit-identical weights to an uninterrupted run."""
+get bit-identical weights to an uninterrupted run. The resumed processes must say so: equal weights alone would
+also come from a run that silently started over."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,15 +27,16 @@ def saelab_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from saelab.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
-def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list[str] = RUN) -> int:
+def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list[str] = RUN) -> tuple[int, list[int]]:
     """Start (or resume) the run; SIGKILL it after a random delay, `kills` times; then let it finish.
-    Returns how many kills hit a running process."""
+    Returns how many kills hit a running process, and the steps the resumed processes said they resumed from."""
     rng = random.Random(seed)
-    interrupted = 0
+    interrupted, resumed = 0, []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(kills + 1):
         started = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*/COMPLETE"))
-        args = ["train", "--resume", str(out)] if started else ["train", *run, *extra, "--out_dir", str(out)]
+        # killed before its first checkpoint: start again (the folder holds that attempt's config.yaml)
+        args = ["train", "--resume", str(out)] if started else ["train", *run, *extra, "--out_dir", str(out), "--overwrite"]
         process = subprocess.Popen(saelab_command(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < kills:
             # python + torch start-up takes ~1.5 s and the run ~6 s more: at most 2 s of progress per attempt, so at
@@ -42,11 +45,15 @@ def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 interrupted += 1
-            process.wait()
+            _, err = process.communicate()
         else:
             _, err = process.communicate(timeout=300)
             assert process.returncode == 0, err.decode()
-    return interrupted
+        steps = [int(n) for n in re.findall(r"resumed from step (\d+) of", err.decode())]
+        assert started or not steps
+        assert steps or not started or attempt < kills  # the last attempt runs to the end: a resume must say so
+        resumed += steps
+    return interrupted, resumed
 
 
 @pytest.mark.parametrize("extra", [["--sae.k", "4"], ["--sae.architecture", "jumprelu", "--sae.normalize_activations",
@@ -55,7 +62,8 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(saelab_command("train", *RUN, *extra, "--out_dir", str(tmp_path / "straight")), env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert run_with_kills(tmp_path / "killed", extra, kills=3, seed=len(extra)) >= 2
+    interrupted, resumed = run_with_kills(tmp_path / "killed", extra, kills=3, seed=len(extra))
+    assert interrupted >= 2 and any(step > 0 for step in resumed), resumed
     straight = saelab.load_sae(tmp_path / "straight" / "sae").state_dict()
     resumed = saelab.load_sae(tmp_path / "killed" / "sae").state_dict()
     assert straight.keys() == resumed.keys()
@@ -80,7 +88,8 @@ def test_sigkill_and_resume_from_an_activation_cache_is_bit_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(saelab_command("train", *run, "--out_dir", str(tmp_path / "straight")), env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert run_with_kills(tmp_path / "killed", [], kills=3, seed=7, run=run) >= 2
+    interrupted, resumed = run_with_kills(tmp_path / "killed", [], kills=3, seed=7, run=run)
+    assert interrupted >= 2 and any(step > 0 for step in resumed), resumed
     straight = saelab.load_sae(tmp_path / "straight" / "sae").state_dict()
     resumed = saelab.load_sae(tmp_path / "killed" / "sae").state_dict()
     for name, tensor in straight.items():
