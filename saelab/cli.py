@@ -105,8 +105,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     )
     train.add_argument("--config", metavar="FILE", help="YAML run config (see examples/)")
     train.add_argument("--resume", metavar="OUT_DIR",
-                       help="continue the run in OUT_DIR from its newest checkpoint; only --train.total_tokens (to extend "
-                       "it) and the logging, evaluation and checkpoint options may be given with it")
+                       help="continue the run in OUT_DIR from its newest checkpoint; only --train.total_tokens (to "
+                       "extend it) and the logging, evaluation and checkpoint options may be given with it")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run already in --out_dir (by default a folder holding a run is refused)")
     flags = _config_flags(RunConfig()) + _sae_flags()

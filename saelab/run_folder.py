@@ -40,7 +40,8 @@ def _written_by_a_run(entry: Path) -> bool:
     `.NAME.*.tmp` files, `.NAME.new-*` / `.NAME.old-*` folders)."""
     if entry.name in RUN_FILES or (entry.is_dir() and any((entry / name).exists() for name in SAE_FILES)):
         return True
-    return entry.name.startswith(".") and (entry.name.endswith(".tmp") or ".new-" in entry.name or ".old-" in entry.name)
+    name = entry.name
+    return name.startswith(".") and (name.endswith(".tmp") or ".new-" in name or ".old-" in name)
 
 
 def folder_entries(out_dir: Path) -> tuple[list[str], list[str]]:
@@ -113,7 +114,8 @@ def no_checkpoint_message(out_dir: Path) -> str:
     if (out_dir / "summary.json").exists():
         return (f"the run in {out_dir} finished without checkpoints (train.checkpoint_every was not set), so it cannot "
                 f"be continued; start a new run from its weights with --sae.init_from {out_dir}/<sae folder>")
-    return f"no complete checkpoint under {out_dir / CHECKPOINT_DIR} to resume from (the run stopped before writing one)"
+    return (f"no complete checkpoint under {out_dir / CHECKPOINT_DIR} to resume from (the run stopped before writing "
+            "one): start it again with --overwrite")
 
 
 def report_resume(trainer: Any, before: TrainConfig, now: TrainConfig) -> None:

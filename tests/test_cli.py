@@ -104,7 +104,7 @@ def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it_whole(tmp_p
     assert sorted(files(out)) == sorted(files(tmp_path / "fresh"))  # the old run's checkpoints are gone
     assert same_weights(saelab.load_sae(out / "sae"), saelab.load_sae(tmp_path / "fresh" / "sae"))
     capsys.readouterr()
-    assert main(["train", "--resume", str(out)]) == 2  # the new run wrote no checkpoints: nothing of the old one is used
+    assert main(["train", "--resume", str(out)]) == 2  # the new run wrote no checkpoints: none of the old is used
     assert "finished without checkpoints" in capsys.readouterr().err
 
 
@@ -114,8 +114,8 @@ def test_python_api_overwrite(tmp_path):
     saelab.train(run)
     with pytest.raises(saelab.ConfigError, match="already holds a run"):
         saelab.train({**run, "sae": {"architecture": "standard"}})
-    trained = saelab.train({**run, "sae": {"architecture": "standard"}, "train": {**run["train"], "checkpoint_every": 7}},
-                           overwrite=True)
+    standard = {**run, "sae": {"architecture": "standard"}, "train": {**run["train"], "checkpoint_every": 7}}
+    trained = saelab.train(standard, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000000014", "step_000000020"]
     assert same_weights(saelab.load_sae(tmp_path / "run" / "sae"), trained["sae"])
 
@@ -175,7 +175,8 @@ def test_a_checkpoint_of_another_configuration_is_refused_before_anything_is_wri
     capsys.readouterr()
     assert main(["train", "--resume", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "configured differently" in err[0] and "sae.architecture ('topk' there, 'standard' here)" in err[0]
+    assert len(err) == 1 and "configured differently" in err[0]
+    assert "sae.architecture ('topk' there, 'standard' here)" in err[0]
     assert files(out) == before
 
 

@@ -36,7 +36,8 @@ def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list
     for attempt in range(kills + 1):
         started = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*/COMPLETE"))
         # killed before its first checkpoint: start again (the folder holds that attempt's config.yaml)
-        args = ["train", "--resume", str(out)] if started else ["train", *run, *extra, "--out_dir", str(out), "--overwrite"]
+        fresh = ["train", *run, *extra, "--out_dir", str(out), "--overwrite"]
+        args = ["train", "--resume", str(out)] if started else fresh
         process = subprocess.Popen(saelab_command(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < kills:
             # python + torch start-up takes ~1.5 s and the run ~6 s more: at most 2 s of progress per attempt, so at

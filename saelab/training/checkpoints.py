@@ -83,9 +83,23 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             if key not in saved or key not in current or saved[key] != current[key]]
 
 
-def check_same_run(checkpoint: Path, differing: list[str]) -> None:
-    """One ConfigError line naming what differs when a checkpoint was written by a differently configured run."""
+def check_same_run(checkpoint: Path, state: dict[str, Any], identity: dict[str, Any], units: dict[str, Any],
+                   some_units: bool = False) -> None:
+    """One ConfigError line naming what differs when `state` (read from `checkpoint`) was written by a run
+    configured otherwise than this one: its `identity` and its SAEs' (`units`, by name; `some_units`: this process
+    trains only some of the checkpoint's SAEs). A checkpoint of an older saelab, which records neither, gives a
+    warning."""
+    if "identity" not in state:
+        warnings.warn(f"{checkpoint} was written by an older saelab and does not record its run's configuration: "
+                      "it cannot be checked against this run", stacklevel=3)
+        return
+    differing = differences(state["identity"], identity)
+    saved = state["units"]
+    if not (set(units) <= set(saved) if some_units else set(units) == set(saved)):
+        differing.append(f"SAEs ({', '.join(sorted(saved))} there, {', '.join(sorted(units))} here)")
+    for name in sorted(set(units) & set(saved)):
+        differing += [f"SAE '{name}' {d}" for d in differences(saved[name]["identity"], units[name])]
     if differing:
         more = f" (and {len(differing) - 2} more)" if len(differing) > 2 else ""
-        raise ConfigError(f"{checkpoint} was written by a run configured differently: {'; '.join(differing[:2])}{more}; "
-                          "refusing to resume from it (start a new run with another out_dir, or --overwrite)")
+        raise ConfigError(f"{checkpoint} was written by a run configured differently: {'; '.join(differing[:2])}"
+                          f"{more}; refusing to resume from it (start a new run with another out_dir, or --overwrite)")

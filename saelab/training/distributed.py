@@ -103,7 +103,8 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def choose_backend(devices: Iterable[str], cuda_devices: int, local_rank: int, local_world_size: int | None = None) -> str:
+def choose_backend(devices: Iterable[str], cuda_devices: int, local_rank: int,
+                   local_world_size: int | None = None) -> str:
     """The torch.distributed backend for a run whose tensors live on `devices` ('cpu', 'cuda', 'cuda:1', ...), on a
     node with `cuda_devices` visible GPUs where this process is `local_rank` of `local_world_size` (torchrun's
     LOCAL_WORLD_SIZE; None when unknown). CPU-only runs use gloo, even where CUDA exists; runs with CUDA tensors use
@@ -113,11 +114,13 @@ def choose_backend(devices: Iterable[str], cuda_devices: int, local_rank: int, l
         return "gloo"
     ranks = local_world_size if local_world_size is not None else local_rank + 1
     if cuda_devices < 1:
-        raise DistributedError("the run's tensors are on CUDA (model.device / sae.device) but no CUDA device is visible")
+        raise DistributedError("the run's tensors are on CUDA (model.device / sae.device) but no CUDA device is "
+                               "visible")
     if ranks > cuda_devices or local_rank >= cuda_devices:
         raise DistributedError(
-            f"{max(ranks, local_rank + 1)} ranks on this node but only {cuda_devices} CUDA device(s) visible: a CUDA run "
-            f"needs one GPU per rank (torchrun --nproc_per_node {cuda_devices}), or set model.device and sae.device to cpu"
+            f"{max(ranks, local_rank + 1)} ranks on this node but only {cuda_devices} CUDA device(s) visible: a CUDA "
+            f"run needs one GPU per rank (torchrun --nproc_per_node {cuda_devices}), or set model.device and "
+            "sae.device to cpu"
         )
     return "cpu:gloo,cuda:nccl"
 

@@ -13,7 +13,6 @@ import json
 import math
 import random
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import islice
@@ -35,7 +34,6 @@ from saelab.training.checkpoints import (
     CHECKPOINT_DIR,
     RESUMABLE_TRAIN_OPTIONS,
     check_same_run,
-    differences,
     plain,
     read_newest_checkpoint,
     write_checkpoint,
@@ -489,31 +487,17 @@ class Trainer:
         if found is None:
             return False
         checkpoint, state = found
-        self._check_same_run(checkpoint, state)
+        module_parallel = self.dist is not None and self.dist.mode == "module"  # this rank trains some of the SAEs
+        check_same_run(checkpoint, state, self.identity(), self._unit_identity, some_units=module_parallel)
         if int(state["step"]) > self.cfg.total_steps:
-            raise ConfigError(f"train.total_tokens {self.cfg.total_tokens:,} ({self.cfg.total_steps} steps) is less than "
-                              f"{checkpoint} has trained already ({int(state['tokens']):,} tokens, {state['step']} steps)")
+            raise ConfigError(f"train.total_tokens {self.cfg.total_tokens:,} ({self.cfg.total_steps} steps) is less "
+                              f"than {checkpoint} has trained already ({int(state['tokens']):,} tokens)")
         try:
             self.load_state_dict(state)
         except (KeyError, RuntimeError) as e:  # a checkpoint too old to record its configuration
             raise ConfigError(f"{checkpoint} does not fit this run's SAEs: {str(e).splitlines()[0]}") from None
         self.resumed_from, self.resumed_checkpoint = self.step, checkpoint
         return True
-
-    def _check_same_run(self, checkpoint: Path, state: dict[str, Any]) -> None:
-        if "identity" not in state:
-            warnings.warn(f"{checkpoint} was written by an older saelab and does not record its run's configuration: "
-                          "it cannot be checked against this run", stacklevel=3)
-            return
-        differing = differences(state["identity"], self.identity())
-        saved, mine = set(state["units"]), {u.name for u in self.units}
-        # module parallel: the checkpoint holds every rank's SAEs, this rank trains its share
-        if not (mine <= saved if self.dist is not None and self.dist.mode == "module" else mine == saved):
-            differing.append(f"SAEs ({', '.join(sorted(saved))} there, {', '.join(sorted(mine))} here)")
-        for name in sorted(mine & saved):
-            found = differences(state["units"][name]["identity"], self._unit_identity[name])
-            differing += [f"SAE '{name}' {d}" for d in found]
-        check_same_run(checkpoint, differing)
 
 
 def _as_tuples(value):
