@@ -124,7 +124,9 @@ def report_resume(trainer: Any, before: TrainConfig, now: TrainConfig) -> None:
     step, total = trainer.step, now.total_steps
     finished = " (the run had already finished; extend it with --train.total_tokens)" if step == total else ""
     say(f"resumed from step {step} of {total} ({trainer.resumed_checkpoint}){finished}")
-    changed = next((s for s in range(step) if lr_factor(s, before) != lr_factor(s, now)), None)
+    changed = None
+    if before.total_steps != now.total_steps:
+        changed = next((s for s in range(step) if lr_factor(s, before) != lr_factor(s, now)), None)
     if changed is not None:
         say(f"warning: with lr_schedule {now.lr_schedule}, the learning rate depends on train.total_tokens: steps "
             f"{changed}..{step - 1} used the old length's, so this run will not equal one trained to the new length")

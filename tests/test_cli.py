@@ -138,6 +138,16 @@ def test_resume_with_more_tokens_extends_a_finished_run_exactly(tmp_path, capsys
     assert {"step": 80, "resumed_from_step": 80} in records and records[-1]["step"] == 160
 
 
+def test_extending_a_run_whose_learning_rate_decays_with_its_length_warns(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--train.lr_schedule", "cosine", "--train.checkpoint_every", "40", "--out_dir",
+                 str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--train.total_tokens", "81920"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step 80 of 160" in err and "warning: with lr_schedule cosine" in err and "steps 1..79" in err
+
+
 def test_a_finished_run_without_checkpoints_cannot_be_extended(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--out_dir", str(out)]) == 0

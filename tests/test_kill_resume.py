@@ -27,22 +27,30 @@ def saelab_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from saelab.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
+def newest_checkpoint(out: Path) -> int:
+    complete = sorted((out / "checkpoints").glob("step_*/COMPLETE")) if (out / "checkpoints").is_dir() else []
+    return int(complete[-1].parent.name.split("_")[1]) if complete else 0
+
+
 def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list[str] = RUN) -> tuple[int, list[int]]:
-    """Start (or resume) the run; SIGKILL it after a random delay, `kills` times; then let it finish.
-    Returns how many kills hit a running process, and the steps the resumed processes said they resumed from."""
+    """Start (or resume) the run; SIGKILL it at a random moment after it has made progress, `kills` times; then let
+    it finish. Returns how many kills hit a running process, and the steps the resumed processes said they resumed
+    from."""
     rng = random.Random(seed)
     interrupted, resumed = 0, []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(kills + 1):
-        started = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*/COMPLETE"))
-        # killed before its first checkpoint: start again (the folder holds that attempt's config.yaml)
+        started = newest_checkpoint(out)
         fresh = ["train", *run, *extra, "--out_dir", str(out), "--overwrite"]
         args = ["train", "--resume", str(out)] if started else fresh
         process = subprocess.Popen(saelab_command(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < kills:
-            # python + torch start-up takes ~1.5 s and the run ~6 s more: at most 2 s of progress per attempt, so at
-            # least two kills land on a running process
-            time.sleep(rng.uniform(1.5, 3.5))
+            # Wait for this attempt's first checkpoint (start-up time varies with the machine's load), then kill it
+            # somewhere in the next steps (a checkpoint is written every 5 of them, so often while writing one).
+            deadline = time.monotonic() + 120
+            while process.poll() is None and newest_checkpoint(out) <= started and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 interrupted += 1
@@ -51,8 +59,7 @@ def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list
             _, err = process.communicate(timeout=300)
             assert process.returncode == 0, err.decode()
         steps = [int(n) for n in re.findall(r"resumed from step (\d+) of", err.decode())]
-        assert started or not steps
-        assert steps or not started or attempt < kills  # the last attempt runs to the end: a resume must say so
+        assert steps == ([started] if started else [])  # a resume says so, naming its newest checkpoint's step
         resumed += steps
     return interrupted, resumed
 
