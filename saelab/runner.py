@@ -289,8 +289,8 @@ def resume(out_dir: str | Path, **overrides: Mapping[str, Any]) -> dict[str, SAE
 def _run(config: RunConfig, overwrite: bool = False, resuming: RunConfig | None = None) -> dict[str, SAE]:
     """A new run (`resuming` None) or the continuation of the run whose configuration was `resuming`."""
     keep_freed_memory()  # before the model loads: harvesting allocates large activations every batch
-    # torchrun: several ranks
-    dist = init_distributed(config.train.distributed, config.train.distributed_timeout, run_devices(config))
+    devices = run_devices(config)  # decide the backend: gloo for a CPU run, NCCL for CUDA tensors
+    dist = init_distributed(config.train.distributed, config.train.distributed_timeout, devices)  # torchrun: ranks
     main = dist is None or dist.is_main
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     if dist is not None:
