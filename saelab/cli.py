@@ -105,7 +105,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
         description="Train SAEs. Settings come from the defaults, then --config FILE (YAML), then --section.key flags.",
     )
     train.add_argument("--config", metavar="FILE", help="YAML run config (see examples/)")
-    train.add_argument("--resume", metavar="OUT_DIR", help="continue the run in OUT_DIR from its newest checkpoint")
+    train.add_argument("--resume", metavar="OUT_DIR",
+                       help="continue the run in OUT_DIR from its newest checkpoint; only --train.total_tokens (to "
+                       "extend it) and the logging, evaluation and checkpoint options may be given with it")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out_dir (by default a folder holding a run is refused)")
     flags = _config_flags(RunConfig()) + _sae_flags()
     _add_config_flags(train, flags)
     flag_names["train"] = [name for name, _ in flags]
@@ -231,11 +235,14 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.training.trainer import WHOLE_MODEL
 
     if args.resume:
-        trained = resume(args.resume)
+        if args.config or args.overwrite:
+            raise ConfigError(f"--resume continues the run as configured in {Path(args.resume) / RUN_CONFIG_FILE}: "
+                              f"it cannot be combined with {'--config' if args.config else '--overwrite'}")
+        trained = resume(args.resume, **_overrides(args, flag_names))
         out_dir = Path(args.resume)
     else:
         config = _run_config(args, flag_names)
-        trained = train(config)
+        trained = train(config, overwrite=args.overwrite)
         out_dir = Path(config.out_dir or ".")
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports

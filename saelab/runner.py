@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 from dataclasses import dataclass, field
@@ -11,10 +12,12 @@ from typing import Any, Literal, Mapping
 import torch
 import yaml
 
+from saelab import run_folder
 from saelab.config import ConfigError, deep_merge, from_dict, to_dict
 from saelab.data.config import DataConfig
 from saelab.io.atomic import atomic_write_text
 from saelab.models.config import ModelConfig
+from saelab.run_folder import RESUMABLE_OPTIONS, RUN_CONFIG_FILE
 from saelab.saes.base import SAE, hooks_of
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training.config import ObjectiveConfig, TrainConfig
@@ -24,7 +27,6 @@ from saelab.training.objectives import local_objectives, model_objectives
 from saelab.training.specs import build_sae, initial_sae, merge_options, sae_specs
 from saelab.training.trainer import WHOLE_MODEL, Trainer
 
-RUN_CONFIG_FILE = "config.yaml"
 DEFAULT_TOKENS = 1_000_000
 # TopK k 32 x8 on block 5 of SmolLM2-135M. A short dead window and a stronger AuxK than Gao et al.'s 1/32 keep
 # latents alive within a 1M-token budget: 5.5% never fire on 8k held-out tokens (26% with 500k and 1/32).
@@ -200,6 +202,7 @@ def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: P
         saes, config.train, out_dir=out_dir, evaluator=evaluator, splicer=splicer, lrs=lrs, initial=initial, dist=dist,
         objectives=local_objectives(config.train.sparsity_warmup_steps, objective.reconstruction),
         model_objectives=model_objectives(objective),
+        run_identity={k: v for k, v in to_dict(config).items() if k not in ("train", "out_dir")},
     )
 
 
@@ -247,17 +250,54 @@ def default_out_dir() -> Path:
     return Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resume: bool = False) -> dict[str, SAE]:
-    """Run training as configured and return the trained SAEs (also saved under out_dir)."""
+def run_devices(config: RunConfig) -> list[str]:
+    """Every device the run's tensors live on: the SAEs' and, when a live model feeds them, the model's."""
+    devices = [str(options.get("device", "cpu")) for options in run_sae_specs(config).values()]
+    if config.source == "model" and not config.data.cache:
+        devices.append(config.model.device)
+    return devices
+
+
+def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, overwrite: bool = False) -> dict[str, SAE]:
+    """Run training as configured and return the trained SAEs (also saved under out_dir). An out_dir that holds
+    another run is refused (continue that one with `resume`), unless `overwrite`: then, once the new run is set up,
+    the old folder is replaced by the new run's as a whole (see `saelab.run_folder`)."""
     if not isinstance(config, RunConfig):
         config = load_run_config(config)
+    return _run(config, overwrite=overwrite)
+
+
+def resume(out_dir: str | Path, **overrides: Mapping[str, Any]) -> dict[str, SAE]:
+    """Continue the run in out_dir from its newest complete checkpoint and return the trained SAEs. `overrides`, by
+    section (e.g. `train={"total_tokens": 4_000_000}`), may change only the options in RESUMABLE_OPTIONS: the
+    run's length (a finished run that wrote checkpoints is extended) and how it logs, evaluates and checkpoints.
+    Any other option is refused by name; the accepted changes are written to the run's config.yaml."""
+    out_dir = Path(out_dir)
+    if not (out_dir / RUN_CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{out_dir} holds no saelab run to resume (no {RUN_CONFIG_FILE})")
+    stored = read_config_file(out_dir / RUN_CONFIG_FILE)
+    refused = [name for name in run_folder.dotted_names(overrides) if name not in RESUMABLE_OPTIONS]
+    if refused:
+        raise ConfigError(f"a resumed run keeps the configuration in {out_dir / RUN_CONFIG_FILE}: it cannot change "
+                          f"{', '.join(refused)} (it can change {', '.join(RESUMABLE_OPTIONS)})")
+    before = load_run_config(copy.deepcopy(stored))
+    config = load_run_config(deep_merge(stored, overrides))
+    config.out_dir = str(out_dir)
+    return _run(config, resuming=before)
+
+
+def _run(config: RunConfig, overwrite: bool = False, resuming: RunConfig | None = None) -> dict[str, SAE]:
+    """A new run (`resuming` None) or the continuation of the run whose configuration was `resuming`."""
     keep_freed_memory()  # before the model loads: harvesting allocates large activations every batch
-    dist = init_distributed(config.train.distributed, config.train.distributed_timeout)  # torchrun: several ranks
+    devices = run_devices(config)  # decide the backend: gloo for a CPU run, NCCL for CUDA tensors
+    dist = init_distributed(config.train.distributed, config.train.distributed_timeout, devices)  # torchrun: ranks
     main = dist is None or dist.is_main
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     if dist is not None:
         out_dir = Path(dist.gather_objects(str(out_dir))[0])  # rank 0's clock names the run for everyone
     config.out_dir = str(out_dir)
+    if resuming is None:  # fail now, before the model loads
+        run_folder.on_main(dist, lambda: run_folder.check_new_run(out_dir, overwrite))
     torch.manual_seed(config.train.seed)
     source, widths, origin, layers, model = activation_source(config, dist)
     saes = build_saes(config, widths, origin, layers)
@@ -266,12 +306,16 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, resu
         if not saes:
             raise ConfigError(f"module-parallel training needs at least one SAE per rank ({dist.world_size} ranks)")
     trainer = make_trainer(config, saes, model, out_dir, dist)
-    if resume:
-        if not trainer.resume():
-            raise FileNotFoundError(f"no complete checkpoint under {out_dir / 'checkpoints'} to resume from")
-    elif main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / RUN_CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
+    config_text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    if resuming is not None:
+        if not trainer.resume():  # refuses a checkpoint of a differently configured run, before anything is written
+            raise FileNotFoundError(run_folder.no_checkpoint_message(out_dir))
+        if main:
+            run_folder.report_resume(trainer, resuming.train, config.train)
+            if to_dict(config) != to_dict(resuming):
+                atomic_write_text(out_dir / RUN_CONFIG_FILE, config_text)
+    else:
+        run_folder.on_main(dist, lambda: run_folder.start_new_run(out_dir, config_text, overwrite))
     saes = trainer.fit(source)
     if config.source == "synthetic":  # ground truth is known: report how much of it each SAE found
         found = {name: feature_recovery(sae.W_dec, config.synthetic.features) for name, sae in saes.items()}
@@ -312,10 +356,3 @@ def cache_activations(
     if not isinstance(config, RunConfig):
         config = load_run_config(config)
     return pipeline.cache_activations(config.model, config.data, out_dir, max_tokens, hooks, dtype, shard_rows)
-
-
-def resume(out_dir: str | Path) -> dict[str, SAE]:
-    """Continue the run in out_dir from its newest complete checkpoint."""
-    config = load_run_config(Path(out_dir) / RUN_CONFIG_FILE)
-    config.out_dir = str(out_dir)
-    return train(config, resume=True)

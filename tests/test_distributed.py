@@ -4,6 +4,7 @@ module parallel equals one process training every SAE, and a failed rank is an e
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import socket
 import sys
@@ -17,7 +18,7 @@ from tiny import save_tiny_model, sentences, write_jsonl
 import saelab
 from saelab.data.tensor_source import TensorSource
 from saelab.training import TrainConfig, Trainer
-from saelab.training.distributed import DistributedError, init_distributed
+from saelab.training.distributed import DistributedError, choose_backend, init_distributed
 
 WORLD = 2
 GLOBAL_BATCH, HALF = 256, 128
@@ -145,6 +146,8 @@ def test_two_ranks_resume_from_a_checkpoint_exactly(tiny, tmp_path, mode):
     for name, sae in finished.items():
         again = saelab.load_sae(tmp_path / "run" / name)
         assert all(torch.equal(again.state_dict()[k], v) for k, v in sae.state_dict().items()), name
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["early"]["resumed_from_step"] == summary["late"]["resumed_from_step"] == 4  # it did resume
 
 
 def resume_worker(rank, out_dir):
@@ -190,3 +193,51 @@ def test_close_ends_only_a_group_saelab_started(monkeypatch):
     assert calls == ["barrier"]
     Distributed(0, 2, owns_group=True).close()
     assert calls == ["barrier", "barrier", "destroy"]
+
+
+@pytest.mark.parametrize("devices, gpus, local_rank, local_world, backend", [
+    (["cpu"], 0, 1, 2, "gloo"),
+    (["cpu"], 8, 1, 2, "gloo"),  # a CPU run stays on gloo on a machine with GPUs
+    (["cpu", "cpu"], 1, 3, 4, "gloo"),  # more CPU ranks than GPUs is fine
+    (["cuda"], 2, 1, 2, "cpu:gloo,cuda:nccl"),  # NCCL for the CUDA tensors, gloo for the CPU counters
+    (["cpu", "cuda:0"], 1, 0, 1, "cpu:gloo,cuda:nccl"),  # SAEs on CPU, model on GPU
+    (["cuda"], 4, 1, None, "cpu:gloo,cuda:nccl"),  # LOCAL_WORLD_SIZE unknown: this rank has a GPU
+])
+def test_the_backend_follows_where_the_run_tensors_live(devices, gpus, local_rank, local_world, backend):
+    assert choose_backend(devices, gpus, local_rank, local_world) == backend
+
+
+@pytest.mark.parametrize("gpus, local_rank, local_world, message", [
+    (2, 0, 4, "4 ranks on this node but only 2 CUDA device"),  # rank 0 fails too, so no rank waits for the others
+    (2, 2, None, "3 ranks on this node but only 2 CUDA device"),
+    (0, 0, 2, "no CUDA device is visible"),
+])
+def test_a_cuda_run_with_more_ranks_than_gpus_is_a_clear_error(gpus, local_rank, local_world, message):
+    with pytest.raises(DistributedError, match=message):
+        choose_backend(["cuda"], gpus, local_rank, local_world)
+
+
+def test_a_cpu_run_joins_with_gloo_where_cuda_exists(monkeypatch):
+    """torchrun on a GPU machine with a CPU run: no NCCL group, no torch.cuda.set_device."""
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.append(f"set_device {device}"))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: joined.append(backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    assert init_distributed("data").rank == 1 and joined == ["gloo"]
+    with pytest.raises(DistributedError, match="2 ranks on this node but only 1 CUDA device"):
+        init_distributed("data", devices=["cuda"])
+
+
+def test_a_run_names_the_devices_its_tensors_live_on():
+    from saelab.runner import load_run_config, run_devices
+
+    assert run_devices(load_run_config({"source": "synthetic", "model": {"device": "cuda"}})) == ["cpu"]
+    assert run_devices(load_run_config({"model": {"device": "cuda"}, "sae": {"device": "cuda"}})) == ["cuda", "cuda"]
+    assert run_devices(load_run_config({"model": {"device": "cuda"}, "data": {"cache": "acts"}})) == ["cpu"]

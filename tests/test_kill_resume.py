@@ -1,10 +1,12 @@
 """Kill a training process with SIGKILL at random moments (checkpoint writes included), resume each time, and
-get bit-identical weights to an uninterrupted run."""
+get bit-identical weights to an uninterrupted run. The resumed processes must say so: equal weights alone would
+also come from a run that silently started over."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,28 +27,41 @@ def saelab_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from saelab.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
-def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list[str] = RUN) -> int:
-    """Start (or resume) the run; SIGKILL it after a random delay, `kills` times; then let it finish.
-    Returns how many kills hit a running process."""
+def newest_checkpoint(out: Path) -> int:
+    complete = sorted((out / "checkpoints").glob("step_*/COMPLETE")) if (out / "checkpoints").is_dir() else []
+    return int(complete[-1].parent.name.split("_")[1]) if complete else 0
+
+
+def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list[str] = RUN) -> tuple[int, list[int]]:
+    """Start (or resume) the run; SIGKILL it at a random moment after it has made progress, `kills` times; then let
+    it finish. Returns how many kills hit a running process, and the steps the resumed processes said they resumed
+    from."""
     rng = random.Random(seed)
-    interrupted = 0
+    interrupted, resumed = 0, []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(kills + 1):
-        started = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*/COMPLETE"))
-        args = ["train", "--resume", str(out)] if started else ["train", *run, *extra, "--out_dir", str(out)]
+        started = newest_checkpoint(out)
+        fresh = ["train", *run, *extra, "--out_dir", str(out), "--overwrite"]
+        args = ["train", "--resume", str(out)] if started else fresh
         process = subprocess.Popen(saelab_command(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < kills:
-            # python + torch start-up takes ~1.5 s and the run ~6 s more: at most 2 s of progress per attempt, so at
-            # least two kills land on a running process
-            time.sleep(rng.uniform(1.5, 3.5))
+            # Wait for this attempt's first checkpoint (start-up time varies with the machine's load), then kill it
+            # somewhere in the next steps (a checkpoint is written every 5 of them, so often while writing one).
+            deadline = time.monotonic() + 120
+            while process.poll() is None and newest_checkpoint(out) <= started and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 interrupted += 1
-            process.wait()
+            _, err = process.communicate()
         else:
             _, err = process.communicate(timeout=300)
             assert process.returncode == 0, err.decode()
-    return interrupted
+        steps = [int(n) for n in re.findall(r"resumed from step (\d+) of", err.decode())]
+        assert steps == ([started] if started else [])  # a resume says so, naming its newest checkpoint's step
+        resumed += steps
+    return interrupted, resumed
 
 
 @pytest.mark.parametrize("extra", [["--sae.k", "4"], ["--sae.architecture", "jumprelu", "--sae.normalize_activations",
@@ -55,7 +70,8 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(saelab_command("train", *RUN, *extra, "--out_dir", str(tmp_path / "straight")), env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert run_with_kills(tmp_path / "killed", extra, kills=3, seed=len(extra)) >= 2
+    interrupted, resumed = run_with_kills(tmp_path / "killed", extra, kills=3, seed=len(extra))
+    assert interrupted >= 2 and any(step > 0 for step in resumed), resumed
     straight = saelab.load_sae(tmp_path / "straight" / "sae").state_dict()
     resumed = saelab.load_sae(tmp_path / "killed" / "sae").state_dict()
     assert straight.keys() == resumed.keys()
@@ -80,7 +96,8 @@ def test_sigkill_and_resume_from_an_activation_cache_is_bit_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(saelab_command("train", *run, "--out_dir", str(tmp_path / "straight")), env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert run_with_kills(tmp_path / "killed", [], kills=3, seed=7, run=run) >= 2
+    interrupted, resumed = run_with_kills(tmp_path / "killed", [], kills=3, seed=7, run=run)
+    assert interrupted >= 2 and any(step > 0 for step in resumed), resumed
     straight = saelab.load_sae(tmp_path / "straight" / "sae").state_dict()
     resumed = saelab.load_sae(tmp_path / "killed" / "sae").state_dict()
     for name, tensor in straight.items():

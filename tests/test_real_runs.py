@@ -122,7 +122,7 @@ def test_resume_mid_run_gives_the_same_sae(tiny, tmp_path, source):
     assert main(["train", *run, "--out_dir", str(tmp_path / "a")]) == 0
     assert main(["train", *run, "--out_dir", str(tmp_path / "b")]) == 0
     checkpoints = sorted((tmp_path / "b" / "checkpoints").iterdir())
-    assert [c.name for c in checkpoints] == ["step_000000016", "step_000000032", "step_000000048"]
+    assert [c.name for c in checkpoints] == ["step_000000016", "step_000000032", "step_000000048", "step_000000064"]
     for later in checkpoints[1:]:
         shutil.rmtree(later)  # as if the run had died after step 16
     names = ["a", "b"] if source == "two_hooks" else ["sae"]

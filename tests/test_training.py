@@ -173,7 +173,7 @@ def test_resume_continues_the_same_run(tmp_path, architecture):
 
     resumed = Trainer(fresh(), config, out_dir=tmp_path / "b")
     assert resumed.resume()
-    assert resumed.step == 20
+    assert resumed.step == 20 and resumed.resumed_from == 20
     final = resumed.fit(TensorSource(data, 256, seed=3))["sae"]
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, final.state_dict()[name]), name
@@ -183,7 +183,33 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
     config = quick_config(total_tokens=256 * 40, checkpoint_every=5, keep_checkpoints=2)
     Trainer(saelab.create_sae("topk", 32, 64, k=4), config, out_dir=tmp_path).fit(SyntheticSource(PLANTED, 256))
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert kept == ["step_000000030", "step_000000035"]
+    assert kept == ["step_000000035", "step_000000040"]  # the last step's too: the run can be extended
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_before_loading(tmp_path):
+    """TopK and standard SAEs of one width have the same tensors: only the recorded configuration tells them apart."""
+    config = quick_config(total_tokens=256 * 20, checkpoint_every=10)
+
+    def sae(architecture, **options):
+        torch.manual_seed(0)
+        return saelab.create_sae(architecture, 32, 64, **options)
+
+    Trainer(sae("topk", k=4), config, out_dir=tmp_path).fit(SyntheticSource(PLANTED, 256))
+    standard = sae("standard")
+    untouched = {k: v.clone() for k, v in standard.state_dict().items()}
+    with pytest.raises(saelab.ConfigError, match=r"SAE 'sae' architecture \('topk' there, 'standard' here\)"):
+        Trainer(standard, config, out_dir=tmp_path).resume()
+    assert all(torch.equal(v, standard.state_dict()[k]) for k, v in untouched.items())
+    with pytest.raises(saelab.ConfigError, match=r"train.lr \(0.003 there, 0.001 here\)"):
+        Trainer(sae("topk", k=4), quick_config(total_tokens=256 * 20, lr=1e-3), out_dir=tmp_path).resume()
+    with pytest.raises(saelab.ConfigError, match="SAEs \\(sae there, a, b here\\)"):
+        Trainer({"a": sae("topk", k=4), "b": sae("topk", k=4)}, config, out_dir=tmp_path).resume()
+    with pytest.raises(saelab.ConfigError, match="less than .* has trained already"):
+        Trainer(sae("topk", k=4), quick_config(total_tokens=256 * 15), out_dir=tmp_path).resume()
+    # its length and how it logs and checkpoints may change
+    longer = quick_config(total_tokens=256 * 30, checkpoint_every=3, log_every=7, keep_checkpoints=5, eval_every=2)
+    resumed = Trainer(sae("topk", k=4), longer, out_dir=tmp_path)
+    assert resumed.resume() and resumed.resumed_from == 20
 
 
 def test_several_saes_train_side_by_side_as_if_alone():
@@ -219,9 +245,9 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     weights = next(newest.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])  # truncated after completion (disk error, bad copy)
     resumed = Trainer(saelab.create_sae("topk", 32, 64, k=4), config, out_dir=tmp_path)
-    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_000000015"):
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_000000020"):
         assert resumed.resume()
-    assert resumed.step == 10
+    assert resumed.step == 15
 
 
 def test_a_full_disk_during_a_checkpoint_loses_nothing(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -62,3 +63,25 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def replacing_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder under a staging name beside `target`, then put it in target's place: an existing `target` is
+    renamed away and deleted only once the new folder stands in its place. Readers see the old folder or the whole
+    new one, never a mix of both; a crash between the two renames leaves the old folder beside target, named
+    `.NAME.old-*`. On any error while building, the staging folder is removed and `target` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)

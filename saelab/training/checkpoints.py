@@ -2,21 +2,31 @@
 
 A checkpoint is built under a staging name and renamed whole, so a crash or a full disk while writing leaves the
 older ones intact; reading falls back to the previous checkpoint when the newest is damaged.
+
+Each checkpoint records the configuration of the run that wrote it (`identity`): resuming compares it with the
+run being resumed and refuses one that differs, except in the options a resumed run may change
+(`RESUMABLE_TRAIN_OPTIONS`).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+from saelab.config import ConfigError
 from saelab.io.atomic import atomic_directory, atomic_write_text
 from saelab.io.saelens_format import FileFormatError
 from saelab.io.state import load_state, save_state
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
+RESUMABLE_TRAIN_OPTIONS = ("total_tokens", "log_every", "eval_every", "eval_contexts", "checkpoint_every",
+                           "keep_checkpoints", "progress_bar", "wandb_project", "distributed_timeout")
+"""TrainConfig fields a resumed run may change: its length and how it logs, evaluates and checkpoints. Every
+other setting decides the weights, so a checkpoint continues only the run configured as the one that wrote it."""
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -39,11 +49,57 @@ def write_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) ->
     return path
 
 
-def read_newest_checkpoint(root: Path) -> dict[str, Any] | None:
-    """The state in the newest readable complete checkpoint under root, or None when there is none."""
+def read_newest_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable complete checkpoint under root and its state, or None when there is none."""
     for checkpoint in reversed(complete_checkpoints(root)):
         try:
-            return load_state(checkpoint)
+            return checkpoint, load_state(checkpoint)
         except FileFormatError as e:  # damaged after it was completed: fall back to the one before
             warnings.warn(f"skipping unreadable checkpoint {checkpoint}: {e}", stacklevel=3)
     return None
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON gives it back (tuples as lists, odd objects as strings), so a configuration compares equal
+    to itself after a trip through a checkpoint."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'name (value there, value here)' for every dotted setting that differs between two configurations."""
+    saved, current = _flatten(plain(saved)), _flatten(plain(current))
+    keys = list(dict.fromkeys([*saved, *current]))
+
+    def show(flat: dict[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "unset"
+
+    return [f"{key} ({show(saved, key)} there, {show(current, key)} here)" for key in keys
+            if key not in saved or key not in current or saved[key] != current[key]]
+
+
+def check_same_run(checkpoint: Path, state: dict[str, Any], identity: dict[str, Any], units: dict[str, Any],
+                   some_units: bool = False) -> None:
+    """One ConfigError line naming what differs when `state` (read from `checkpoint`) was written by a run
+    configured otherwise than this one: its `identity` and its SAEs' (`units`, by name; `some_units`: this process
+    trains only some of the checkpoint's SAEs). A checkpoint of an older saelab, which records neither, gives a
+    warning."""
+    if "identity" not in state:
+        warnings.warn(f"{checkpoint} was written by an older saelab and does not record its run's configuration: "
+                      "it cannot be checked against this run", stacklevel=3)
+        return
+    differing = differences(state["identity"], identity)
+    saved = state["units"]
+    if not (set(units) <= set(saved) if some_units else set(units) == set(saved)):
+        differing.append(f"SAEs ({', '.join(sorted(saved))} there, {', '.join(sorted(units))} here)")
+    for name in sorted(set(units) & set(saved)):
+        differing += [f"SAE '{name}' {d}" for d in differences(saved[name]["identity"], units[name])]
+    if differing:
+        more = f" (and {len(differing) - 2} more)" if len(differing) > 2 else ""
+        raise ConfigError(f"{checkpoint} was written by a run configured differently: {'; '.join(differing[:2])}"
+                          f"{more}; refusing to resume from it (start a new run with another out_dir, or --overwrite)")

@@ -1,4 +1,5 @@
-"""Several processes on torch.distributed (torchrun; gloo on CPU, NCCL on GPU), kept at the trainer's edges.
+"""Several processes on torch.distributed (torchrun; gloo for CPU runs, NCCL for CUDA runs), kept at the trainer's
+edges.
 
 Two ways to split the work:
 - `data`: every rank trains a replica of every SAE on its own share of the data (its own contexts, or its own
@@ -102,15 +103,42 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def init_distributed(mode: Mode = "data", timeout_seconds: float = 600) -> Distributed | None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), or None for a single process."""
+def choose_backend(devices: Iterable[str], cuda_devices: int, local_rank: int,
+                   local_world_size: int | None = None) -> str:
+    """The torch.distributed backend for a run whose tensors live on `devices` ('cpu', 'cuda', 'cuda:1', ...), on a
+    node with `cuda_devices` visible GPUs where this process is `local_rank` of `local_world_size` (torchrun's
+    LOCAL_WORLD_SIZE; None when unknown). CPU-only runs use gloo, even where CUDA exists; runs with CUDA tensors use
+    NCCL for those and gloo for the small CPU tensors the trainer also reduces (counters, gathered objects).
+    Raises DistributedError when a CUDA run has more ranks on this node than visible GPUs (one GPU per rank)."""
+    if not any(str(d).split(":")[0] == "cuda" for d in devices):
+        return "gloo"
+    ranks = local_world_size if local_world_size is not None else local_rank + 1
+    if cuda_devices < 1:
+        raise DistributedError("the run's tensors are on CUDA (model.device / sae.device) but no CUDA device is "
+                               "visible")
+    if ranks > cuda_devices or local_rank >= cuda_devices:
+        raise DistributedError(
+            f"{max(ranks, local_rank + 1)} ranks on this node but only {cuda_devices} CUDA device(s) visible: a CUDA "
+            f"run needs one GPU per rank (torchrun --nproc_per_node {cuda_devices}), or set model.device and "
+            "sae.device to cpu"
+        )
+    return "cpu:gloo,cuda:nccl"
+
+
+def init_distributed(mode: Mode = "data", timeout_seconds: float = 600, devices: Iterable[str] = ("cpu",)
+                     ) -> Distributed | None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or None for a single process. `devices`: where
+    the run's tensors live, which decides the backend (see `choose_backend`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return None
     started = not dist.is_initialized()
     if started:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = os.environ.get("LOCAL_WORLD_SIZE")
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        backend = choose_backend(devices, cuda_devices, local_rank, int(local_world) if local_world else None)
+        if "nccl" in backend:
+            torch.cuda.set_device(local_rank)  # 'cuda' means this rank's own GPU
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
     return Distributed(dist.get_rank(), dist.get_world_size(), mode, owns_group=started)

@@ -24,13 +24,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.config import to_dict
+from saelab.config import ConfigError, to_dict
 from saelab.data.tensor_source import Batch
 from saelab.evals.metrics import explained_variance, log_feature_density
-from saelab.io.atomic import atomic_write_text
+from saelab.io.atomic import atomic_write_text, replacing_directory
 from saelab.saes.base import SAE, TrainOutput, hooks_of
 from saelab.training.batches import check_widths, select_inputs
-from saelab.training.checkpoints import CHECKPOINT_DIR, read_newest_checkpoint, write_checkpoint
+from saelab.training.checkpoints import (
+    CHECKPOINT_DIR,
+    RESUMABLE_TRAIN_OPTIONS,
+    check_same_run,
+    plain,
+    read_newest_checkpoint,
+    write_checkpoint,
+)
 from saelab.training.config import TrainConfig
 from saelab.training.distributed import Distributed
 from saelab.training.e2e import Forward, SplicedModel
@@ -79,12 +86,15 @@ class Trainer:
         lrs: Mapping[str, float] | None = None,
         initial: Mapping[str, SAE] | None = None,
         dist: Distributed | None = None,
+        run_identity: Mapping[str, Any] | None = None,
     ):
         """`objectives`: each SAE's loss terms (default: local reconstruction + sparsity + auxiliary).
         `splicer` + `model_objectives`: end-to-end training, batches are token contexts. `lrs`: learning rates
         of particular SAEs (the others use config.lr). `initial`: saved SAEs (raw activation units) that
         particular SAEs start from instead of their random initialisation. `dist`: this process's place in
-        a torchrun group (data parallel: replicas of every SAE; module parallel: this rank's SAEs). `evaluator`: called every config.eval_every steps."""
+        a torchrun group (data parallel: replicas of every SAE; module parallel: this rank's SAEs). `evaluator`: called
+        every config.eval_every steps. `run_identity`: the rest of the run's configuration (beyond `config` and the
+        SAEs' own configs), recorded in checkpoints so that `resume` refuses a checkpoint of another run."""
         if isinstance(saes, SAE):
             saes = {"sae": saes}
         elif not isinstance(saes, Mapping):
@@ -104,6 +114,9 @@ class Trainer:
             raise ValueError(f"'{WHOLE_MODEL}' names the whole model in logs: call the SAE something else")
         self.units = [self._make_unit(name, sae, objectives, lrs.get(name, config.lr)) for name, sae in saes.items()]
         self.initial = dict(initial or {})
+        self.run_identity = plain(dict(run_identity or {}))
+        # taken now: what the SAEs were configured as, whatever training later does to them
+        self._unit_identity = {u.name: plain({**to_dict(u.sae.cfg), "lr": u.lr}) for u in self.units}
         if splicer is not None:
             splicer.check(saes.values())
         self.model_window: dict[str, list[float]] = defaultdict(list)
@@ -114,6 +127,8 @@ class Trainer:
         self.logger: MetricsLogger | None = None
         self.last_record: dict[str, Any] = {}
         self.last_eval: dict[str, dict[str, float]] = {}
+        self.resumed_from: int | None = None  # the step `resume` continues from
+        self.resumed_checkpoint: Path | None = None
         self._clock = (time.perf_counter(), 0)
 
     def _make_unit(self, name: str, sae: SAE, objectives: list[Objective] | None, lr: float) -> _Unit:
@@ -175,6 +190,8 @@ class Trainer:
         main = self.dist is None or self.dist.is_main
         self.logger = MetricsLogger(self.out_dir if main else None, self.cfg.wandb_project if main else None,
                                     {"train": to_dict(self.cfg)}, self.step)
+        if self.resumed_from is not None:
+            self.logger.log(self.step, {"resumed_from_step": self.step})
         bar = tqdm(total=total, initial=self.step, disable=not (self.cfg.progress_bar and main), desc="training",
                    unit="step")
         try:
@@ -190,7 +207,8 @@ class Trainer:
                     bar.set_postfix(self._log())
                 if self.evaluator and self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == total):
                     self._evaluate()
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < total:
+                # the last step too: a finished run can be extended (resumed with a larger total_tokens)
+                if self.cfg.checkpoint_every and (self.step % self.cfg.checkpoint_every == 0 or self.step == total):
                     self.save_checkpoint(source)
         finally:
             bar.close()
@@ -356,7 +374,10 @@ class Trainer:
         if main or not self._data_parallel:  # module parallel: each rank saves its own SAEs
             for unit in self.units:
                 density = log_feature_density(unit.fire_counts, self.tokens)
-                saes[unit.name].save(self.out_dir / unit.name, sparsity=density)
+                # replaced whole: nothing written for older weights (a resumed run's, evaluations) survives beside
+                # the new ones
+                with replacing_directory(self.out_dir / unit.name) as folder:
+                    saes[unit.name].save(folder, sparsity=density)
         summary = self.summary()
         if self.dist is not None and self.dist.mode == "module":
             summary = {k: v for r in self.dist.gather_objects(summary) for k, v in r.items()}
@@ -378,9 +399,11 @@ class Trainer:
                 "explained_variance": self.last_record.get(prefix + "explained_variance"),
                 "l0": self.last_record.get(prefix + "l0"),
                 "dead_fraction": self.dead_fraction(unit),
-                "tokens_per_second": round(self.tokens_per_second(), 1),
+                "tokens_per_second": round(self.last_record.get("tokens_per_second", self.tokens_per_second()), 1),
                 **{f"eval/{k}": v for k, v in self.last_eval.get(unit.name, {}).items()},
             }
+            if self.resumed_from is not None:
+                result[unit.name]["resumed_from_step"] = self.resumed_from
         # The whole model with every SAE spliced in (end-to-end runs; evaluations of several SAEs)
         whole = {k[len("model/"):]: v for k, v in self.last_record.items() if k.startswith("model/")}
         whole.update({f"eval/{k}": v for k, v in self.last_eval.get(WHOLE_MODEL, {}).items()})
@@ -400,6 +423,7 @@ class Trainer:
                 "fire_counts": u.fire_counts,
                 "in_scale": u.in_scale,
                 "out_scale": u.out_scale,
+                "identity": self._unit_identity[u.name],
             }
             for u in self.units
         }
@@ -417,6 +441,9 @@ class Trainer:
             "python_rng": random.getstate(),
             "source": source_state,
             "units": units,
+            "identity": self.identity(),
+            "last_record": self.last_record,  # a finished run resumed only to save it again reports the same
+            "last_eval": self.last_eval,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -426,6 +453,7 @@ class Trainer:
             np.random.set_state(state["numpy_rng"])
             random.setstate(_as_tuples(state["python_rng"]))
         self._source_state = state["source"]
+        self.last_record, self.last_eval = dict(state.get("last_record", {})), dict(state.get("last_eval", {}))
         if self._data_parallel:
             key = f"rank_{self.dist.rank}"  # type: ignore[union-attr]
             if not isinstance(self._source_state, dict) or key not in self._source_state:
@@ -449,12 +477,29 @@ class Trainer:
             return root / f"step_{self.step:09d}"
         return write_checkpoint(root, self.step, state, self.cfg.keep_checkpoints)
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide this run's weights (all but RESUMABLE_TRAIN_OPTIONS), as checkpoints record them."""
+        train = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_TRAIN_OPTIONS}
+        return plain({**self.run_identity, "train": train, "processes": self.dist.world_size if self.dist else 1})
+
     def resume(self, out_dir: str | Path | None = None) -> bool:
-        """Load the newest readable complete checkpoint under out_dir; False when there is none."""
-        state = read_newest_checkpoint(Path(out_dir or self.out_dir) / CHECKPOINT_DIR)
-        if state is None:
+        """Load the newest readable complete checkpoint under out_dir; False when there is none. A checkpoint written
+        by a differently configured run (other than in RESUMABLE_TRAIN_OPTIONS), or past this run's total_tokens,
+        is refused with a ConfigError before anything is loaded."""
+        found = read_newest_checkpoint(Path(out_dir or self.out_dir) / CHECKPOINT_DIR)
+        if found is None:
             return False
-        self.load_state_dict(state)
+        checkpoint, state = found
+        module_parallel = self.dist is not None and self.dist.mode == "module"  # this rank trains some of the SAEs
+        check_same_run(checkpoint, state, self.identity(), self._unit_identity, some_units=module_parallel)
+        if int(state["step"]) > self.cfg.total_steps:
+            raise ConfigError(f"train.total_tokens {self.cfg.total_tokens:,} ({self.cfg.total_steps} steps) is less "
+                              f"than {checkpoint} has trained already ({int(state['tokens']):,} tokens)")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError) as e:  # a checkpoint too old to record its configuration
+            raise ConfigError(f"{checkpoint} does not fit this run's SAEs: {str(e).splitlines()[0]}") from None
+        self.resumed_from, self.resumed_checkpoint = self.step, checkpoint
         return True
 
 
