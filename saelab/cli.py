@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from saelab.config import ConfigError, closest, deep_merge, field_docs
+from saelab.config import ConfigError, closest_key, deep_merge, field_docs, unknown_key_error
 
 
 def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -90,6 +90,34 @@ def _data_flags() -> list[tuple[str, str]]:
     return _config_flags(ModelConfig(), "model.") + _config_flags(DataConfig(), "data.")
 
 
+SAE_SOURCE_HELP = ("an SAE folder of any format saelab reads, a Hugging Face repo id owner/name (with --subfolder) "
+                   "or a release name (with --sae_id)")
+REPORT_DEFAULT = "default: the SAE's folder; for an SAE from the hub, ./<repo or release>/<subfolder or sae_id>"
+
+
+def _add_sae_source_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
+    """The options of every command that loads an SAE: where it is, which device it goes to, and where it
+    belongs when its files do not say (Gemma Scope, sparsify, dictionary_learning folders often do not)."""
+    group = parser.add_argument_group("where the SAE comes from and where it belongs")
+    group.add_argument("--subfolder", default=None, help="the SAE's folder inside a hub repo (or inside a local folder)")
+    group.add_argument("--sae_id", default=None,
+                       help="which SAE of a release (gpt2-small-res-jb --sae_id blocks.8.hook_resid_pre) or of an "
+                       "e2e_sae run folder (its hook position)")
+    group.add_argument("--revision", default=None, help="hub branch, tag or commit (default: the main branch)")
+    group.add_argument("--device", default=None,
+                       help="device the SAE is loaded on" + (" and the model runs on (--model.device alone also sets "
+                       "both; give both to split them)" if with_model else "")
+                       + " (default: cpu; the device recorded in the SAE's files is never used)")
+    also = " (same as --model.name)" if with_model else ""
+    group.add_argument("--model_name", default=None,
+                       help=f"the model the SAE reads, a Hugging Face name or local folder{also}; replaces what its files say")
+    also = " (same as --model.hook_name)" if with_model else ""
+    group.add_argument("--hook_name", default=None,
+                       help=f"the hook point it reads, e.g. blocks.6.hook_resid_post{also}; replaces what its files say "
+                       "and sets the layer it names")
+    group.add_argument("--hook_layer", type=int, default=None, help="the hook's layer, when the hook name does not say it")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     """The parser and, per command, the dotted config flags it accepts."""
     from saelab.runner import RunConfig
@@ -131,10 +159,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     evaluate = commands.add_parser(
         "eval",
         help="evaluate a saved SAE: reconstruction, sparsity, spliced CE/KL; writes eval.json and plots",
-        description="Evaluate the SAE in SAE_DIR on held-out contexts of its model and data (from its cfg.json; "
-        "--model.* and --data.* override them), print a table, write eval.json and PNG plots into SAE_DIR.",
+        description="Evaluate an SAE on held-out contexts of its model and data (from its files; --model_name, "
+        "--hook_name, --model.* and --data.* override them), print a table, write eval.json and PNG plots.",
     )
-    evaluate.add_argument("sae_dir", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
+    evaluate.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
+    evaluate.add_argument("--out", metavar="DIR", default=None, help=f"folder for eval.json and the plots ({REPORT_DEFAULT})")
     evaluate.add_argument("--n_contexts", type=int, default=32, help="held-out contexts evaluated (default: 32)")
     evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
@@ -142,12 +171,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     dashboard = commands.add_parser(
         "dashboard",
         help="per-latent statistics over a corpus and a static HTML dashboard (optionally Neuronpedia files)",
-        description="Run the SAE in SAE_DIR over contexts of its model and data (from its cfg.json; --model.* and "
-        "--data.* override them), save feature_stats.safetensors in SAE_DIR and write a static HTML dashboard "
+        description="Run an SAE over contexts of its model and data (from its files; --model_name, --hook_name, "
+        "--model.* and --data.* override them), save feature_stats.safetensors and write a static HTML dashboard "
         "that opens from disk.",
     )
-    dashboard.add_argument("sae_dir", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
-    dashboard.add_argument("--out", metavar="DIR", default=None, help="dashboard folder (default: SAE_DIR/dashboard)")
+    dashboard.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
+    dashboard.add_argument("--out", metavar="DIR", default=None,
+                           help=f"dashboard folder (default: dashboard/ in the folder of feature_stats.safetensors: {REPORT_DEFAULT})")
     dashboard.add_argument("--n_contexts", type=int, default=256, help="contexts run through the model (default: 256)")
     dashboard.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     dashboard.add_argument("--top_k", type=int, default=16, help="top-activating contexts kept per latent (default: 16)")
@@ -161,10 +191,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     upload = commands.add_parser(
         "upload",
         help="upload a saved SAE folder to the Hugging Face hub",
-        description="Upload SAE_DIR to REPO_ID (created if needed). A saelab/SAELens folder is uploaded as it is; "
-        "other formats saelab reads are converted to the SAELens layout first. Log in with `hf auth login` or set HF_TOKEN.",
+        description="Upload SAE to REPO_ID (created if needed). A saelab/SAELens folder is uploaded as it is; "
+        "other formats saelab reads (and SAEs given --model_name/--hook_name) are converted to the SAELens layout "
+        "first. Log in with `hf auth login` or set HF_TOKEN.",
     )
-    upload.add_argument("sae_dir", metavar="SAE_DIR", help="a saved SAE folder (any format load_sae reads)")
+    upload.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
     upload.add_argument("repo_id", metavar="REPO_ID", help="hub repository, owner/name")
     upload.add_argument("--path_in_repo", default=None, help="folder inside the repository (default: its root)")
     upload.add_argument("--private", action="store_true", help="create the repository as private")
@@ -172,12 +203,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     convert = commands.add_parser(
         "convert",
         help="convert an SAE folder of any format saelab reads to saelab/SAELens or sparsify's layout",
-        description="Load SOURCE (saelab/SAELens, sparsify, dictionary_learning, Gemma Scope, e2e_sae) and write OUT.",
+        description="Load SOURCE (saelab/SAELens, sparsify, dictionary_learning, Gemma Scope, e2e_sae; local, a hub "
+        "repo or a release) and write OUT.",
     )
-    convert.add_argument("source", metavar="SOURCE", help="SAE folder (or hub repo id)")
+    convert.add_argument("source", metavar="SOURCE", help=SAE_SOURCE_HELP)
     convert.add_argument("out", metavar="OUT", help="output folder")
     convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)")
-    convert.add_argument("--sae_id", default=None, help="which SAE of a folder holding several (e.g. an e2e_sae run's hook position)")
+    for command in (evaluate, dashboard, upload, convert):
+        _add_sae_source_options(command, with_model=command in (evaluate, dashboard))
     flags = _data_flags()
     flag_names["upload"] = flag_names["convert"] = []
     for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations"), (evaluate, "eval"),
@@ -195,7 +228,7 @@ def _own_options(parser: argparse.ArgumentParser, command: str) -> list[str]:
 
 def _suggest_unknown(unknown: list[str], flag_names: list[str], command: str) -> str:
     flag = unknown[0].split("=")[0]
-    hint = closest(flag.lstrip("-"), flag_names)
+    hint = closest_key(flag.lstrip("-"), flag_names)
     return f"unknown option {flag}" + (f"; did you mean --{hint}?" if hint else "") + f" (see saelab {command} --help)"
 
 
@@ -262,8 +295,35 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
         print(f"  model with every SAE spliced in (last window): {'   '.join(parts)}")
 
 
-def _model_and_data(sae, args: argparse.Namespace, flag_names: list[str]):
-    """The model and data settings of a saved SAE (from its cfg.json), with --model.* / --data.* overrides."""
+def _load_sae(args: argparse.Namespace, source: str, **location: Any):
+    """The SAE a command names, with its source options (--subfolder, --sae_id, --revision, --device,
+    --model_name, --hook_name, --hook_layer); `location` gives values decided by the command instead."""
+    from saelab.io.load import load_sae
+
+    options = {"device": args.device or "cpu", "model_name": args.model_name, "hook_name": args.hook_name,
+               "hook_layer": args.hook_layer, **location}
+    return load_sae(source, subfolder=args.subfolder, revision=args.revision, sae_id=args.sae_id, **options)
+
+
+def _report_folder(args: argparse.Namespace) -> Path:
+    """Where a command writes what it learns about an SAE: its own folder, or for an SAE from the hub a local
+    folder named after it (the hub cache is not written to)."""
+    local = Path(args.sae_dir).expanduser()
+    if local.exists():
+        return local / args.subfolder if args.subfolder else local
+    return Path(args.sae_dir.rstrip("/").split("/")[-1], *filter(None, [args.subfolder or args.sae_id]))
+
+
+def _one_of(flag: str, value: Any, config_flag: str, config_value: Any) -> Any:
+    if value is not None and config_value is not None and value != config_value:
+        raise ConfigError(f"--{flag} {value} and --{config_flag} {config_value} disagree; give one of them")
+    return value if value is not None else config_value
+
+
+def _sae_model_and_data(args: argparse.Namespace, flag_names: list[str]):
+    """The SAE, its model and its data settings: from its files, with --model_name / --hook_name and
+    --model.* / --data.* overrides. Checks that the model has the SAE's hook at the SAE's width before any work."""
+    from saelab.config import check_device, from_dict
     from saelab.data.config import DataConfig
     from saelab.data.pipeline import open_model
     from saelab.evals.evaluate import data_config_of
@@ -271,28 +331,54 @@ def _model_and_data(sae, args: argparse.Namespace, flag_names: list[str]):
 
     overrides = _overrides(args, flag_names)
     data_overrides = overrides.get("data", {})
-    unknown = set(data_overrides) - set(DataConfig.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"unknown data option {sorted(unknown)[0]}")
-    model_options = overrides.get("model", {})
-    model = open_model(ModelConfig(**{"name": sae.cfg.model_name or ModelConfig.name, **model_options}))
-    if "hook_name" in model_options:
-        sae.cfg.hook_name = model_options["hook_name"]
-    return model, data_config_of(sae, **data_overrides)
+    for key in data_overrides:
+        if key not in DataConfig.__dataclass_fields__:
+            raise unknown_key_error(key, DataConfig.__dataclass_fields__, "data")
+    model_options = dict(overrides.get("model", {}))
+    model_name = _one_of("model_name", args.model_name, "model.name", model_options.pop("name", None))
+    hook_name = _one_of("hook_name", args.hook_name, "model.hook_name", model_options.pop("hook_name", None))
+    device = check_device(str(args.device or model_options.get("device") or "cpu"))
+    model_options.setdefault("device", device)
+    sae = _load_sae(args, args.sae_dir, device=device, model_name=model_name, hook_name=hook_name)
+    if sae.cfg.model_name is None:
+        raise ConfigError(f"{args.sae_dir} does not say which model it reads: give --model_name (a Hugging Face "
+                          "model name or a local folder)")
+    if sae.cfg.hook_name is None:
+        layer = sae.cfg.hook_layer if sae.cfg.hook_layer is not None else "N"
+        raise ConfigError(f"{args.sae_dir} does not say which hook point it reads: give --hook_name "
+                          f"(e.g. blocks.{layer}.hook_resid_post)")
+    config = from_dict(ModelConfig, {**model_options, "name": sae.cfg.model_name, "hook_name": sae.cfg.hook_name}, "model")
+    check_device(config.device)
+    model = open_model(config)
+    _check_widths(sae, model)
+    return sae, model, data_config_of(sae, **data_overrides)
+
+
+def _check_widths(sae, model) -> None:
+    """A clear error when the model's activations at the SAE's hooks do not have the SAE's widths."""
+    from saelab.saes.base import hooks_of
+
+    hook_in, hook_out = hooks_of(sae)
+    widths = model.hook_widths(list(dict.fromkeys([hook_in, hook_out])))
+    where = f"of {sae.cfg.model_name}"
+    if widths[hook_in] != sae.cfg.d_in:
+        raise ConfigError(f"the SAE's d_in is {sae.cfg.d_in} but {hook_in} {where} has width {widths[hook_in]} "
+                          "(is it the SAE's model and hook? see --model_name, --hook_name)")
+    if widths[hook_out] != sae.cfg.d_out:
+        raise ConfigError(f"the transcoder's d_out is {sae.cfg.d_out} but its output hook {hook_out} {where} has "
+                          f"width {widths[hook_out]}")
 
 
 def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.evals.evaluate import evaluate, summary_rows, write_report
-    from saelab.io.load import load_sae
 
-    sae = load_sae(args.sae_dir)
-    model, data = _model_and_data(sae, args, flag_names)
+    sae, model, data = _sae_model_and_data(args, flag_names)
     if args.n_contexts > data.heldout_contexts:
         print(f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
               f"held out of training", file=sys.stderr)
     result = evaluate(sae, model, data, args.n_contexts, args.batch_contexts,
                       error_term=not args.no_error_term, spliced=not args.no_spliced)
-    files = write_report(result, args.sae_dir)
+    files = write_report(result, args.out or _report_folder(args))
     width = max(len(name) for name, _ in summary_rows(result))
     for name, value in summary_rows(result):
         print(f"  {name:<{width}}  {value}")
@@ -301,15 +387,14 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.analysis import export_neuronpedia, feature_statistics, write_dashboard
-    from saelab.io.load import load_sae
 
-    sae = load_sae(args.sae_dir)
-    model, data = _model_and_data(sae, args, flag_names)
+    sae, model, data = _sae_model_and_data(args, flag_names)
     stats = feature_statistics(sae, model, data, args.n_contexts, args.batch_contexts, args.top_k,
                                (args.window_left, args.window_right), progress=True)
-    stats_file = Path(args.sae_dir) / "feature_stats.safetensors"
+    folder = _report_folder(args)
+    stats_file = folder / "feature_stats.safetensors"
     stats.save(stats_file)
-    index = write_dashboard(stats, model.tokenizer, args.out or Path(args.sae_dir) / "dashboard", chunk_size=args.chunk_size)
+    index = write_dashboard(stats, model.tokenizer, args.out or folder / "dashboard", chunk_size=args.chunk_size)
     never = int((stats.firing_counts == 0).sum())
     print(f"{stats.n_tokens:,} tokens, {stats.d_sae:,} latents ({never:,} never fired); statistics -> {stats_file}")
     print(f"dashboard -> {index} (open it in a browser; no server needed)")
@@ -321,17 +406,22 @@ def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 
 def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
-    from saelab.io.hub import upload_sae_folder
+    from saelab.io.hub import push_to_hub, upload_sae_folder
 
-    url = upload_sae_folder(args.sae_dir, args.repo_id, args.path_in_repo, args.private, commit_message=args.message)
+    local = Path(args.sae_dir).expanduser()
+    chosen = (args.subfolder, args.sae_id, args.model_name, args.hook_name, args.hook_layer)
+    if local.exists() and all(option is None for option in chosen):
+        url = upload_sae_folder(local, args.repo_id, args.path_in_repo, args.private, commit_message=args.message)
+    else:  # from the hub, one SAE of a folder, or with new metadata: uploaded in the SAELens layout
+        url = push_to_hub(_load_sae(args, args.sae_dir), args.repo_id, args.path_in_repo, args.private,
+                          commit_message=args.message)
     print(f"uploaded {args.sae_dir} -> {args.repo_id}{'/' + args.path_in_repo if args.path_in_repo else ''} ({url})")
 
 
 def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
     from saelab.io import save_sparsify
-    from saelab.io.load import load_sae
 
-    sae = load_sae(args.source, sae_id=args.sae_id)
+    sae = _load_sae(args, args.source)
     if args.to == "sparsify":
         save_sparsify(sae, args.out)
     else:
