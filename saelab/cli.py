@@ -90,6 +90,14 @@ def _data_flags() -> list[tuple[str, str]]:
     return _config_flags(ModelConfig(), "model.") + _config_flags(DataConfig(), "data.")
 
 
+class _ExactParser(argparse.ArgumentParser):
+    """Options match whole names only (argparse would take `--train.k 3` as `--train.keep_checkpoints 3`); an
+    unknown one gets the closest name instead. Subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+
 SAE_SOURCE_HELP = ("an SAE folder of any format saelab reads, a Hugging Face repo id owner/name (with --subfolder) "
                    "or a release name (with --sae_id)")
 REPORT_DEFAULT = "default: the SAE's folder; for an SAE from the hub, ./<repo or release>/<subfolder or sae_id>"
@@ -122,7 +130,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     """The parser and, per command, the dotted config flags it accepts."""
     from saelab.runner import RunConfig
 
-    parser = argparse.ArgumentParser(prog="saelab", description="Train and study sparse autoencoders.")
+    parser = _ExactParser(prog="saelab", description="Train and study sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True)
     flag_names: dict[str, list[str]] = {}
 
