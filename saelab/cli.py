@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
-from saelab.config import ConfigError, closest_key, deep_merge, field_docs, unknown_key_error
+from saelab.cli_sae import (REPORT_DEFAULT, SAE_SOURCE_HELP, add_sae_source_options, load_sae_from_args, report_folder,
+                            sae_model_and_data)
+from saelab.config import ConfigError, closest_key, deep_merge, field_docs
 
 
 def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -98,34 +100,6 @@ class _ExactParser(argparse.ArgumentParser):
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
 
-SAE_SOURCE_HELP = ("an SAE folder of any format saelab reads, a Hugging Face repo id owner/name (with --subfolder) "
-                   "or a release name (with --sae_id)")
-REPORT_DEFAULT = "default: the SAE's folder; for an SAE from the hub, ./<repo or release>/<subfolder or sae_id>"
-
-
-def _add_sae_source_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
-    """The options of every command that loads an SAE: where it is, which device it goes to, and where it
-    belongs when its files do not say (Gemma Scope, sparsify, dictionary_learning folders often do not)."""
-    group = parser.add_argument_group("where the SAE comes from and where it belongs")
-    group.add_argument("--subfolder", default=None, help="the SAE's folder inside a hub repo (or inside a local folder)")
-    group.add_argument("--sae_id", default=None,
-                       help="which SAE of a release (gpt2-small-res-jb --sae_id blocks.8.hook_resid_pre) or of an "
-                       "e2e_sae run folder (its hook position)")
-    group.add_argument("--revision", default=None, help="hub branch, tag or commit (default: the main branch)")
-    group.add_argument("--device", default=None,
-                       help="device the SAE is loaded on" + (" and the model runs on (--model.device alone also sets "
-                       "both; give both to split them)" if with_model else "")
-                       + " (default: cpu; the device recorded in the SAE's files is never used)")
-    also = " (same as --model.name)" if with_model else ""
-    group.add_argument("--model_name", default=None,
-                       help=f"the model the SAE reads, a Hugging Face name or local folder{also}; replaces what its files say")
-    also = " (same as --model.hook_name)" if with_model else ""
-    group.add_argument("--hook_name", default=None,
-                       help=f"the hook point it reads, e.g. blocks.6.hook_resid_post{also}; replaces what its files say "
-                       "and sets the layer it names")
-    group.add_argument("--hook_layer", type=int, default=None, help="the hook's layer, when the hook name does not say it")
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     """The parser and, per command, the dotted config flags it accepts."""
     from saelab.runner import RunConfig
@@ -171,7 +145,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
         "--hook_name, --model.* and --data.* override them), print a table, write eval.json and PNG plots.",
     )
     evaluate.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
-    evaluate.add_argument("--out", metavar="DIR", default=None, help=f"folder for eval.json and the plots ({REPORT_DEFAULT})")
+    evaluate.add_argument("--out", metavar="DIR", default=None,
+                          help=f"folder for eval.json and the plots ({REPORT_DEFAULT})")
     evaluate.add_argument("--n_contexts", type=int, default=32, help="held-out contexts evaluated (default: 32)")
     evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
@@ -185,7 +160,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     )
     dashboard.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
     dashboard.add_argument("--out", metavar="DIR", default=None,
-                           help=f"dashboard folder (default: dashboard/ in the folder of feature_stats.safetensors: {REPORT_DEFAULT})")
+                           help="dashboard folder (default: dashboard/ beside feature_stats.safetensors, which goes in "
+                           f"the folder eval writes to: {REPORT_DEFAULT})")
     dashboard.add_argument("--n_contexts", type=int, default=256, help="contexts run through the model (default: 256)")
     dashboard.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     dashboard.add_argument("--top_k", type=int, default=16, help="top-activating contexts kept per latent (default: 16)")
@@ -218,7 +194,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     convert.add_argument("out", metavar="OUT", help="output folder")
     convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)")
     for command in (evaluate, dashboard, upload, convert):
-        _add_sae_source_options(command, with_model=command in (evaluate, dashboard))
+        add_sae_source_options(command, with_model=command in (evaluate, dashboard))
     flags = _data_flags()
     flag_names["upload"] = flag_names["convert"] = []
     for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations"), (evaluate, "eval"),
@@ -303,90 +279,16 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
         print(f"  model with every SAE spliced in (last window): {'   '.join(parts)}")
 
 
-def _load_sae(args: argparse.Namespace, source: str, **location: Any):
-    """The SAE a command names, with its source options (--subfolder, --sae_id, --revision, --device,
-    --model_name, --hook_name, --hook_layer); `location` gives values decided by the command instead."""
-    from saelab.io.load import load_sae
-
-    options = {"device": args.device or "cpu", "model_name": args.model_name, "hook_name": args.hook_name,
-               "hook_layer": args.hook_layer, **location}
-    return load_sae(source, subfolder=args.subfolder, revision=args.revision, sae_id=args.sae_id, **options)
-
-
-def _report_folder(args: argparse.Namespace) -> Path:
-    """Where a command writes what it learns about an SAE: its own folder, or for an SAE from the hub a local
-    folder named after it (the hub cache is not written to)."""
-    local = Path(args.sae_dir).expanduser()
-    if local.exists():
-        return local / args.subfolder if args.subfolder else local
-    return Path(args.sae_dir.rstrip("/").split("/")[-1], *filter(None, [args.subfolder or args.sae_id]))
-
-
-def _one_of(flag: str, value: Any, config_flag: str, config_value: Any) -> Any:
-    if value is not None and config_value is not None and value != config_value:
-        raise ConfigError(f"--{flag} {value} and --{config_flag} {config_value} disagree; give one of them")
-    return value if value is not None else config_value
-
-
-def _sae_model_and_data(args: argparse.Namespace, flag_names: list[str]):
-    """The SAE, its model and its data settings: from its files, with --model_name / --hook_name and
-    --model.* / --data.* overrides. Checks that the model has the SAE's hook at the SAE's width before any work."""
-    from saelab.config import check_device, from_dict
-    from saelab.data.config import DataConfig
-    from saelab.data.pipeline import open_model
-    from saelab.evals.evaluate import data_config_of
-    from saelab.models.config import ModelConfig
-
-    overrides = _overrides(args, flag_names)
-    data_overrides = overrides.get("data", {})
-    for key in data_overrides:
-        if key not in DataConfig.__dataclass_fields__:
-            raise unknown_key_error(key, DataConfig.__dataclass_fields__, "data")
-    model_options = dict(overrides.get("model", {}))
-    model_name = _one_of("model_name", args.model_name, "model.name", model_options.pop("name", None))
-    hook_name = _one_of("hook_name", args.hook_name, "model.hook_name", model_options.pop("hook_name", None))
-    device = check_device(str(args.device or model_options.get("device") or "cpu"))
-    model_options.setdefault("device", device)
-    sae = _load_sae(args, args.sae_dir, device=device, model_name=model_name, hook_name=hook_name)
-    if sae.cfg.model_name is None:
-        raise ConfigError(f"{args.sae_dir} does not say which model it reads: give --model_name (a Hugging Face "
-                          "model name or a local folder)")
-    if sae.cfg.hook_name is None:
-        layer = sae.cfg.hook_layer if sae.cfg.hook_layer is not None else "N"
-        raise ConfigError(f"{args.sae_dir} does not say which hook point it reads: give --hook_name "
-                          f"(e.g. blocks.{layer}.hook_resid_post)")
-    config = from_dict(ModelConfig, {**model_options, "name": sae.cfg.model_name, "hook_name": sae.cfg.hook_name}, "model")
-    check_device(config.device)
-    model = open_model(config)
-    _check_widths(sae, model)
-    return sae, model, data_config_of(sae, **data_overrides)
-
-
-def _check_widths(sae, model) -> None:
-    """A clear error when the model's activations at the SAE's hooks do not have the SAE's widths."""
-    from saelab.saes.base import hooks_of
-
-    hook_in, hook_out = hooks_of(sae)
-    widths = model.hook_widths(list(dict.fromkeys([hook_in, hook_out])))
-    where = f"of {sae.cfg.model_name}"
-    if widths[hook_in] != sae.cfg.d_in:
-        raise ConfigError(f"the SAE's d_in is {sae.cfg.d_in} but {hook_in} {where} has width {widths[hook_in]} "
-                          "(is it the SAE's model and hook? see --model_name, --hook_name)")
-    if widths[hook_out] != sae.cfg.d_out:
-        raise ConfigError(f"the transcoder's d_out is {sae.cfg.d_out} but its output hook {hook_out} {where} has "
-                          f"width {widths[hook_out]}")
-
-
 def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.evals.evaluate import evaluate, summary_rows, write_report
 
-    sae, model, data = _sae_model_and_data(args, flag_names)
+    sae, model, data = sae_model_and_data(args, _overrides(args, flag_names))
     if args.n_contexts > data.heldout_contexts:
         print(f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
               f"held out of training", file=sys.stderr)
     result = evaluate(sae, model, data, args.n_contexts, args.batch_contexts,
                       error_term=not args.no_error_term, spliced=not args.no_spliced)
-    files = write_report(result, args.out or _report_folder(args))
+    files = write_report(result, args.out or report_folder(args))
     width = max(len(name) for name, _ in summary_rows(result))
     for name, value in summary_rows(result):
         print(f"  {name:<{width}}  {value}")
@@ -396,10 +298,10 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
 def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.analysis import export_neuronpedia, feature_statistics, write_dashboard
 
-    sae, model, data = _sae_model_and_data(args, flag_names)
+    sae, model, data = sae_model_and_data(args, _overrides(args, flag_names))
     stats = feature_statistics(sae, model, data, args.n_contexts, args.batch_contexts, args.top_k,
                                (args.window_left, args.window_right), progress=True)
-    folder = _report_folder(args)
+    folder = report_folder(args)
     stats_file = folder / "feature_stats.safetensors"
     stats.save(stats_file)
     index = write_dashboard(stats, model.tokenizer, args.out or folder / "dashboard", chunk_size=args.chunk_size)
@@ -421,7 +323,7 @@ def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
     if local.exists() and all(option is None for option in chosen):
         url = upload_sae_folder(local, args.repo_id, args.path_in_repo, args.private, commit_message=args.message)
     else:  # from the hub, one SAE of a folder, or with new metadata: uploaded in the SAELens layout
-        url = push_to_hub(_load_sae(args, args.sae_dir), args.repo_id, args.path_in_repo, args.private,
+        url = push_to_hub(load_sae_from_args(args, args.sae_dir), args.repo_id, args.path_in_repo, args.private,
                           commit_message=args.message)
     print(f"uploaded {args.sae_dir} -> {args.repo_id}{'/' + args.path_in_repo if args.path_in_repo else ''} ({url})")
 
@@ -429,7 +331,7 @@ def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
 def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
     from saelab.io import save_sparsify
 
-    sae = _load_sae(args, args.source)
+    sae = load_sae_from_args(args, args.source)
     if args.to == "sparsify":
         save_sparsify(sae, args.out)
     else:

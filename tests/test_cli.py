@@ -40,15 +40,17 @@ def test_yaml_config_with_flag_overrides(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.002
 
 
-@pytest.mark.parametrize("flag, meant", [("--train.learning_rate", "--train.lr"), ("--sae.num_latents", "--sae.d_sae"), ("--train.k", "--sae.k"),
-                                         ("--train.l1_coefficient", "--sae.l1_coefficient"), ("--train.expansion_factor",
-                                                                                               "--sae.expansion_factor")])
+@pytest.mark.parametrize("flag, meant", [
+    ("--train.learning_rate", "--train.lr"), ("--sae.num_latents", "--sae.d_sae"), ("--train.k", "--sae.k"),
+    ("--train.l1_coefficient", "--sae.l1_coefficient"), ("--train.expansion_factor", "--sae.expansion_factor"),
+])
 def test_unknown_flag_suggests_the_close_name(capsys, flag, meant):
     """Names from SAELens and sparsify suggest saelab's (learning_rate is closer in spelling to lr_decay_steps)."""
     with pytest.raises(SystemExit) as exit_info:
         main(["train", flag, "3"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"saelab: error: unknown option {flag}; did you mean {meant}? (see saelab train --help)\n"
+    hint = f"saelab: error: unknown option {flag}; did you mean {meant}? (see saelab train --help)\n"
+    assert capsys.readouterr().err == hint
 
 
 def test_unknown_config_keys_suggest_saelab_names():
@@ -201,8 +203,9 @@ def test_other_libraries_folders_evaluate_where_their_files_say(tiny_model, tmp_
     assert report["sae"]["hook_name"] == "blocks.1.hook_resid_post"
 
     (tmp_path / "dl").mkdir()
-    torch.save({"bias": sae.b_dec, "encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "decoder.weight": sae.W_dec.T},
-               tmp_path / "dl" / "ae.pt")
+    weights = {"bias": sae.b_dec, "encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc,
+               "decoder.weight": sae.W_dec.T}
+    torch.save(weights, tmp_path / "dl" / "ae.pt")
     trainer = {"dict_class": "AutoEncoder", "lm_name": str(tiny_model / "model"), "layer": 0,
                "submodule_name": "resid_post_layer_0"}
     (tmp_path / "dl" / "config.json").write_text(json.dumps({"trainer": trainer}))
@@ -215,14 +218,14 @@ def test_other_libraries_folders_evaluate_where_their_files_say(tiny_model, tmp_
     folder.mkdir(parents=True)
     np.savez(folder / "params.npz", W_enc=sae.W_enc.detach().numpy(), W_dec=sae.W_dec.detach().numpy(),
              b_enc=sae.b_enc.detach().numpy(), b_dec=sae.b_dec.detach().numpy(), threshold=np.full(64, 0.1, np.float32))
-    assert main(["dashboard", str(folder), *run_flags(tiny_model), "--top_k", "2"]) == 2
+    dashboard = ["dashboard", str(folder), *run_flags(tiny_model), "--top_k", "2"]
+    assert main(dashboard) == 2
     assert error_line(capsys).endswith("does not say which model it reads: give --model_name (a Hugging Face model "
                                        "name or a local folder)")
-    assert main(["dashboard", str(folder), *run_flags(tiny_model), "--top_k", "2", "--model_name", str(tiny_model / "model")]) == 2
+    assert main([*dashboard, "--model_name", str(tiny_model / "model")]) == 2
     assert error_line(capsys).endswith("give --hook_name (e.g. blocks.1.hook_resid_post)")
     assert not (folder / "dashboard").exists()
-    assert main(["dashboard", str(folder), *run_flags(tiny_model), "--top_k", "2", "--model_name", str(tiny_model / "model"),
-                 "--hook_name", "blocks.1.hook_resid_post"]) == 0
+    assert main([*dashboard, "--model_name", str(tiny_model / "model"), "--hook_name", "blocks.1.hook_resid_post"]) == 0
     assert (folder / "dashboard" / "index.html").exists()
 
 
@@ -241,7 +244,8 @@ def test_eval_of_a_hub_sae_writes_its_report_in_a_local_folder(tiny_model, tmp_p
 
 SOURCES = {
     "hub": (["someone/saes", "--subfolder", "layer_8"], {"subfolder": "layer_8", "sae_id": None}),
-    "release": (["gpt2-small-res-jb", "--sae_id", "blocks.8.hook_resid_pre"], {"subfolder": None, "sae_id": "blocks.8.hook_resid_pre"}),
+    "release": (["gpt2-small-res-jb", "--sae_id", "blocks.8.hook_resid_pre"],
+                {"subfolder": None, "sae_id": "blocks.8.hook_resid_pre"}),
 }
 
 

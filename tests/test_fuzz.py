@@ -50,11 +50,11 @@ def must_fail(kind: str, damaged: bytes, original: bytes, json_file: bool) -> bo
     return False
 
 
-def check_damage(read, damaged_cases, error=FileFormatError, json_file=False):
-    """Every case either reads or raises `error` (nothing else escapes); each case that must fail does. Returns
-    what was read from the cases that read."""
+def check_damage(read, original: bytes, rng: random.Random, json_file=False, error=FileFormatError):
+    """`read` of every mutation of `original` either returns or raises `error` (nothing else escapes); each
+    mutation that must fail does. Returns what was read from the mutations that read."""
     results = []
-    for kind, damaged, original in damaged_cases:
+    for kind, damaged in mutations(original, rng):
         if must_fail(kind, damaged, original, json_file):
             with pytest.raises(error):
                 read(damaged)
@@ -77,7 +77,7 @@ def test_damaged_sae_files_give_file_format_errors(tmp_path, part):
         file.write_bytes(damaged)
         return saelab.load_sae(tmp_path / "good")
 
-    loaded = check_damage(read, [(kind, d, original) for kind, d in mutations(original, rng)], json_file=part.endswith(".json"))
+    loaded = check_damage(read, original, rng, json_file=part.endswith(".json"))
     assert all(sae.W_enc.shape == (8, 16) for sae in loaded)  # whatever loads is still the SAE the weights hold
 
 
@@ -92,7 +92,7 @@ def test_damaged_checkpoint_state_gives_file_format_errors(tmp_path):
             (tmp_path / file).write_bytes(damaged)
             return load_state(tmp_path)
 
-        check_damage(read, [(kind, d, original) for kind, d in mutations(original, rng)], json_file=file.endswith(".json"))
+        check_damage(read, original, rng, json_file=file.endswith(".json"))
         (tmp_path / file).write_bytes(original)
     assert torch.equal(load_state(tmp_path)["w"], state["w"])
 
@@ -153,9 +153,9 @@ def test_random_config_files_and_values_give_config_errors(tmp_path):
         file.write_bytes(damaged)
         try:
             parsed = yaml.safe_load(damaged.decode("utf-8"))
-            certain = not isinstance(parsed, (dict, type(None))) or isinstance(parsed, dict) and config_must_fail(parsed)
         except (yaml.YAMLError, UnicodeDecodeError):
-            certain = True
+            parsed = "unreadable"
+        certain = parsed is not None and (not isinstance(parsed, dict) or config_must_fail(parsed))
         try:
             load_run_config(read_config_file(file))
             outcomes["read"] += 1
@@ -182,7 +182,7 @@ def test_damaged_cache_metadata_and_shards(tmp_path):
         (folder / "acts-00000.safetensors").write_bytes(damaged)
         return list(CachedActivations(folder, batch_size=2, buffer_size=4, loop=False))
 
-    check_damage(read_shard, [(kind, d, shard) for kind, d in mutations(shard, rng)])
+    check_damage(read_shard, shard, rng)
     (folder / "acts-00000.safetensors").write_bytes(shard)
     assert sum(len(batch) for batch in read_shard(shard)) == 10
 
@@ -191,4 +191,4 @@ def test_damaged_cache_metadata_and_shards(tmp_path):
         return read_cache_metadata(folder)
 
     text = json.dumps(metadata).encode()
-    check_damage(read_metadata, [(kind, d, text) for kind, d in mutations(text, rng)], json_file=True)
+    check_damage(read_metadata, text, rng, json_file=True)
