@@ -50,16 +50,17 @@ SYNONYMS = {
 
 
 def closest_key(key: str, valid: typing.Iterable[str]) -> str | None:
-    """The valid config key or dotted flag (`train.lr`) a mistyped or foreign `key` most likely means: its
-    saelab name (SYNONYMS) in the same section, then the same name in another section (`train.k` -> `sae.k`),
-    then the closest spelling."""
+    """The valid config key or dotted flag a mistyped or foreign `key` most likely means: its saelab name from
+    SYNONYMS in the same section (`train.learning_rate` -> `train.lr`), else that name or the key's own name in
+    another section (SAELens keeps l1_coefficient, expansion_factor, d_sae, k, ... in one flat config:
+    `train.k` -> `sae.k`), else the closest spelling."""
     valid = list(valid)
     section, _, name = key.rpartition(".")
-    for wanted in dict.fromkeys((SYNONYMS.get(name, name), name)):
-        if f"{section}.{wanted}".lstrip(".") in valid:
-            if wanted != name:
-                return f"{section}.{wanted}".lstrip(".")
-            continue
+    prefix = f"{section}." if section else ""
+    meant = SYNONYMS.get(name)
+    if meant and prefix + meant in valid:
+        return prefix + meant
+    for wanted in filter(None, (meant, name)):
         elsewhere = [v for v in valid if v == wanted or v.endswith(f".{wanted}")]
         if elsewhere:
             return elsewhere[0]
@@ -166,7 +167,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{where}: missing key '{missing[0]}'")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except TypeError as e:  # a value the type checks let through but __post_init__ cannot use
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
