@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saelab.config import check_device, closest
+from saelab.config import ConfigError, check_device, closest
 from saelab.io import saelens_format
 from saelab.io.dictionary_learning import is_dictionary_learning_folder, load_dictionary_learning
 from saelab.io.e2e_sae import is_e2e_sae_folder, load_e2e_sae
@@ -39,13 +39,14 @@ def load_sae(
     The model, hook and layer come from the files (or their path) where they say them; `model_name`,
     `hook_name` and `hook_layer` replace what was found (a hook name alone also sets the layer it names). A
     release's model_name (the Hugging Face model saelab opens) replaces its files' one."""
-    device = check_device(device)
-    folder, release_model = sae_folder(path, subfolder, revision, sae_id)
-    position = None if release_model is not None else sae_id  # a release's sae_id was its folder
-    sae = _read(folder, device, position)
-    if dtype is not None:
-        import torch
+    import torch
 
+    device = check_device(device)
+    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConfigError(f"unknown dtype '{dtype}'")
+    folder, release_model = sae_folder(path, subfolder, revision, sae_id)
+    sae = _read(folder, device, sae_id)  # a release's sae_id names its folder, which is no e2e_sae run
+    if dtype is not None:
         sae.cfg.dtype = dtype
         sae.to(getattr(torch, dtype))
     return locate(sae, model_name or release_model, hook_name, hook_layer)
