@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
-from saelab.config import ConfigError, closest, deep_merge, field_docs
+from saelab.cli_sae import (REPORT_DEFAULT, SAE_SOURCE_HELP, add_sae_source_options, load_sae_from_args, report_folder,
+                            sae_model_and_data)
+from saelab.config import ConfigError, closest_key, deep_merge, field_docs
 
 
 def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -90,11 +92,19 @@ def _data_flags() -> list[tuple[str, str]]:
     return _config_flags(ModelConfig(), "model.") + _config_flags(DataConfig(), "data.")
 
 
+class _ExactParser(argparse.ArgumentParser):
+    """Options match whole names only (argparse would take `--train.k 3` as `--train.keep_checkpoints 3`); an
+    unknown one gets the closest name instead. Subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     """The parser and, per command, the dotted config flags it accepts."""
     from saelab.runner import RunConfig
 
-    parser = argparse.ArgumentParser(prog="saelab", description="Train and study sparse autoencoders.")
+    parser = _ExactParser(prog="saelab", description="Train and study sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True)
     flag_names: dict[str, list[str]] = {}
 
@@ -136,10 +146,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     evaluate = commands.add_parser(
         "eval",
         help="evaluate a saved SAE: reconstruction, sparsity, spliced CE/KL; writes eval.json and plots",
-        description="Evaluate the SAE in SAE_DIR on held-out contexts of its model and data (from its cfg.json; "
-        "--model.* and --data.* override them), print a table, write eval.json and PNG plots into SAE_DIR.",
+        description="Evaluate an SAE on held-out contexts of its model and data (from its files; --model_name, "
+        "--hook_name, --model.* and --data.* override them), print a table, write eval.json and PNG plots.",
     )
-    evaluate.add_argument("sae_dir", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
+    evaluate.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
+    evaluate.add_argument("--out", metavar="DIR", default=None,
+                          help=f"folder for eval.json and the plots ({REPORT_DEFAULT})")
     evaluate.add_argument("--n_contexts", type=int, default=32, help="held-out contexts evaluated (default: 32)")
     evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
@@ -147,12 +159,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     dashboard = commands.add_parser(
         "dashboard",
         help="per-latent statistics over a corpus and a static HTML dashboard (optionally Neuronpedia files)",
-        description="Run the SAE in SAE_DIR over contexts of its model and data (from its cfg.json; --model.* and "
-        "--data.* override them), save feature_stats.safetensors in SAE_DIR and write a static HTML dashboard "
+        description="Run an SAE over contexts of its model and data (from its files; --model_name, --hook_name, "
+        "--model.* and --data.* override them), save feature_stats.safetensors and write a static HTML dashboard "
         "that opens from disk.",
     )
-    dashboard.add_argument("sae_dir", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
-    dashboard.add_argument("--out", metavar="DIR", default=None, help="dashboard folder (default: SAE_DIR/dashboard)")
+    dashboard.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
+    dashboard.add_argument("--out", metavar="DIR", default=None,
+                           help="dashboard folder (default: dashboard/ beside feature_stats.safetensors, which goes in "
+                           f"the folder eval writes to: {REPORT_DEFAULT})")
     dashboard.add_argument("--n_contexts", type=int, default=256, help="contexts run through the model (default: 256)")
     dashboard.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     dashboard.add_argument("--top_k", type=int, default=16, help="top-activating contexts kept per latent (default: 16)")
@@ -166,10 +180,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     upload = commands.add_parser(
         "upload",
         help="upload a saved SAE folder to the Hugging Face hub",
-        description="Upload SAE_DIR to REPO_ID (created if needed). A saelab/SAELens folder is uploaded as it is; "
-        "other formats saelab reads are converted to the SAELens layout first. Log in with `hf auth login` or set HF_TOKEN.",
+        description="Upload SAE to REPO_ID (created if needed). A saelab/SAELens folder is uploaded as it is; "
+        "other formats saelab reads (and SAEs given --model_name/--hook_name) are converted to the SAELens layout "
+        "first. Log in with `hf auth login` or set HF_TOKEN.",
     )
-    upload.add_argument("sae_dir", metavar="SAE_DIR", help="a saved SAE folder (any format load_sae reads)")
+    upload.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
     upload.add_argument("repo_id", metavar="REPO_ID", help="hub repository, owner/name")
     upload.add_argument("--path_in_repo", default=None, help="folder inside the repository (default: its root)")
     upload.add_argument("--private", action="store_true", help="create the repository as private")
@@ -177,12 +192,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     convert = commands.add_parser(
         "convert",
         help="convert an SAE folder of any format saelab reads to saelab/SAELens or sparsify's layout",
-        description="Load SOURCE (saelab/SAELens, sparsify, dictionary_learning, Gemma Scope, e2e_sae) and write OUT.",
+        description="Load SOURCE (saelab/SAELens, sparsify, dictionary_learning, Gemma Scope, e2e_sae; local, a hub "
+        "repo or a release) and write OUT.",
     )
-    convert.add_argument("source", metavar="SOURCE", help="SAE folder (or hub repo id)")
+    convert.add_argument("source", metavar="SOURCE", help=SAE_SOURCE_HELP)
     convert.add_argument("out", metavar="OUT", help="output folder")
     convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)")
-    convert.add_argument("--sae_id", default=None, help="which SAE of a folder holding several (e.g. an e2e_sae run's hook position)")
+    for command in (evaluate, dashboard, upload, convert):
+        add_sae_source_options(command, with_model=command in (evaluate, dashboard))
     flags = _data_flags()
     flag_names["upload"] = flag_names["convert"] = []
     for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations"), (evaluate, "eval"),
@@ -200,7 +217,7 @@ def _own_options(parser: argparse.ArgumentParser, command: str) -> list[str]:
 
 def _suggest_unknown(unknown: list[str], flag_names: list[str], command: str) -> str:
     flag = unknown[0].split("=")[0]
-    hint = closest(flag.lstrip("-"), flag_names)
+    hint = closest_key(flag.lstrip("-"), flag_names)
     return f"unknown option {flag}" + (f"; did you mean --{hint}?" if hint else "") + f" (see saelab {command} --help)"
 
 
@@ -270,37 +287,16 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
         print(f"  model with every SAE spliced in (last window): {'   '.join(parts)}")
 
 
-def _model_and_data(sae, args: argparse.Namespace, flag_names: list[str]):
-    """The model and data settings of a saved SAE (from its cfg.json), with --model.* / --data.* overrides."""
-    from saelab.data.config import DataConfig
-    from saelab.data.pipeline import open_model
-    from saelab.evals.evaluate import data_config_of
-    from saelab.models.config import ModelConfig
-
-    overrides = _overrides(args, flag_names)
-    data_overrides = overrides.get("data", {})
-    unknown = set(data_overrides) - set(DataConfig.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"unknown data option {sorted(unknown)[0]}")
-    model_options = overrides.get("model", {})
-    model = open_model(ModelConfig(**{"name": sae.cfg.model_name or ModelConfig.name, **model_options}))
-    if "hook_name" in model_options:
-        sae.cfg.hook_name = model_options["hook_name"]
-    return model, data_config_of(sae, **data_overrides)
-
-
 def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.evals.evaluate import evaluate, summary_rows, write_report
-    from saelab.io.load import load_sae
 
-    sae = load_sae(args.sae_dir)
-    model, data = _model_and_data(sae, args, flag_names)
+    sae, model, data = sae_model_and_data(args, _overrides(args, flag_names))
     if args.n_contexts > data.heldout_contexts:
         print(f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
               f"held out of training", file=sys.stderr)
     result = evaluate(sae, model, data, args.n_contexts, args.batch_contexts,
                       error_term=not args.no_error_term, spliced=not args.no_spliced)
-    files = write_report(result, args.sae_dir)
+    files = write_report(result, args.out or report_folder(args))
     width = max(len(name) for name, _ in summary_rows(result))
     for name, value in summary_rows(result):
         print(f"  {name:<{width}}  {value}")
@@ -309,15 +305,14 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.analysis import export_neuronpedia, feature_statistics, write_dashboard
-    from saelab.io.load import load_sae
 
-    sae = load_sae(args.sae_dir)
-    model, data = _model_and_data(sae, args, flag_names)
+    sae, model, data = sae_model_and_data(args, _overrides(args, flag_names))
     stats = feature_statistics(sae, model, data, args.n_contexts, args.batch_contexts, args.top_k,
                                (args.window_left, args.window_right), progress=True)
-    stats_file = Path(args.sae_dir) / "feature_stats.safetensors"
+    folder = report_folder(args)
+    stats_file = folder / "feature_stats.safetensors"
     stats.save(stats_file)
-    index = write_dashboard(stats, model.tokenizer, args.out or Path(args.sae_dir) / "dashboard", chunk_size=args.chunk_size)
+    index = write_dashboard(stats, model.tokenizer, args.out or folder / "dashboard", chunk_size=args.chunk_size)
     never = int((stats.firing_counts == 0).sum())
     print(f"{stats.n_tokens:,} tokens, {stats.d_sae:,} latents ({never:,} never fired); statistics -> {stats_file}")
     print(f"dashboard -> {index} (open it in a browser; no server needed)")
@@ -329,19 +324,24 @@ def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 
 def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
-    from saelab.io.hub import upload_sae_folder
+    from saelab.io.hub import push_to_hub, upload_sae_folder
 
-    url = upload_sae_folder(args.sae_dir, args.repo_id, args.path_in_repo, args.private, commit_message=args.message)
+    local = Path(args.sae_dir).expanduser()
+    chosen = (args.subfolder, args.sae_id, args.model_name, args.hook_name, args.hook_layer)
+    if local.exists() and all(option is None for option in chosen):
+        url = upload_sae_folder(local, args.repo_id, args.path_in_repo, args.private, commit_message=args.message)
+    else:  # from the hub, one SAE of a folder, or with new metadata: uploaded in the SAELens layout
+        url = push_to_hub(load_sae_from_args(args, args.sae_dir), args.repo_id, args.path_in_repo, args.private,
+                          commit_message=args.message)
     print(f"uploaded {args.sae_dir} -> {args.repo_id}{'/' + args.path_in_repo if args.path_in_repo else ''} ({url})")
 
 
 def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
     from saelab.io import save_sparsify
-    from saelab.io.load import load_sae
     from saelab.io.saelens_compat import to_saelens
     from saelab.io.saelens_format import load_sparsity, save_sae
 
-    sae = load_sae(args.source, sae_id=args.sae_id)
+    sae = load_sae_from_args(args, args.source)
     if args.to == "sparsify":
         save_sparsify(sae, args.out)
         written = sae

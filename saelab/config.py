@@ -29,9 +29,47 @@ def closest(name: str, candidates: typing.Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+SYNONYMS = {
+    # SAELens
+    "learning_rate": "lr",
+    "lr_warm_up_steps": "lr_warmup_steps",
+    "l1_warm_up_steps": "sparsity_warmup_steps",
+    "training_tokens": "total_tokens",
+    "train_batch_size_tokens": "batch_size",
+    "hook_point": "hook_name",
+    "dataset_path": "dataset",
+    # sparsify
+    "num_latents": "d_sae",
+    "auxk_alpha": "aux_coefficient",
+    # dictionary_learning
+    "dict_size": "d_sae",
+    "activation_dim": "d_in",
+}
+"""Option names of SAELens, sparsify and dictionary_learning whose saelab name is not close in spelling
+(difflib finds `lr_decay_steps` for `learning_rate`): the key a user coming from those libraries means."""
+
+
+def closest_key(key: str, valid: typing.Iterable[str]) -> str | None:
+    """The valid config key or dotted flag a mistyped or foreign `key` most likely means: its saelab name from
+    SYNONYMS in the same section (`train.learning_rate` -> `train.lr`), else that name or the key's own name in
+    another section (SAELens keeps l1_coefficient, expansion_factor, d_sae, k, ... in one flat config:
+    `train.k` -> `sae.k`), else the closest spelling."""
+    valid = list(valid)
+    section, _, name = key.rpartition(".")
+    prefix = f"{section}." if section else ""
+    meant = SYNONYMS.get(name)
+    if meant and prefix + meant in valid:
+        return prefix + meant
+    for wanted in filter(None, (meant, name)):
+        elsewhere = [v for v in valid if v == wanted or v.endswith(f".{wanted}")]
+        if elsewhere:
+            return elsewhere[0]
+    return closest(key, valid)
+
+
 def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
     valid = sorted(valid)
-    hint = closest(key, valid)
+    hint = closest_key(key, valid)
     suggestion = f" Did you mean '{hint}'?" if hint else ""
     return ConfigError(f"unknown key '{key}' in {where}.{suggestion} Valid keys: {', '.join(valid)}")
 
@@ -125,9 +163,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
             values[key] = from_dict(tp, value, f"{where}.{key}")  # type: ignore[arg-type]
         else:
             values[key] = check_type(value, tp, f"{where}.{key}")
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key '{missing[0]}'")
     try:
         return cls(**values)
-    except TypeError as e:  # a required field is missing
+    except TypeError as e:  # a value the type checks let through but __post_init__ cannot use
         raise ConfigError(f"{where}: {e}") from None
 
 
@@ -144,3 +186,22 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
         else:
             base[key] = value
     return base
+
+
+def check_device(device: str) -> str:
+    """`device` when this machine has it, else a ConfigError saying so (rather than torch's error at the first
+    tensor placed there)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps, ...") from None
+    if parsed.type in ("cpu", "meta"):
+        return device
+    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", lambda: False)()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if not available or (parsed.index or 0) >= count:
+        raise ConfigError(f"device {device!r} is not available on this machine (torch {torch.__version__})")
+    return device

@@ -89,8 +89,54 @@ def test_missing_files(saved, tmp_path):
     (saved / "sae_weights.safetensors").unlink()
     with pytest.raises(saelab.FileFormatError, match="file not found"):
         saelab.load_sae(saved)
-    with pytest.raises(saelab.FileFormatError, match="not a directory"):
+    with pytest.raises(saelab.FileFormatError, match="no such folder: .*nowhere"):
         saelab.load_sae(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("recorded", ["cuda", "cuda:1", "mps"])
+def test_the_device_a_file_was_written_from_is_not_where_it_loads(saved, recorded):
+    """A cfg.json saved on a GPU (saelab or SAELens write the device into it) loads on the CPU by default."""
+    cfg = json.loads((saved / "cfg.json").read_text())
+    (saved / "cfg.json").write_text(json.dumps({**cfg, "device": recorded}))
+    sae = saelab.load_sae(saved)
+    assert sae.device == torch.device("cpu") and sae.cfg.device == "cpu"
+    weights = load_file(saved / "sae_weights.safetensors")
+    assert torch.equal(sae.W_enc, weights["W_enc"])
+
+
+def test_the_device_asked_for_is_checked(saved):
+    assert saelab.load_sae(saved, device="meta").device.type == "meta"  # available everywhere: honoured
+    if not torch.cuda.is_available():
+        with pytest.raises(saelab.ConfigError, match="device 'cuda' is not available on this machine"):
+            saelab.load_sae(saved, device="cuda")
+    with pytest.raises(saelab.ConfigError, match="unknown device 'gpu'"):
+        saelab.load_sae(saved, device="gpu")
+
+
+def test_a_config_without_d_sae_names_the_file_and_the_key(saved):
+    cfg = json.loads((saved / "cfg.json").read_text())
+    del cfg["d_sae"]
+    (saved / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(saelab.FileFormatError, match=r"cfg.json: SAE config \(topk\): missing key 'd_sae'$"):
+        saelab.load_sae(saved)
+
+
+def test_missing_local_paths_are_no_such_folder_not_a_hub_error(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local path must not reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for path in ("runs/missing", "./missing", "~/surely/not/here", "a/b/c", "missing"):
+        with pytest.raises(saelab.FileFormatError, match=f"^no such folder: {path}$"):
+            saelab.load_sae(path)
+    saelab.create_sae("topk", 8, 16, k=2).save(tmp_path / "runs" / "sae")
+    with pytest.raises(saelab.FileFormatError, match="^no such folder: runs/sae/nope$"):
+        saelab.load_sae("runs/sae", subfolder="nope")
+    assert saelab.load_sae("runs", subfolder="sae").cfg.d_sae == 16
 
 
 def test_no_temporary_files_left_behind(saved):

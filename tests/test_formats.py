@@ -50,6 +50,24 @@ def test_sparsify_folders_load_and_compute_the_same(tmp_path, transcode, skip):
     assert torch.allclose(sae(x), sparsify_by_hand(weights, x, transcode, skip), atol=1e-5)
 
 
+@pytest.mark.parametrize("folder, transcode, hooks", [
+    ("layers.3", False, ("blocks.3.hook_resid_post", None)),
+    ("layers.3.mlp", False, ("blocks.3.hook_mlp_out", None)),
+    ("h.3.attn", False, ("blocks.3.hook_attn_out", None)),
+    ("layers.3.mlp", True, ("blocks.3.hook_mlp_in", "blocks.3.hook_mlp_out")),
+    ("layers.3", True, ("blocks.3.hook_resid_pre", "blocks.3.hook_resid_post")),
+    ("layers.3.mlp.act_fn", False, (None, None)),
+])
+def test_sparsify_folders_say_their_hook_and_their_run_says_the_model(tmp_path, folder, transcode, hooks):
+    """sparsify names each SAE's folder after its hook point and writes the run's config.json beside them."""
+    write_sparsify(tmp_path / "run" / folder, transcode)
+    run_config = {"model": "EleutherAI/pythia-70m", "hookpoints": [folder]}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
+    sae = saelab.load_sae(tmp_path / "run" / folder)
+    assert (sae.cfg.hook_name, sae.cfg.hook_name_out) == hooks
+    assert sae.cfg.hook_layer == 3 and sae.cfg.model_name == "EleutherAI/pythia-70m"
+
+
 def test_saelab_to_sparsify_and_back_is_exact(tmp_path):
     sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
     with torch.no_grad():
@@ -76,6 +94,58 @@ def test_gemma_scope_params_load_and_compute_the_same(tmp_path):
     pre = x @ t["W_enc"] + t["b_enc"]
     by_hand = (pre * (pre > t["threshold"])) @ t["W_dec"] + t["b_dec"]
     assert sae.cfg.architecture == "jumprelu" and torch.allclose(sae(x), by_hand, atol=1e-4)
+
+
+def write_gemma_scope(folder, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"W_enc": rng.normal(size=(D_IN, D_SAE)), "W_dec": rng.normal(size=(D_SAE, D_IN)),
+              "b_enc": rng.normal(size=D_SAE), "b_dec": rng.normal(size=D_IN), "threshold": rng.uniform(0.1, 1, D_SAE)}
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", **{k: v.astype(np.float32) for k, v in params.items()})
+
+
+@pytest.mark.parametrize("repo, model, hook", [
+    ("gemma-scope-2b-pt-res", "google/gemma-2-2b", "blocks.12.hook_resid_post"),
+    ("gemma-scope-9b-it-mlp", "google/gemma-2-9b-it", "blocks.12.hook_mlp_out"),
+    ("models--google--gemma-scope-2b-pt-att/snapshots/0123abc", "google/gemma-2-2b", "blocks.12.hook_z"),
+])
+def test_gemma_scope_paths_say_the_model_hook_and_layer(tmp_path, repo, model, hook):
+    """A local clone of a Gemma Scope repo, or the hub cache's folder for it, names the model and the site."""
+    folder = tmp_path / repo / "layer_12" / "width_16k" / "average_l0_82"
+    write_gemma_scope(folder)
+    for path in (folder, folder / "params.npz"):
+        sae = saelab.load_sae(path)
+        assert (sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.hook_layer) == (model, hook, 12)
+        assert sae.cfg.metadata["average_l0"] == 82
+    write_gemma_scope(tmp_path / "elsewhere" / "layer_5")  # the layer alone: the hook is the caller's to say
+    sae = saelab.load_sae(tmp_path / "elsewhere" / "layer_5")
+    assert (sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.hook_layer) == (None, None, 5)
+
+
+def test_load_sae_arguments_replace_what_the_files_say(tmp_path):
+    write_gemma_scope(tmp_path / "gemma-scope-2b-pt-res" / "layer_12")
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_12"
+    sae = saelab.load_sae(folder, model_name="me/gemma-ft", hook_name="blocks.7.hook_mlp_out")
+    assert (sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.hook_layer) == ("me/gemma-ft", "blocks.7.hook_mlp_out", 7)
+    sae = saelab.load_sae(folder, hook_name="model.layers.7.mlp:input", hook_layer=9)
+    assert (sae.cfg.hook_name, sae.cfg.hook_layer) == ("model.layers.7.mlp:input", 9)
+    assert sae.cfg.model_name == "google/gemma-2-2b"
+    write_dictionary_learning(tmp_path / "dl", "AutoEncoder")
+    assert saelab.load_sae(tmp_path / "dl", hook_layer=4).cfg.hook_layer == 4
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+def test_every_reader_loads_onto_the_device_asked_for(tmp_path):
+    """meta is a device every torch has; a reader that ignored `device` would give CPU tensors."""
+    write_sparsify(tmp_path / "sparsify")
+    write_gemma_scope(tmp_path / "gemma_scope")
+    write_dictionary_learning(tmp_path / "dictionary_learning", "AutoEncoderTopK")
+    write_e2e_sae_run(tmp_path / "e2e_sae", positions=("blocks.1.hook_resid_pre",))
+    saelab.create_sae("gated", d_in=D_IN, d_sae=D_SAE).save(tmp_path / "saelab")
+    for folder in sorted(tmp_path.iterdir()):
+        sae = saelab.load_sae(folder, device="meta")
+        assert sae.device.type == "meta" and sae.cfg.device == "meta", folder.name
+        assert all(p.device.type == "meta" for p in sae.parameters()), folder.name
 
 
 def test_bad_folders_are_clear_errors(tmp_path):
@@ -118,7 +188,8 @@ def write_dictionary_learning(folder, dict_class, seed=0):
     }
     folder.mkdir(parents=True)
     torch.save(layouts[dict_class], folder / "ae.pt")
-    trainer = {"dict_class": dict_class, "activation_dim": D_IN, "dict_size": D_SAE, "lm_name": "tiny", "layer": 3}
+    trainer = {"dict_class": dict_class, "activation_dim": D_IN, "dict_size": D_SAE, "lm_name": "tiny", "layer": 3,
+               "submodule_name": "resid_post_layer_3"}
     (folder / "config.json").write_text(json.dumps({"trainer": trainer}))
     return layouts[dict_class]
 
@@ -151,7 +222,7 @@ def test_dictionary_learning_checkpoints_load_and_compute_the_same(tmp_path, dic
     sae = saelab.load_sae(tmp_path / "trainer_0").eval()
     x = torch.randn(30, D_IN)
     assert torch.allclose(sae(x), dictionary_learning_by_hand(dict_class, weights, x), atol=1e-4)
-    assert sae.cfg.model_name == "tiny" and sae.cfg.metadata["layer"] == 3
+    assert (sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.hook_layer) == ("tiny", "blocks.3.hook_resid_post", 3)
 
 
 class CodeInPickle:
@@ -492,11 +563,14 @@ def test_an_unreachable_hub_is_one_clear_error(monkeypatch):
 
 
 def test_named_releases_resolve_to_their_repo_folder(tmp_path, hub_downloads):
-    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K, model_name="gpt2-small",  # TransformerLens's name
+                            hook_name="blocks.8.hook_resid_pre", hook_layer=8)
     sae.save(tmp_path / "snapshot" / "blocks.8.hook_resid_pre")
     loaded = saelab.load_sae("gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre")
     assert hub_downloads == [("jbloom/GPT2-Small-SAEs-Reformatted", ["blocks.8.hook_resid_pre/*"])]
     assert torch.equal(loaded.W_dec, sae.W_dec)
+    location = (loaded.cfg.model_name, loaded.cfg.hook_name, loaded.cfg.hook_layer)
+    assert location == ("gpt2", "blocks.8.hook_resid_pre", 8)
     with pytest.raises(FileFormatError, match="needs an sae_id like 'blocks.8.hook_resid_pre'"):
         saelab.load_sae("gpt2-small-res-jb", sae_id="blocks.12.hook_resid_pre")
     with pytest.raises(FileFormatError, match="unknown release 'gpt2-small-res-jbb'; did you mean 'gpt2-small-res-jb'"):
@@ -594,3 +668,13 @@ def test_cli_convert_writes_saelens_and_sparsify_layouts(tmp_path):
     assert main(["convert", str(tmp_path / "topk"), str(tmp_path / "sp"), "--to", "sparsify"]) == 0
     assert (tmp_path / "sp" / "sae.safetensors").exists()
     assert torch.allclose(saelab.load_sae(tmp_path / "sp")(x), sae(x), atol=1e-5)
+
+
+def test_cli_convert_reaches_a_hub_repo_folder(tmp_path, hub_downloads):
+    from saelab.cli import main
+
+    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save(tmp_path / "snapshot" / "layer_3")
+    assert main(["convert", "someone/saes", str(tmp_path / "out"), "--subfolder", "layer_3"]) == 0
+    assert hub_downloads == [("someone/saes", ["layer_3/*"])]
+    assert torch.equal(saelab.load_sae(tmp_path / "out").W_enc, sae.W_enc)

@@ -4,17 +4,22 @@
 containers: a pickle that would run code fails with FileFormatError. Each dictionary class maps onto a saelab
 architecture with the same reconstruction (dictionary_learning rescales some latents by decoder norms and
 undoes it in decode; saelab keeps the unscaled latents).
+
+`config.json`'s trainer section says where the dictionary belongs: `lm_name` (a Hugging Face model), `layer`,
+and `submodule_name`, free-form but by convention `<site>_layer_<N>` (`resid_post_layer_3`, `mlp_out_layer_3`).
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from saelab.io.locations import SITES, site_hook
 from saelab.io.saelens_format import FileFormatError, read_json
 
 if TYPE_CHECKING:
@@ -63,8 +68,23 @@ def is_dictionary_learning_folder(path: Path) -> bool:
     return (path / WEIGHTS).is_file()
 
 
-def load_dictionary_learning(path: str | Path, device: str | None = None) -> "SAE":
-    """A saelab SAE from a dictionary_learning folder (ae.pt + config.json)."""
+def dictionary_learning_location(trainer: dict[str, Any]) -> dict[str, Any]:
+    """model_name, hook_name and hook_layer of a trainer config (keys it does not tell are left out)."""
+    found: dict[str, Any] = {}
+    if isinstance(trainer.get("lm_name"), str):
+        found["model_name"] = trainer["lm_name"]
+    if isinstance(trainer.get("layer"), int) and not isinstance(trainer["layer"], bool):
+        found["hook_layer"] = trainer["layer"]
+    match = re.fullmatch(r"(\w+?)_layer_(\d+)", str(trainer.get("submodule_name")))
+    if match and match.group(1) in SITES:
+        found["hook_layer"] = int(match.group(2))
+        found["hook_name"] = site_hook(found["hook_layer"], match.group(1))
+    return found
+
+
+def load_dictionary_learning(path: str | Path, device: str = "cpu") -> "SAE":
+    """A saelab SAE from a dictionary_learning folder (ae.pt + config.json), on `device`, with the model, hook
+    and layer its trainer config tells."""
     from saelab.saes.base import create_sae
 
     path = Path(path)
@@ -74,6 +94,8 @@ def load_dictionary_learning(path: str | Path, device: str | None = None) -> "SA
         raise FileFormatError(f"{path / WEIGHTS}: refused or unreadable (only plain tensors are loaded): "
                               f"{str(e).splitlines()[0]}") from None
     trainer = read_json(path / CONFIG).get("trainer", {}) if (path / CONFIG).exists() else {}
+    if not isinstance(trainer, dict):
+        raise FileFormatError(f"{path / CONFIG}: 'trainer' must be an object, got {type(trainer).__name__}")
     dict_class = trainer.get("dict_class")
     if dict_class not in CONVERTERS:
         raise FileFormatError(f"{path / CONFIG}: dict_class {dict_class!r} is not one of {', '.join(CONVERTERS)}")
@@ -84,8 +106,8 @@ def load_dictionary_learning(path: str | Path, device: str | None = None) -> "SA
     d_in, d_sae = state["W_enc"].shape
     metadata = {"source_format": "dictionary_learning", "dict_class": dict_class,
                 "layer": trainer.get("layer"), "submodule_name": trainer.get("submodule_name")}
-    sae = create_sae(architecture, d_in=d_in, d_sae=d_sae, model_name=trainer.get("lm_name"),
-                     device=device or "cpu", metadata=metadata, **options)
+    sae = create_sae(architecture, d_in=d_in, d_sae=d_sae, device=device, metadata=metadata,
+                     **dictionary_learning_location(trainer), **options)
     expected = {name: tuple(t.shape) for name, t in sae.weights_for_saving().items()}
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from saelab.io.locations import layer_of
 from saelab.io.saelens_format import FileFormatError
 
 if TYPE_CHECKING:
@@ -67,9 +68,10 @@ def e2e_sae_positions(path: str | Path) -> list[str]:
     return sorted(p.removeprefix("saes.").replace("-", ".") for p in prefixes)
 
 
-def load_e2e_sae(path: str | Path, position: str | None = None, device: str | None = None) -> "SAE":
+def load_e2e_sae(path: str | Path, position: str | None = None, device: str = "cpu") -> "SAE":
     """The SAE at hook `position` (e.g. 'blocks.6.hook_resid_pre'; may be omitted when the run has one) from
-    the newest checkpoint of an e2e_sae run folder."""
+    the newest checkpoint of an e2e_sae run folder, on `device`, with its model (`tlens_model_name`), hook and
+    layer."""
     from saelab.saes.base import create_sae
 
     path = Path(path)
@@ -95,11 +97,11 @@ def load_e2e_sae(path: str | Path, position: str | None = None, device: str | No
             f"encoder bias {tuple(b1.shape)}, decoder {tuple(w2.shape)}, decoder bias {tuple(b2.shape)})"
         )
     config = _read_config(path)
-    layer = re.match(r"blocks\.(\d+)\.", position)
+    model_name = config.get("tlens_model_name")
     sae = create_sae(
         "standard", d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, hook_name=position,
-        hook_layer=int(layer.group(1)) if layer else None, model_name=config.get("tlens_model_name"),
-        device=device or "cpu",
+        hook_layer=layer_of(position), model_name=model_name if isinstance(model_name, str) else None,
+        device=device,
         metadata={"source_format": "e2e_sae", "checkpoint": file.name, "loss": config.get("loss")},
     )
     sae.load_saved_weights({

@@ -20,8 +20,9 @@ def pretrained_releases() -> dict[str, dict[str, Any]]:
     return yaml.safe_load(resources.files("saelab").joinpath("pretrained.yaml").read_text(encoding="utf-8"))
 
 
-def resolve_release(release: str, sae_id: str | None) -> tuple[str, str]:
-    """(repo_id, subfolder) of one SAE of a named release; clear errors for unknown releases or ids."""
+def resolve_release(release: str, sae_id: str | None) -> tuple[str, str, str | None]:
+    """(repo_id, subfolder, model_name) of one SAE of a named release; clear errors for unknown releases or ids.
+    model_name is the Hugging Face model saelab opens for it (SAELens files may name TransformerLens's)."""
     releases = pretrained_releases()
     if release not in releases:
         hint = closest(release, releases)
@@ -31,4 +32,4 @@ def resolve_release(release: str, sae_id: str | None) -> tuple[str, str]:
     if sae_id is None or not re.fullmatch(entry["sae_id_pattern"], sae_id):
         raise FileFormatError(f"release '{release}' needs an sae_id like '{entry['example_sae_id']}' "
                               f"(pattern {entry['sae_id_pattern']}), got {sae_id!r}")
-    return entry["repo_id"], sae_id
+    return entry["repo_id"], sae_id, entry.get("model_name")

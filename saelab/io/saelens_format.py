@@ -78,8 +78,9 @@ def read_json(file: Path) -> dict:
     return data
 
 
-def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> "SAE":
-    """Load an SAE directory written by `save_sae` (any architecture), exactly as it was saved."""
+def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) -> "SAE":
+    """Load an SAE directory written by `save_sae` (any architecture), exactly as it was saved, onto `device`:
+    the device recorded in its cfg.json (where it was trained) is not used."""
     from saelab.saes.base import make_config, sae_from_config
 
     path = Path(path)
@@ -91,8 +92,7 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
         options = from_saelens(read_json(path / CFG_FILE))
     except ConfigError as e:
         raise FileFormatError(f"{path / CFG_FILE}: {e}") from None
-    if device is not None:
-        options["device"] = device
+    options["device"] = device
     if dtype is not None:
         options["dtype"] = dtype
     try:

@@ -5,17 +5,23 @@ as `W_dec (d_sae, d_in)`, `b_dec (d_in)` and an optional `W_skip (d_in, d_in)`; 
 `num_latents` (or `expansion_factor`), `normalize_decoder`, `transcode`, `skip_connection`. Its encoder
 subtracts b_dec first unless it is a transcoder, then keeps the top k of relu(pre-activations): the same
 function as saelab's TopK, so the conversion only renames and transposes.
+
+The folder's name is the hook point, a module path under the model's base (`layers.6` the block's output,
+`layers.6.mlp` the MLP's; `h.6` in GPT-2), and a training run's `config.json` beside the folders names the
+model. An SAE reads its module's output; a transcoder reads the module's input and predicts its output.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save as safetensors_bytes
 
 from saelab.io.atomic import atomic_write_bytes, atomic_write_text
+from saelab.io.locations import site_hook
 from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
 
 if TYPE_CHECKING:
@@ -23,14 +29,43 @@ if TYPE_CHECKING:
 
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
+HOOKPOINT = re.compile(r"(?:.*\.)?(?:layers|h|blocks)\.(\d+)(?:\.([\w.]+))?")
+MODULE_SITES = {None: ("resid_pre", "resid_post"), "mlp": ("mlp_in", "mlp_out"), "feed_forward": ("mlp_in", "mlp_out"),
+                "self_attn": (None, "attn_out"), "attn": (None, "attn_out"), "attention": (None, "attn_out")}
+"""Module under a block -> the saelab sites of its (input, output)."""
 
 
 def is_sparsify_folder(path: Path) -> bool:
     return (path / SPARSIFY_CFG).is_file() and (path / SPARSIFY_WEIGHTS).is_file()
 
 
-def load_sparsify(path: str | Path, device: str | None = None) -> "SAE":
-    """A saelab TopK SAE (or transcoder) from a sparsify folder, computing what sparsify computes."""
+def sparsify_location(path: Path, transcode: bool) -> dict[str, Any]:
+    """model_name, hook_name(_out) and hook_layer of a sparsify folder, from its name and its run's config.json
+    (keys it does not tell are left out)."""
+    found: dict[str, Any] = {}
+    run_config = path.parent / "config.json"
+    if run_config.is_file():
+        try:
+            model = read_json(run_config).get("model")
+        except FileFormatError:
+            model = None  # the run's settings are provenance only; the SAE's own files decide whether it loads
+        if isinstance(model, str):
+            found["model_name"] = model
+    match = HOOKPOINT.fullmatch(path.name)
+    if match:
+        found["hook_layer"] = layer = int(match.group(1))
+        if match.group(2) in MODULE_SITES:
+            site_in, site_out = MODULE_SITES[match.group(2)]
+            if not transcode:
+                found["hook_name"] = site_hook(layer, site_out)
+            elif site_in:
+                found["hook_name"], found["hook_name_out"] = site_hook(layer, site_in), site_hook(layer, site_out)
+    return found
+
+
+def load_sparsify(path: str | Path, device: str = "cpu") -> "SAE":
+    """A saelab TopK SAE (or transcoder) from a sparsify folder, computing what sparsify computes, on `device`,
+    with the model, hook and layer its folder name and run config tell."""
     from saelab.saes.base import create_sae
 
     path = Path(path)
@@ -51,7 +86,8 @@ def load_sparsify(path: str | Path, device: str | None = None) -> "SAE":
         "topk", d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), d_out=weights["W_dec"].shape[1],
         transcoder=transcode or skip, skip_connection=skip, apply_b_dec_to_input=not transcode,
         normalize_decoder=bool(cfg.get("normalize_decoder", True)), dtype=str(weights["W_dec"].dtype).removeprefix("torch."),
-        device=device or "cpu", metadata={"source_format": "sparsify", "sparsify_cfg": cfg},
+        device=device, metadata={"source_format": "sparsify", "sparsify_cfg": cfg, "hookpoint": path.name},
+        **sparsify_location(path, transcode),
     )
     state = {"W_enc": weights["encoder.weight"].T, "b_enc": weights["encoder.bias"], "W_dec": weights["W_dec"],
              "b_dec": weights["b_dec"]}
