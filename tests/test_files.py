@@ -30,6 +30,20 @@ def test_save_load_round_trip_is_exact(tmp_path, architecture, shape):
     assert torch.equal(sae.encode(x), loaded.encode(x)) and torch.equal(sae(x), loaded(x))
 
 
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_loaded_sae_is_ready_for_inference(tmp_path, architecture):
+    """A loaded BatchTopK-family SAE fires by its threshold, not by a per-batch selection (training mode)."""
+    options = {"matryoshka_widths": [8, 32]} if architecture == "matryoshka" else {}
+    sae = randomised(saelab.create_sae(architecture, 8, 32, k=4, **options))
+    with torch.no_grad():
+        sae.topk_threshold.fill_(0.05)
+    sae.save(tmp_path / "sae")
+    loaded = saelab.load_sae(tmp_path / "sae")
+    x = torch.randn(64, 8)
+    assert not loaded.training
+    assert torch.equal(loaded.encode(x), sae.to_jumprelu().encode(x))
+
+
 def test_saelens_layout(tmp_path):
     sae = saelab.create_sae("jumprelu", 8, 32)
     sae.save(tmp_path / "j", sparsity=torch.full((32,), -2.0))

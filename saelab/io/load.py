@@ -49,7 +49,8 @@ def load_sae(
     if dtype is not None:
         sae.cfg.dtype = dtype
         sae.to(getattr(torch, dtype))
-    return locate(sae, model_name or release_model, hook_name, hook_layer)
+    # Inference mode: a BatchTopK-family SAE in training mode would select latents per batch, not by threshold.
+    return locate(sae, model_name or release_model, hook_name, hook_layer).eval()
 
 
 def sae_folder(path: str | Path, subfolder: str | None = None, revision: str | None = None,
