@@ -77,7 +77,7 @@ def run_case(name: str, batch: int, d_in: int, d_sae: int, autocast: bool = Fals
 def harvest_rates(layers: list[int], dtype: str = "float32", contexts: int = 16, context_size: int = 128
                   ) -> list[tuple[int, float, float]]:
     """(layer, harvest tokens/s, bare forward tokens/s) on the default model."""
-    from saelab.data.activation_store import Harvester
+    from saelab.activations.harvest import Harvester
     from saelab.models import load_model
 
     model = load_model(dtype=dtype)

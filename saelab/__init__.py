@@ -1,12 +1,12 @@
 """saelab: train, evaluate and study sparse autoencoders and transcoders on language-model activations."""
 
-from saelab.config import ConfigError
+from saelab.core.config import ConfigError
 from saelab.evals.evaluate import evaluate
 from saelab.io.hub import push_to_hub
 from saelab.io.load import load_sae
-from saelab.io.saelens_format import FileFormatError
+from saelab.core.files import FileFormatError
 from saelab.models import HookedModel, load_model
-from saelab.runner import RunConfig, cache_activations, pretokenize, resume, train
+from saelab.runs.runner import RunConfig, cache_activations, pretokenize, resume, train
 from saelab.saes import SAE, SAEConfig, available_architectures, create_sae, register
 from saelab.training import TrainConfig, Trainer, TrainingDiverged
 

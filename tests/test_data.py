@@ -8,13 +8,13 @@ import pytest
 import torch
 from tiny import save_tiny_model, sentences, write_jsonl
 
-from saelab.data.activation_cache import CachedActivations, write_activation_cache
-from saelab.data.activation_store import ActivationStore, Harvester
+from saelab.activations.cache import CachedActivations, write_activation_cache
+from saelab.activations.harvest import ActivationStore, Harvester
 from saelab.data.config import DataConfig
-from saelab.data.shuffle_buffer import ShuffleBuffer
+from saelab.activations.shuffle_buffer import ShuffleBuffer
 from saelab.data.text import DatasetFormatError, iter_documents
 from saelab.data.tokens import ContextBatches, iter_contexts, pretokenize
-from saelab.io.saelens_format import FileFormatError
+from saelab.core.files import FileFormatError
 from saelab.models import UnknownHookError, load_model
 
 HOOK = "blocks.1.hook_resid_post"
@@ -138,7 +138,7 @@ def test_cache_round_trip_gives_the_same_activations(tiny, tmp_path):
     reader = CachedActivations(cache, batch_size=20, buffer_size=100, loop=False)
     stored = torch.cat([reader.read_shard(i) for i in range(len(reader.metadata["shards"]))])
     assert torch.equal(stored, expected)
-    from saelab.io.saelens_format import read_safetensors
+    from saelab.core.files import read_safetensors
 
     ids = torch.cat([read_safetensors(cache / s["file"])["token_ids"] for s in reader.metadata["shards"]])
     assert torch.equal(ids.long(), expected_ids)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tiny import save_tiny_model, sentences, write_jsonl
 
 import saelab
-from saelab.data.tensor_source import TensorSource
+from saelab.activations.source import TensorSource
 from saelab.training import TrainConfig, Trainer
 from saelab.training.distributed import DistributedError, choose_backend, init_distributed
 
@@ -236,7 +236,7 @@ def test_a_cpu_run_joins_with_gloo_where_cuda_exists(monkeypatch):
 
 
 def test_a_run_names_the_devices_its_tensors_live_on():
-    from saelab.runner import load_run_config, run_devices
+    from saelab.runs.runner import load_run_config, run_devices
 
     assert run_devices(load_run_config({"source": "synthetic", "model": {"device": "cuda"}})) == ["cpu"]
     assert run_devices(load_run_config({"model": {"device": "cuda"}, "sae": {"device": "cuda"}})) == ["cuda", "cuda"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_saes import randomised
 
 import saelab
-from saelab.io.state import load_state, save_state
+from saelab.training.state import load_state, save_state
 
 ARCHITECTURES = saelab.available_architectures()
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import saelab
 from saelab.io import save_sparsify
-from saelab.io.saelens_format import FileFormatError
+from saelab.core.files import FileFormatError
 
 D_IN, D_SAE, K = 12, 40, 5
 
@@ -258,11 +258,11 @@ def test_every_sae_meets_saebench_custom_sae_contract(architecture, tmp_path):
     """What SAEBench reads from and writes to a custom SAE: weights, encode/decode, cfg fields filled from the
     run's data settings, metadata by attribute, a JSON-ready cfg.to_dict(), dtype kept by sae.to(...)."""
     from saelab.data.config import DataConfig
-    from saelab.data.pipeline import data_info
+    from saelab.data.tokens import data_info
     from saelab.models.config import ModelConfig
-    from saelab.training.specs import build_sae
+    from saelab.runs.specs import build_sae
 
-    origin = {**data_info(ModelConfig(name="m"), DataConfig(dataset="corpus.txt", context_size=64, prepend_bos=False)),
+    origin = {**data_info("m", DataConfig(dataset="corpus.txt", context_size=64, prepend_bos=False)),
               "hook_name": "blocks.2.hook_resid_post", "hook_layer": 2}
     options = {"k": 4} if architecture in ("topk", "batchtopk", "matryoshka") else {}
     sae = build_sae({"architecture": architecture, "d_sae": D_SAE, **options}, D_IN, origin)

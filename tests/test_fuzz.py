@@ -11,11 +11,11 @@ import torch
 import yaml
 
 import saelab
-from saelab.config import ConfigError
-from saelab.data.activation_cache import CachedActivations, read_cache_metadata
-from saelab.io.saelens_format import FileFormatError
-from saelab.io.state import load_state, save_state
-from saelab.runner import build_saes, load_run_config, read_config_file
+from saelab.core.config import ConfigError
+from saelab.activations.cache import CachedActivations, read_cache_metadata
+from saelab.core.files import FileFormatError
+from saelab.training.state import load_state, save_state
+from saelab.runs.runner import build_saes, load_run_config, read_config_file
 
 CASES = 60
 MUST_FAIL = ("empty", "random", "truncated")
@@ -103,7 +103,7 @@ SECTIONS = {"train", "data", "model", "synthetic", "sae"}
 def config_must_fail(config) -> bool:
     """Whether a random run config is certainly invalid: an unknown key, a section that is not a mapping or
     holds a key its class does not have, a source other than model/synthetic, an out_dir that is not a string."""
-    from saelab.runner import RunConfig
+    from saelab.runs.runner import RunConfig
 
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     for key, value in config.items():

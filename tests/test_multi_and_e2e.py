@@ -9,9 +9,9 @@ import torch
 from tiny import save_tiny_model, sentences, write_jsonl
 
 import saelab
-from saelab.config import ConfigError
+from saelab.core.config import ConfigError
 from saelab.models import load_model
-from saelab.runner import load_run_config
+from saelab.runs.runner import load_run_config
 from saelab.training.e2e import SplicedModel
 
 LAYERS = {"early": "blocks.0.hook_resid_post", "late": "blocks.2.hook_resid_post"}
@@ -67,7 +67,7 @@ def test_a_sweep_trains_every_combination_from_one_stream_as_if_alone(tiny, tmp_
 
 def test_sweep_over_architectures_drops_the_options_of_the_other_one(tiny):
     config = load_run_config(run_config(tiny, "unused", sweep={"architecture": ["topk", "standard"]}))
-    from saelab.runner import run_sae_specs
+    from saelab.runs.runner import run_sae_specs
 
     specs = run_sae_specs(config)
     assert "k" in specs["architecture=topk"] and "k" not in specs["architecture=standard"]
@@ -95,15 +95,15 @@ def test_e2e_training_lowers_kl_and_leaves_the_model_untouched(tiny, tmp_path):
     model = load_model(tiny[0])
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     config = load_run_config(e2e_config(tiny, tmp_path / "e2e"))
-    from saelab.runner import activation_source, build_saes, make_trainer
+    from saelab.runs.runner import activation_source, build_saes, make_trainer
 
     torch.manual_seed(0)
     _, widths, origin, layers, _ = activation_source(config)
     saes = build_saes(config, widths, origin, layers)
     trainer = make_trainer(config, saes, model, tmp_path / "e2e")
-    from saelab.data.pipeline import model_contexts
+    from saelab.data.tokens import model_contexts
 
-    trainer.fit(model_contexts(model, config.data, config.train.batch_size))
+    trainer.fit(model_contexts(model.tokenizer, config.data, config.train.batch_size))
     assert all(p.grad is None and not p.requires_grad for p in model.model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     records = [json.loads(line) for line in (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines()]
@@ -209,7 +209,7 @@ EXAMPLES = sorted((__import__("pathlib").Path(__file__).parent.parent / "example
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_config_is_valid(path):
-    from saelab.runner import run_sae_specs
+    from saelab.runs.runner import run_sae_specs
 
     config = load_run_config(path)
     specs = run_sae_specs(config)

@@ -334,7 +334,7 @@ def test_fold_W_dec_norm_leaves_size_selecting_saes_with_unequal_rows_alone(arch
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_trained_saes_are_saved_with_unit_norm_decoder_rows(tmp_path, architecture):
     """What SAEBench checks of a custom SAE, after the activation scale was folded in on saving."""
-    from saelab.data import TensorSource
+    from saelab.activations import TensorSource
     from saelab.training import TrainConfig, Trainer
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import saelab
-from saelab.data import TensorSource
+from saelab.activations import TensorSource
 from saelab.evals import explained_variance, l0
 from saelab.synthetic import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training import TrainConfig, Trainer, TrainingDiverged
@@ -253,7 +253,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
 def test_a_full_disk_during_a_checkpoint_loses_nothing(tmp_path, monkeypatch):
     import errno
 
-    import saelab.io.atomic as atomic
+    import saelab.core.files as atomic
 
     config = quick_config(total_tokens=256 * 20, checkpoint_every=5, keep_checkpoints=5)
     trainer = Trainer(saelab.create_sae("topk", 32, 64, k=4), config, out_dir=tmp_path)

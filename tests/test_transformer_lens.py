@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import save_tiny_model, tiny_causal_lm, word_tokenizer
 
-from saelab.data.activation_store import Harvester
+from saelab.activations.harvest import Harvester
 from saelab.models import UnknownHookError, load_model
 
 pytest.importorskip("transformer_lens.model_bridge", reason="the transformer-lens extra is not installed")

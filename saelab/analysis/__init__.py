@@ -3,7 +3,7 @@
 from saelab.analysis.dashboard import write_dashboard
 from saelab.analysis.features import default_token_sets, feature_statistics, logit_effects, token_set, unembedding
 from saelab.analysis.neuronpedia import export_neuronpedia
-from saelab.analysis.splice import (
+from saelab.splice import (
     SAE_HOOKS,
     ablate,
     clamp,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.analysis.statistics import FeatureStats
-from saelab.io.atomic import atomic_directory, atomic_write_text
+from saelab.core.files import atomic_directory, atomic_write_text
 
 ASSETS = ("index.html", "latent.html", "dashboard.js", "dashboard.css")
 

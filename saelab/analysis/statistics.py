@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from saelab.io.atomic import atomic_write_bytes
+from saelab.core.files import atomic_write_bytes
 
 
 @dataclass
@@ -105,7 +105,7 @@ class FeatureStats:
     def load(cls, path: str | Path) -> "FeatureStats":
         from safetensors import safe_open
 
-        from saelab.io.saelens_format import FileFormatError
+        from saelab.core.files import FileFormatError
 
         try:
             with safe_open(str(path), "pt") as handle:

@@ -1,5 +1,5 @@
-"""Activation sources: iterables of batches that can report and restore their exact position."""
+"""Data, before the model: text sources, the built-in corpus, tokenising and packing into contexts."""
 
-from saelab.data.tensor_source import ActivationSource, TensorSource
+from saelab.data.config import DataConfig
 
-__all__ = ["ActivationSource", "TensorSource"]
+__all__ = ["DataConfig"]

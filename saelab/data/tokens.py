@@ -8,6 +8,7 @@ folder and renamed into place when complete, so a folder that exists is whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from itertools import islice
 from pathlib import Path
@@ -21,8 +22,8 @@ from saelab.data.config import DataConfig
 from saelab.data.docstrings import corpus_version
 from saelab.data.packing import pack_tokens
 from saelab.data.text import BUILTIN_DATASET, iter_documents, tokenize_documents
-from saelab.io.atomic import atomic_directory
-from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
+from saelab.core.files import atomic_directory
+from saelab.core.files import FileFormatError, read_json, read_safetensors
 
 TOKENS_FORMAT = "saelab-tokens"
 METADATA_FILE = "metadata.json"
@@ -146,3 +147,34 @@ def pretokenize(
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     return Path(out_dir)
+
+
+def model_contexts(tokenizer, data: DataConfig, batch_size: int, shard: tuple[int, int] = (0, 1)) -> ContextBatches:
+    """Batches of training contexts holding about `batch_size` tokens (end-to-end training runs the model on
+    them); they start after the held-out contexts."""
+    per_batch = max(1, batch_size // data.context_size)
+    contexts = ContextBatches(dataclasses.replace(data, contexts_per_batch=per_batch), tokenizer, shard=shard)
+    contexts.position = data.heldout_contexts
+    return contexts
+
+
+def check_dataset(data: DataConfig, tokenizer) -> None:
+    """Raise now if the dataset cannot give a first context (missing file or column, bad format)."""
+    if next(iter_contexts(data, tokenizer), None) is None:
+        raise ValueError(f"dataset '{data.dataset}' gives no complete context of {data.context_size} tokens")
+
+
+def data_info(model_name: str, data: DataConfig) -> dict[str, Any]:
+    """Where activations came from, recorded with caches and SAEs so a run can be traced and repeated."""
+    return {
+        "model_name": model_name,
+        "dataset": data.dataset,
+        "corpus_version": corpus_version() if data.dataset == BUILTIN_DATASET else None,
+        "context_size": data.context_size,
+        "prepend_bos": data.prepend_bos,
+        "separator": data.separator,
+        "exclude_special_tokens": data.exclude_special_tokens,
+        "seq_start": data.seq_start,
+        "seq_end": data.seq_end,
+        "heldout_contexts": data.heldout_contexts,
+    }

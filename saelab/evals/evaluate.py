@@ -19,7 +19,7 @@ from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.evals import metrics as M
 from saelab.evals.spliced import SplicedEvaluation
-from saelab.io.atomic import atomic_write_bytes, atomic_write_text
+from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.saes.base import SAE, hooks_of
 
 EVAL_FILE = "eval.json"

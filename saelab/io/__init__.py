@@ -1,9 +1,10 @@
 """Reading and writing SAEs and training state: atomic files, SAELens layout, other libraries' layouts,
 checkpoints."""
 
-from saelab.io.atomic import atomic_write_bytes, atomic_write_text
+from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.io.load import load_sae
-from saelab.io.saelens_format import FileFormatError, load_sparsity, save_sae
+from saelab.io.saelens_format import load_sparsity, save_sae
+from saelab.core.files import FileFormatError
 from saelab.io.sparsify_format import load_sparsify, save_sparsify
 
 __all__ = [

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from saelab.io.locations import SITES, site_hook
-from saelab.io.saelens_format import FileFormatError, read_json
+from saelab.core.files import FileFormatError, read_json
 
 if TYPE_CHECKING:
     from saelab.saes.base import SAE

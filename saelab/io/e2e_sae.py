@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import yaml
 
 from saelab.io.locations import layer_of
-from saelab.io.saelens_format import FileFormatError
+from saelab.core.files import FileFormatError
 
 if TYPE_CHECKING:
     from saelab.saes.base import SAE

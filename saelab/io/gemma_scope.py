@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from saelab.io.locations import site_hook
-from saelab.io.saelens_format import FileFormatError
+from saelab.core.files import FileFormatError
 
 if TYPE_CHECKING:
     from saelab.saes.base import SAE

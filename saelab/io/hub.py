@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saelab.io.saelens_format import FileFormatError
+from saelab.core.files import FileFormatError
 
 if TYPE_CHECKING:
     from saelab.saes.base import SAE

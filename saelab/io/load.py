@@ -8,14 +8,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saelab.config import ConfigError, check_device, closest
+from saelab.core.config import ConfigError, check_device, closest
 from saelab.io import saelens_format
 from saelab.io.dictionary_learning import is_dictionary_learning_folder, load_dictionary_learning
 from saelab.io.e2e_sae import is_e2e_sae_folder, load_e2e_sae
 from saelab.io.gemma_scope import PARAMS_FILE, load_gemma_scope
 from saelab.io.locations import locate
 from saelab.io.pretrained import pretrained_releases, resolve_release
-from saelab.io.saelens_format import FileFormatError
+from saelab.core.files import FileFormatError
 from saelab.io.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_folder, load_sparsify
 
 if TYPE_CHECKING:

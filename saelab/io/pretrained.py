@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from saelab.config import closest
-from saelab.io.saelens_format import FileFormatError
+from saelab.core.config import closest
+from saelab.core.files import FileFormatError
 
 
 @lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from saelab.config import ConfigError
+from saelab.core.config import ConfigError
 
 if TYPE_CHECKING:
     from saelab.saes.base import SAE

@@ -6,13 +6,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from saelab.config import ConfigError, to_dict
-from saelab.io.atomic import atomic_write_bytes, atomic_write_text
+from saelab.core.config import ConfigError, to_dict
+from saelab.core.files import FileFormatError, atomic_write_bytes, atomic_write_text, read_json, read_safetensors
 
 if TYPE_CHECKING:
     from saelab.saes.base import SAE
@@ -20,10 +18,6 @@ if TYPE_CHECKING:
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
-
-
-class FileFormatError(ValueError):
-    """A file that is missing, truncated, corrupt or inconsistent with its config."""
 
 
 def save_sae(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Path:
@@ -50,32 +44,6 @@ def save_saelens(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -
     from saelab.io.saelens_compat import to_saelens
 
     return save_sae(to_saelens(sae), path, sparsity)
-
-
-def read_safetensors(file: Path) -> dict[str, Tensor]:
-    """Tensors of a safetensors file, or a FileFormatError that names the file."""
-    if not file.is_file():
-        raise FileFormatError(f"{file}: file not found")
-    try:
-        return load_file(file)  # memory-mapped: no second copy of the bytes
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise FileFormatError(f"{file}: not a valid safetensors file (truncated or corrupt?): {e}") from None
-
-
-def read_json(file: Path) -> dict:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileFormatError(f"{file}: file not found") from None
-    except UnicodeDecodeError:
-        raise FileFormatError(f"{file}: not UTF-8 text") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FileFormatError(f"{file}: invalid JSON (truncated or corrupt?): {e}") from None
-    if not isinstance(data, dict):
-        raise FileFormatError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) -> "SAE":

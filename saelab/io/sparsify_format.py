@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save as safetensors_bytes
 
-from saelab.io.atomic import atomic_write_bytes, atomic_write_text
+from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.io.locations import site_hook
-from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
+from saelab.core.files import FileFormatError, read_json, read_safetensors
 
 if TYPE_CHECKING:
     from saelab.saes.base import SAE

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from saelab.config import closest
+from saelab.core.config import closest
 from saelab.models.hook_points import (
     FIRST, LAST, HookPoint, discover, discover_hook_points, find_blocks, first_input,
 )

@@ -19,7 +19,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from saelab.io.atomic import atomic_directory
+from saelab.core.files import atomic_directory
+from saelab.models.config import ModelConfig
 from saelab.models.hooks import HookedModel
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -177,3 +178,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device
 
         return wrap_transformer_lens(model, tokenizer, str(source))
     return HookedModel(model, tokenizer)
+
+
+def open_model(config: ModelConfig, backpropagate: bool = False) -> HookedModel:
+    """The configured model. `backpropagate`: gradients will flow through it (end-to-end training), so 'auto'
+    keeps float32 there; bfloat16 only when asked for by name."""
+    dtype = "float32" if backpropagate and config.dtype == "auto" else config.dtype
+    return load_model(config.name, dtype=dtype, device=config.device)

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from saelab.config import ConfigError, from_dict, unknown_key_error
+from saelab.core.config import ConfigError, from_dict, unknown_key_error
 from saelab.saes.centred_linear import centred_linear
 from saelab.saes.config import SAEConfig
 

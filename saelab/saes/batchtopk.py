@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from saelab.config import ConfigError
+from saelab.core.config import ConfigError
 from saelab.saes.base import SAE, SAEConfig, TrainOutput, make_config, register, sae_from_config
 from saelab.saes.fused_topk import Selector, batch_topk_flat_indices, select_batch_topk
 from saelab.saes.topk import TopKConfig, TopKSAE

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from saelab.config import ConfigError, to_dict
+from saelab.core.config import ConfigError, to_dict
 
 Normalization = Literal["none", "expected_average_only_in", "layer_norm"]
 

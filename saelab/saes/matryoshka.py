@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from saelab.config import ConfigError
+from saelab.core.config import ConfigError
 from saelab.saes.base import TrainOutput, register
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.saes.fused_topk import Active, sparse_decode

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.config import ConfigError
+from saelab.core.config import ConfigError
 from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
 from saelab.saes.fused_topk import Selector, select_topk, sparse_decode, sparse_encode
 

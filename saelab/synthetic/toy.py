@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from saelab.io.atomic import atomic_write_bytes
+from saelab.core.files import atomic_write_bytes
 from saelab.saes.base import SAE, create_sae
-from saelab.synthetic.evals import feature_recall, mcc, optimal_matching
+from saelab.synthetic.recovery import feature_recall, mcc, optimal_matching
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource
 from saelab.training.config import TrainConfig
 from saelab.training.trainer import Trainer

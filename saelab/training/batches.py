@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saelab.data.tensor_source import Batch
+from saelab.activations.source import Batch
 from saelab.saes.base import SAE
 
 

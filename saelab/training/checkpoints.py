@@ -16,10 +16,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from saelab.config import ConfigError
-from saelab.io.atomic import atomic_directory, atomic_write_text
-from saelab.io.saelens_format import FileFormatError
-from saelab.io.state import load_state, save_state
+from saelab.core.config import ConfigError
+from saelab.core.files import atomic_directory, atomic_write_text
+from saelab.core.files import FileFormatError
+from saelab.training.state import load_state, save_state
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from saelab.config import ConfigError
+from saelab.core.config import ConfigError
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from saelab.io.atomic import atomic_write_text
+from saelab.core.files import atomic_write_text
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.config import ConfigError, to_dict
-from saelab.data.tensor_source import Batch
+from saelab.core.config import ConfigError, to_dict
+from saelab.activations.source import Batch
 from saelab.evals.metrics import explained_variance, log_feature_density
-from saelab.io.atomic import atomic_write_text, replacing_directory
+from saelab.core.files import atomic_write_text, replacing_directory
 from saelab.saes.base import SAE, TrainOutput, hooks_of
 from saelab.training.batches import check_widths, select_inputs
 from saelab.training.checkpoints import (

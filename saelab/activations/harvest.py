@@ -8,8 +8,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from saelab.data.shuffle_buffer import ShuffleBuffer
-from saelab.data.tensor_source import Batch
+from saelab.activations.shuffle_buffer import ShuffleBuffer
+from saelab.activations.source import Batch
+from saelab.data.config import DataConfig
+from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.models.hooks import HookedModel
 
 
@@ -127,3 +129,24 @@ class GatheredActivationStore(ActivationStore):
             return None
         own = self._harvest(group[self.dist.rank])
         return torch.cat(self.dist.gather_rows(own))
+
+
+def make_harvester(model: HookedModel, data: DataConfig, hook_names: Sequence[str]) -> Harvester:
+    """A Harvester for the data settings: special tokens dropped when asked, positions sliced."""
+    excluded = excluded_token_ids(model.tokenizer, data.exclude_special_tokens)
+    return Harvester(model, hook_names, excluded, data.seq_start, data.seq_end)
+
+
+def model_activations(
+    model: HookedModel, data: DataConfig, hook_names: Sequence[str], batch_size: int, seed: int = 0, dist=None
+) -> ActivationStore:
+    """Shuffled batches of activations at `hook_names`, read from the model as training goes. With several
+    processes (`dist`): data parallel, each rank its own contexts and buffer; module parallel, the harvest is
+    split across ranks and gathered, so every rank sees the single-process stream."""
+    harvester = make_harvester(model, data, hook_names)
+    shard = (dist.rank, dist.world_size) if dist is not None and dist.mode == "data" else (0, 1)
+    contexts = ContextBatches(data, model.tokenizer, shard=shard)
+    contexts.position = data.heldout_contexts  # training starts after the held-out contexts
+    if dist is not None and dist.mode == "module":
+        return GatheredActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed, dist)
+    return ActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed + 1_000_003 * shard[0])

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from saelab.cli_sae import (REPORT_DEFAULT, SAE_SOURCE_HELP, add_sae_source_options, load_sae_from_args, report_folder,
+from saelab.cli.sae_source import (REPORT_DEFAULT, SAE_SOURCE_HELP, add_sae_source_options, load_sae_from_args, report_folder,
                             sae_model_and_data)
-from saelab.config import ConfigError, closest_key, deep_merge, field_docs
+from saelab.core.config import ConfigError, closest_key, deep_merge, field_docs
 
 
 def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -102,7 +102,7 @@ class _ExactParser(argparse.ArgumentParser):
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     """The parser and, per command, the dotted config flags it accepts."""
-    from saelab.runner import RunConfig
+    from saelab.runs.runner import RunConfig
 
     parser = _ExactParser(prog="saelab", description="Train and study sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,14 +222,14 @@ def _suggest_unknown(unknown: list[str], flag_names: list[str], command: str) ->
 
 
 def _run_config(args: argparse.Namespace, flag_names: list[str]):
-    from saelab.runner import load_run_config, read_config_file
+    from saelab.runs.runner import load_run_config, read_config_file
 
     data = read_config_file(args.config) if args.config else {}
     return load_run_config(deep_merge(data, _overrides(args, flag_names)))
 
 
 def run_pretokenize(args: argparse.Namespace, flag_names: list[str]) -> None:
-    from saelab.runner import pretokenize
+    from saelab.runs.runner import pretokenize
 
     out = pretokenize(args.out, _run_config(args, flag_names), args.max_tokens)
     metadata = json.loads((out / "metadata.json").read_text())
@@ -238,7 +238,7 @@ def run_pretokenize(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 
 def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> None:
-    from saelab.runner import cache_activations
+    from saelab.runs.runner import cache_activations
 
     hooks = [h.strip() for h in args.hooks.split(",")] if args.hooks else None
     out = cache_activations(args.out, _run_config(args, flag_names), args.max_tokens, hooks, args.dtype, args.shard_rows)
@@ -248,7 +248,7 @@ def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> No
 
 
 def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
-    from saelab.runner import RUN_CONFIG_FILE, resume, train
+    from saelab.runs.runner import RUN_CONFIG_FILE, resume, train
     from saelab.training.trainer import WHOLE_MODEL
 
     if args.resume:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from saelab.config import ConfigError, unknown_key_error
+from saelab.core.config import ConfigError, unknown_key_error
 
 SAE_SOURCE_HELP = ("an SAE folder of any format saelab reads, a Hugging Face repo id owner/name (with --subfolder) "
                    "or a release name (with --sae_id)")
@@ -69,9 +69,9 @@ def sae_model_and_data(args: argparse.Namespace, overrides: dict[str, Any]):
     """The SAE, its model and its data settings: from its files, with --model_name / --hook_name and the
     --model.* / --data.* `overrides` (a nested dict). Checks that the model has the SAE's hook at the SAE's
     width before any work."""
-    from saelab.config import check_device, from_dict
+    from saelab.core.config import check_device, from_dict
     from saelab.data.config import DataConfig
-    from saelab.data.pipeline import open_model
+    from saelab.models.loading import open_model
     from saelab.evals.evaluate import data_config_of
     from saelab.models.config import ModelConfig
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from saelab.config import closest
+from saelab.core.config import closest
 from saelab.models.hooks import HookedModel, UnknownHookError
 from saelab.saes.base import SAE, hooks_of
 

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from saelab.config import ConfigError
-from saelab.io.atomic import atomic_write_text, replacing_directory
+from saelab.core.config import ConfigError
+from saelab.core.files import atomic_write_text, replacing_directory
 from saelab.training.checkpoints import CHECKPOINT_DIR, RESUMABLE_TRAIN_OPTIONS
 from saelab.training.config import TrainConfig
 from saelab.training.distributed import Distributed

@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written one."""
+"""Files, safely: atomic writes (a reader sees the old file or the whole new one, never a half-written one) and
+reads of JSON and safetensors files that name the file in their errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -9,6 +11,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -85,3 +91,33 @@ def replacing_directory(target: str | os.PathLike) -> Iterator[Path]:
     os.replace(staging, target)
     _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class FileFormatError(ValueError):
+    """A file that is missing, truncated, corrupt or inconsistent with its config."""
+
+
+def read_safetensors(file: Path) -> dict[str, Tensor]:
+    """Tensors of a safetensors file, or a FileFormatError that names the file."""
+    if not file.is_file():
+        raise FileFormatError(f"{file}: file not found")
+    try:
+        return load_file(file)  # memory-mapped: no second copy of the bytes
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise FileFormatError(f"{file}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+
+
+def read_json(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileFormatError(f"{file}: file not found") from None
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{file}: not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{file}: invalid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.data.activation_store import Harvester, concat_hooks, split_hooks
-from saelab.data.shuffle_buffer import ShuffleBuffer
-from saelab.data.tensor_source import Batch
-from saelab.io.atomic import atomic_directory
-from saelab.io.saelens_format import FileFormatError, read_json, read_safetensors
+from saelab.activations.harvest import Harvester, concat_hooks, make_harvester, split_hooks
+from saelab.activations.shuffle_buffer import ShuffleBuffer
+from saelab.activations.source import Batch
+from saelab.core.files import atomic_directory
+from saelab.data.config import DataConfig
+from saelab.data.tokens import ContextBatches
+from saelab.models.hooks import HookedModel
+from saelab.core.files import FileFormatError, read_json, read_safetensors
 
 CACHE_FORMAT = "saelab-activations"
 METADATA_FILE = "metadata.json"
@@ -167,3 +170,27 @@ class CachedActivations:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.shards_done, self.offset = int(state["epoch"]), int(state["shards_done"]), int(state["offset"])
         self.buffer.load_state_dict(state["buffer"])
+
+
+def cached_activations(data: DataConfig, batch_size: int, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> CachedActivations:
+    """Shuffled batches from the cache folder `data.cache` (`shard`: this data-parallel rank's files)."""
+    assert data.cache is not None
+    return CachedActivations(data.cache, batch_size, data.shuffle_buffer, seed, shard=shard)
+
+
+def cache_activations(
+    model: HookedModel,
+    data: DataConfig,
+    out_dir: str | Path,
+    max_tokens: int,
+    hook_names: Sequence[str],
+    dtype: str = "float32",
+    shard_rows: int = 65536,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Run `model` over `max_tokens` tokens of `data.dataset` and store its activations at `hook_names` in a new
+    cache folder `out_dir`; `info` (where they came from) is recorded with each hook's layer."""
+    harvester = make_harvester(model, data, hook_names)
+    contexts = ContextBatches(data, model.tokenizer, loop=False)
+    info = {**(info or {}), "hook_layers": {h: model.hook_point(h).layer for h in hook_names}}
+    return write_activation_cache(harvester, contexts, out_dir, max_tokens, shard_rows, dtype, info)

@@ -12,19 +12,19 @@ from typing import Any, Literal, Mapping
 import torch
 import yaml
 
-from saelab import run_folder
-from saelab.config import ConfigError, deep_merge, from_dict, to_dict
+from saelab.runs import folder as run_folder
+from saelab.core.config import ConfigError, deep_merge, from_dict, to_dict
 from saelab.data.config import DataConfig
-from saelab.io.atomic import atomic_write_text
+from saelab.core.files import atomic_write_text
 from saelab.models.config import ModelConfig
-from saelab.run_folder import RESUMABLE_OPTIONS, RUN_CONFIG_FILE
+from saelab.runs.folder import RESUMABLE_OPTIONS, RUN_CONFIG_FILE
 from saelab.saes.base import SAE, hooks_of
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training.config import ObjectiveConfig, TrainConfig
 from saelab.training.distributed import Distributed, init_distributed
 from saelab.training.memory import keep_freed_memory
 from saelab.training.objectives import local_objectives, model_objectives
-from saelab.training.specs import build_sae, initial_sae, merge_options, sae_specs
+from saelab.runs.specs import build_sae, initial_sae, merge_options, sae_specs
 from saelab.training.trainer import WHOLE_MODEL, Trainer
 
 DEFAULT_TOKENS = 1_000_000
@@ -159,27 +159,30 @@ def activation_source(config: RunConfig, dist: Distributed | None = None
             raise ConfigError("end-to-end training needs a model (source: model), not synthetic activations")
         source = SyntheticSource(config.synthetic, batch_size, seed=seed + 1_000_003 * shard[0])
         return source, {None: config.synthetic.d_in}, {}, {}, None  # type: ignore[dict-item]
-    from saelab.data import pipeline
+    from saelab.activations.cache import cached_activations
+    from saelab.activations.harvest import model_activations
+    from saelab.data.tokens import check_dataset, data_info, model_contexts
+    from saelab.models.loading import open_model
 
     hooks = _hooks_read(run_sae_specs(config))
     if config.data.cache:
         if config.objective.end_to_end:
             raise ConfigError("end-to-end training runs the model: it cannot read activations from data.cache")
-        cached = pipeline.cached_activations(config.data, batch_size, seed, shard)
+        cached = cached_activations(config.data, batch_size, seed, shard)
         for hook in hooks:
             if hook not in cached.widths:
                 raise ConfigError(f"the cache {config.data.cache} holds {', '.join(cached.widths)}, not '{hook}'")
         info = {k: v for k, v in cached.metadata.items() if k not in ("shards", "hooks", "format", "hook_layers")}
         layers = {h: cached.metadata.get("hook_layers", {}).get(h) for h in hooks}
         return cached, {h: cached.widths[h] for h in hooks}, info, layers, None
-    model = pipeline.open_model(config.model, backpropagate=config.objective.end_to_end)
+    model = open_model(config.model, backpropagate=config.objective.end_to_end)
     if config.objective.end_to_end:
-        source = pipeline.model_contexts(model, config.data, batch_size, shard)
+        source = model_contexts(model.tokenizer, config.data, batch_size, shard)
     else:
-        source = pipeline.model_activations(model, config.data, hooks, batch_size, seed, dist)
-    pipeline.check_dataset(config.data, model.tokenizer)  # fail now, before anything is written
+        source = model_activations(model, config.data, hooks, batch_size, seed, dist)
+    check_dataset(config.data, model.tokenizer)  # fail now, before anything is written
     layers = {h: model.hook_point(h).layer for h in hooks}
-    return source, model.hook_widths(hooks), pipeline.data_info(config.model, config.data), layers, model
+    return source, model.hook_widths(hooks), data_info(config.model.name, config.data), layers, model
 
 
 def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: Path | None,
@@ -261,7 +264,7 @@ def run_devices(config: RunConfig) -> list[str]:
 def train(config: RunConfig | Mapping[str, Any] | str | Path | None = None, overwrite: bool = False) -> dict[str, SAE]:
     """Run training as configured and return the trained SAEs (also saved under out_dir). An out_dir that holds
     another run is refused (continue that one with `resume`), unless `overwrite`: then, once the new run is set up,
-    the old folder is replaced by the new run's as a whole (see `saelab.run_folder`)."""
+    the old folder is replaced by the new run's as a whole (see `saelab.runs.folder`)."""
     if not isinstance(config, RunConfig):
         config = load_run_config(config)
     return _run(config, overwrite=overwrite)
@@ -334,11 +337,16 @@ def _run(config: RunConfig, overwrite: bool = False, resuming: RunConfig | None 
 def pretokenize(out_dir: str | Path, config: RunConfig | Mapping[str, Any] | str | Path | None = None,
                 max_tokens: int | None = None) -> Path:
     """Tokenise and pack the config's dataset with its model's tokenizer into token shards (`saelab pretokenize`)."""
-    from saelab.data.pipeline import pretokenize_dataset
+    from transformers import AutoTokenizer
+
+    from saelab.data.tokens import pretokenize as pretokenize_data
+    from saelab.models.loading import model_source
 
     if not isinstance(config, RunConfig):
         config = load_run_config(config)
-    return pretokenize_dataset(config.model, config.data, out_dir, max_tokens)
+    source, local_only = model_source(config.model.name)  # the same names, and the same errors, as load_model
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    return pretokenize_data(config.data, tokenizer, out_dir, max_tokens)
 
 
 def cache_activations(
@@ -351,8 +359,12 @@ def cache_activations(
 ) -> Path:
     """Store the model's activations at `hooks` (default: model.hook_name) on the config's data
     (`saelab cache-activations`); train from them with data.cache."""
-    from saelab.data import pipeline
+    from saelab.activations.cache import cache_activations as write_cache
+    from saelab.data.tokens import data_info
+    from saelab.models.loading import open_model
 
     if not isinstance(config, RunConfig):
         config = load_run_config(config)
-    return pipeline.cache_activations(config.model, config.data, out_dir, max_tokens, hooks, dtype, shard_rows)
+    model = open_model(config.model)
+    info = data_info(config.model.name, config.data)
+    return write_cache(model, config.data, out_dir, max_tokens, hooks or [config.model.hook_name], dtype, shard_rows, info)

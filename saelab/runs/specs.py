@@ -13,7 +13,7 @@ import itertools
 import math
 from typing import Any, Mapping
 
-from saelab.config import ConfigError
+from saelab.core.config import ConfigError
 from saelab.saes.base import SAE, SAEConfig, make_config, sae_from_config
 
 RUN_KEYS = ("lr", "init_from")

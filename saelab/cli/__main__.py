@@ -1,0 +1,5 @@
+import sys
+
+from saelab.cli.main import main
+
+sys.exit(main())
