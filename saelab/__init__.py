@@ -2,7 +2,7 @@
 
 from saelab.core.config import ConfigError
 from saelab.evals.evaluate import evaluate
-from saelab.io.hub import push_to_hub
+from saelab.io.publish import push_to_hub
 from saelab.io.load import load_sae
 from saelab.core.files import FileFormatError
 from saelab.models import HookedModel, load_model

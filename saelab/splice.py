@@ -24,7 +24,15 @@ from torch import Tensor
 
 from saelab.core.config import closest
 from saelab.models.hooks import HookedModel, UnknownHookError
-from saelab.saes.base import SAE, hooks_of
+from saelab.saes.base import SAE
+
+def hooks_of(sae: SAE) -> tuple[str, str]:
+    """(hook read, hook replaced): the same for an SAE, input and output hooks for a transcoder."""
+    hook_in = sae.cfg.hook_name
+    if hook_in is None:
+        raise ValueError("splicing an SAE into the model needs its cfg.hook_name")
+    return hook_in, (sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else hook_in)
+
 
 SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error", "hook_sae_output")
 

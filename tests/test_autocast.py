@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import saelab
-from saelab.saes.base import TrainOutput
+from saelab.saes.outputs import TrainOutput
 from saelab.synthetic import PlantedFeatures, SyntheticSource
 from saelab.training import TrainConfig, Trainer
 

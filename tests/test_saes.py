@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import saelab
-from saelab.saes.base import TrainOutput
+from saelab.saes.outputs import TrainOutput
 
 ARCHITECTURES = saelab.available_architectures()
 
@@ -239,7 +239,7 @@ def test_sparse_topk_training_matches_the_dense_computation(with_dead, centre, a
         assert (aux is not None) == with_dead
         (loss if aux is None else loss + aux).backward()
         outputs.append(out)
-    assert outputs[0].active is not None and outputs[1].active is None
+    assert outputs[0].sparse is not None and outputs[1].sparse is None
     assert torch.allclose(outputs[0].output, outputs[1].output)
     assert torch.allclose(outputs[0].latents, outputs[1].latents)
     assert torch.equal(outputs[0].firing_counts(), outputs[1].firing_counts())

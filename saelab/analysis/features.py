@@ -18,7 +18,8 @@ from saelab.analysis.statistics import FeatureStatistics, FeatureStats
 from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.models.hooks import HookedModel
-from saelab.saes.base import SAE, hooks_of
+from saelab.saes.base import SAE
+from saelab.splice import hooks_of
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "ln_final")
 

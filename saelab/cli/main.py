@@ -34,7 +34,8 @@ def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def _sae_flags() -> list[tuple[str, str]]:
     """One --sae.X flag per option of any architecture, saying which architectures take it."""
-    from saelab.saes.base import _ARCHITECTURES, SAEConfig
+    from saelab.saes.config import SAEConfig
+    from saelab.saes.registry import _ARCHITECTURES
 
     common = {f.name for f in dataclasses.fields(SAEConfig)}
     flags = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
@@ -324,7 +325,7 @@ def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 
 def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
-    from saelab.io.hub import push_to_hub, upload_sae_folder
+    from saelab.io.publish import push_to_hub, upload_sae_folder
 
     local = Path(args.sae_dir).expanduser()
     chosen = (args.subfolder, args.sae_id, args.model_name, args.hook_name, args.hook_layer)
@@ -339,7 +340,8 @@ def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
 def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
     from saelab.io import save_sparsify
     from saelab.io.saelens_compat import to_saelens
-    from saelab.io.saelens_format import load_sparsity, save_sae
+    from saelab.io.saelens_format import load_sparsity
+    from saelab.saes.files import save_sae
 
     sae = load_sae_from_args(args, args.source)
     if args.to == "sparsify":

@@ -102,7 +102,7 @@ def sae_model_and_data(args: argparse.Namespace, overrides: dict[str, Any]):
 
 def _check_widths(sae, model) -> None:
     """A clear error when the model's activations at the SAE's hooks do not have the SAE's widths."""
-    from saelab.saes.base import hooks_of
+    from saelab.splice import hooks_of
 
     hook_in, hook_out = hooks_of(sae)
     widths = model.hook_widths(list(dict.fromkeys([hook_in, hook_out])))

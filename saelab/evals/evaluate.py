@@ -20,7 +20,8 @@ from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.evals import metrics as M
 from saelab.evals.spliced import SplicedEvaluation
 from saelab.core.files import atomic_write_bytes, atomic_write_text
-from saelab.saes.base import SAE, hooks_of
+from saelab.saes.base import SAE
+from saelab.splice import hooks_of
 
 EVAL_FILE = "eval.json"
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saelab.evals.metrics import kl_divergence, recovered_fraction
-from saelab.saes.base import SAE, hooks_of
+from saelab.saes.base import SAE
+from saelab.splice import hooks_of
 
 
 def _replace(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:

@@ -3,7 +3,8 @@ checkpoints."""
 
 from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.io.load import load_sae
-from saelab.io.saelens_format import load_sparsity, save_sae
+from saelab.io.saelens_format import load_sparsity
+from saelab.saes.files import save_sae
 from saelab.core.files import FileFormatError
 from saelab.io.sparsify_format import load_sparsify, save_sparsify
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from saelab.io.locations import SITES, site_hook
 from saelab.core.files import FileFormatError, read_json
-
-if TYPE_CHECKING:
-    from saelab.saes.base import SAE
+from saelab.io.locations import SITES, site_hook
+from saelab.saes.base import SAE
+from saelab.saes.registry import create_sae
 
 WEIGHTS = "ae.pt"
 CONFIG = "config.json"
@@ -82,11 +81,9 @@ def dictionary_learning_location(trainer: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def load_dictionary_learning(path: str | Path, device: str = "cpu") -> "SAE":
+def load_dictionary_learning(path: str | Path, device: str = "cpu") -> SAE:
     """A saelab SAE from a dictionary_learning folder (ae.pt + config.json), on `device`, with the model, hook
     and layer its trainer config tells."""
-    from saelab.saes.base import create_sae
-
     path = Path(path)
     try:
         weights = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)

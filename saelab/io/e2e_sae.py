@@ -13,17 +13,16 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import yaml
 
-from saelab.io.locations import layer_of
 from saelab.core.files import FileFormatError
-
-if TYPE_CHECKING:
-    from saelab.saes.base import SAE
+from saelab.io.locations import layer_of
+from saelab.saes.base import SAE
+from saelab.saes.registry import create_sae
 
 CONFIG = "final_config.yaml"
 CHECKPOINT = re.compile(r"^samples_(\d+)\.pt$")
@@ -68,12 +67,10 @@ def e2e_sae_positions(path: str | Path) -> list[str]:
     return sorted(p.removeprefix("saes.").replace("-", ".") for p in prefixes)
 
 
-def load_e2e_sae(path: str | Path, position: str | None = None, device: str = "cpu") -> "SAE":
+def load_e2e_sae(path: str | Path, position: str | None = None, device: str = "cpu") -> SAE:
     """The SAE at hook `position` (e.g. 'blocks.6.hook_resid_pre'; may be omitted when the run has one) from
     the newest checkpoint of an e2e_sae run folder, on `device`, with its model (`tlens_model_name`), hook and
     layer."""
-    from saelab.saes.base import create_sae
-
     path = Path(path)
     file = checkpoints(path)[-1]
     state = _read_checkpoint(file)

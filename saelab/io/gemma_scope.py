@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from saelab.io.locations import site_hook
 from saelab.core.files import FileFormatError
-
-if TYPE_CHECKING:
-    from saelab.saes.base import SAE
+from saelab.io.locations import site_hook
+from saelab.saes.base import SAE
+from saelab.saes.registry import create_sae
 
 PARAMS_FILE = "params.npz"
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -48,11 +47,9 @@ def gemma_scope_location(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return found, metadata
 
 
-def load_gemma_scope(path: str | Path, device: str = "cpu") -> "SAE":
+def load_gemma_scope(path: str | Path, device: str = "cpu") -> SAE:
     """A saelab JumpReLU SAE from a Gemma Scope folder (or the params.npz file itself), on `device`, with the
     model, hook and layer its path names."""
-    from saelab.saes.base import create_sae
-
     path = Path(path)
     file = path / PARAMS_FILE if path.is_dir() else path
     try:

@@ -6,27 +6,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from saelab.core.config import ConfigError, check_device, closest
+from saelab.core.files import FileFormatError
 from saelab.io import saelens_format
 from saelab.io.dictionary_learning import is_dictionary_learning_folder, load_dictionary_learning
 from saelab.io.e2e_sae import is_e2e_sae_folder, load_e2e_sae
 from saelab.io.gemma_scope import PARAMS_FILE, load_gemma_scope
+from saelab.io.hub import download_sae_folder
 from saelab.io.locations import locate
 from saelab.io.pretrained import pretrained_releases, resolve_release
-from saelab.core.files import FileFormatError
 from saelab.io.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_folder, load_sparsify
-
-if TYPE_CHECKING:
-    from saelab.saes.base import SAE
+from saelab.saes.base import SAE
 
 
 def load_sae(
     path: str | Path, device: str = "cpu", dtype: str | None = None, subfolder: str | None = None,
     revision: str | None = None, sae_id: str | None = None, model_name: str | None = None,
     hook_name: str | None = None, hook_layer: int | None = None,
-) -> "SAE":
+) -> SAE:
     """Load an SAE onto `device` (default CPU, whatever device its files name).
 
     `path` is a local folder: saelab/SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json +
@@ -88,12 +86,10 @@ def _existing(folder: Path) -> Path:
 
 
 def _download(repo_id: str, subfolder: str | None, revision: str | None) -> Path:
-    from saelab.io.hub import download_sae_folder
-
     return download_sae_folder(repo_id, subfolder, revision)
 
 
-def _read(path: Path, device: str, position: str | None) -> "SAE":
+def _read(path: Path, device: str, position: str | None) -> SAE:
     """The SAE in a local folder (or a Gemma Scope params.npz file), by the files it holds."""
     if path.is_file() and path.name.endswith(".npz"):
         return load_gemma_scope(path, device)

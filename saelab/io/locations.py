@@ -10,10 +10,8 @@ applies what the caller says on top of what the files say.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from saelab.saes.base import SAE
+from saelab.saes.base import SAE
 
 SITES = ("resid_pre", "resid_post", "attn_out", "z", "mlp_in", "mlp_out")
 """The per-block hook points every model has in saelab (`blocks.{layer}.hook_{site}`)."""
@@ -34,8 +32,8 @@ def layer_of(hook_name: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def locate(sae: "SAE", model_name: str | None = None, hook_name: str | None = None,
-           hook_layer: int | None = None) -> "SAE":
+def locate(sae: SAE, model_name: str | None = None, hook_name: str | None = None,
+           hook_layer: int | None = None) -> SAE:
     """`sae` with the given model name, hook name and layer replacing what its files said (None keeps those).
     A new hook name without a layer takes the layer it names, so the pair never disagrees."""
     if model_name is not None:

@@ -16,15 +16,16 @@ computes the same latents and outputs, or a ValueError saying why there is none.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from saelab.core.config import ConfigError
-
-if TYPE_CHECKING:
-    from saelab.saes.base import SAE
+from saelab.saes.base import SAE
+from saelab.saes.config import SAEConfig
+from saelab.saes.files import TRANSCODERS
+from saelab.saes.registry import make_config, sae_from_config
 
 RENAMES = {"hook_point": "hook_name", "hook_point_layer": "hook_layer", "hook_point_head_index": "hook_head_index",
            "activation_fn": "activation_fn_str"}
@@ -39,9 +40,6 @@ INFERENCE_KEYS = {"architecture", "d_in", "d_sae", "d_out", "k", "apply_b_dec_to
                   "dtype", "model_name", "hook_name", "hook_layer", "hook_name_out", "metadata", "transcoder",
                   "skip_connection"}
 """What saelab takes from a SAELens cfg.json; its other fields (training, dataset, device) go into metadata."""
-TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
-               "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
-"""SAELens's transcoder architecture names: (saelab architecture, skip connection)."""
 NORMALIZATION = {None: "none", False: "none", "none": "none", True: "expected_average_only_in",
                  "expected_average_only_in": "expected_average_only_in", "layer_norm": "layer_norm"}
 SAELENS_DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -109,16 +107,8 @@ def saelens_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return weights
 
 
-def saelens_architecture(architecture: str, transcoder: bool, skip_connection: bool) -> str:
-    """The architecture name SAELens gives an SAE: its transcoder names for standard and JumpReLU transcoders."""
-    for name, value in TRANSCODERS.items():
-        if transcoder and value == (architecture, skip_connection):
-            return name
-    return architecture
-
-
 @torch.no_grad()
-def fold_decoder_norms(sae: "SAE") -> None:
+def fold_decoder_norms(sae: SAE) -> None:
     """For a SAELens TopK SAE saved with rescale_acts_by_decoder_norm: SAELens multiplies pre-activations by
     each decoder row's norm and divides latents by it before decoding. Scaling encoder columns up and decoder
     rows down by those norms gives the same latents and outputs with ordinary weights."""
@@ -132,7 +122,7 @@ def fold_decoder_norms(sae: "SAE") -> None:
 
 
 # ----- writing for SAELens -------------------------------------------------------------------------------------
-def to_saelens(sae: "SAE") -> "SAE":
+def to_saelens(sae: SAE) -> SAE:
     """`sae` in a form SAELens 6 loads and that computes the same latents and outputs: the SAE itself where
     SAELens has its class (standard, gated, jumprelu, topk; standard and JumpReLU transcoders, with or without
     skip; TopK transcoders whose output is as wide as their input, as a TopK SAE with `hook_name_out`); BatchTopK
@@ -159,18 +149,16 @@ def to_saelens(sae: "SAE") -> "SAE":
     return sae
 
 
-def _converted(sae: "SAE", architecture: str) -> "SAE":
+def _converted(sae: SAE, architecture: str) -> SAE:
     sae.cfg.metadata = {**sae.cfg.metadata, "converted_from": architecture}
     return sae
 
 
 @torch.no_grad()
-def gated_to_jumprelu(sae: "SAE") -> "SAE":
+def gated_to_jumprelu(sae: SAE) -> SAE:
     """The JumpReLU SAE equal to a gated one. Gated latents are [x.w + b_gate > 0] * relu(x.w e^r + b_mag); with
     h = x.(w e^r) + b_mag the gate condition is h > b_mag - e^r b_gate (e^r > 0), so the JumpReLU with encoder
     W_enc e^r, bias b_mag and that threshold (a threshold <= 0 acts as 0 after the ReLU) computes the same."""
-    from saelab.saes.base import SAEConfig, make_config, sae_from_config
-
     shared = {f.name for f in fields(SAEConfig)}
     options = {key: value for key, value in vars(sae.cfg).items() if key in shared}
     jump = sae_from_config(make_config({**options, "architecture": "jumprelu"}))

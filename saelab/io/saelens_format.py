@@ -1,60 +1,35 @@
-"""saelab's own format, which is SAELens's: `cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`."""
+"""The SAELens layout (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`: saelab's own format too,
+written by `saelab.saes.files.save_sae`): reading it, including the keys of every SAELens version, and writing
+what SAELens itself loads."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from saelab.core.config import ConfigError, to_dict
-from saelab.core.files import FileFormatError, atomic_write_bytes, atomic_write_text, read_json, read_safetensors
-
-if TYPE_CHECKING:
-    from saelab.saes.base import SAE
-
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-SPARSITY_FILE = "sparsity.safetensors"
+from saelab.core.config import ConfigError
+from saelab.core.files import FileFormatError, read_json, read_safetensors
+from saelab.io.saelens_compat import to_saelens
+from saelab.io.saelens_compat import fold_decoder_norms, from_saelens, saelens_weights
+from saelab.saes.base import SAE
+from saelab.saes.files import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, save_sae
+from saelab.saes.registry import make_config, sae_from_config
 
 
-def save_sae(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Path:
-    """Write an SAE directory as it is (saelab reloads it exactly; SAELens reads it too unless `to_saelens`
-    would convert it). `sparsity` is the log10 firing density of each latent, when known."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_FILE, safetensors_bytes(sae.weights_for_saving()))
-    if sparsity is not None:
-        atomic_write_bytes(path / SPARSITY_FILE, safetensors_bytes({"sparsity": sparsity.detach().float().cpu()}))
-    from saelab.io.saelens_compat import saelens_architecture
-
-    cfg = to_dict(sae.cfg)
-    cfg["architecture"] = saelens_architecture(sae.cfg.architecture, sae.cfg.transcoder, sae.cfg.skip_connection)
-    # The config goes last: a directory with a cfg.json has its weights.
-    atomic_write_text(path / CFG_FILE, json.dumps(cfg, indent=2))
-    return path
-
-
-def save_saelens(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Path:
+def save_saelens(sae: SAE, path: str | Path, sparsity: Tensor | None = None) -> Path:
     """Write an SAE directory that SAELens 6 loads (`sae_lens.SAE.load_from_disk`) and that computes the same
     latents and outputs: the SAE itself, or its SAELens equivalent (see `saelens_compat.to_saelens`, which raises
     ValueError for an SAE SAELens has no equivalent of; nothing is written then)."""
-    from saelab.io.saelens_compat import to_saelens
-
     return save_sae(to_saelens(sae), path, sparsity)
 
 
-def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) -> "SAE":
+def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) -> SAE:
     """Load an SAE directory written by `save_sae` (any architecture), exactly as it was saved, onto `device`:
     the device recorded in its cfg.json (where it was trained) is not used."""
-    from saelab.saes.base import make_config, sae_from_config
-
     path = Path(path)
     if not path.is_dir():
         raise FileFormatError(f"{path}: not a directory containing {CFG_FILE} and {WEIGHTS_FILE}")
-    from saelab.io.saelens_compat import fold_decoder_norms, from_saelens, saelens_weights
 
     try:
         options = from_saelens(read_json(path / CFG_FILE))
@@ -75,7 +50,7 @@ def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) ->
     return sae
 
 
-def check_weights(sae: "SAE", weights: dict[str, Tensor], file: Path) -> None:
+def check_weights(sae: SAE, weights: dict[str, Tensor], file: Path) -> None:
     """Raise FileFormatError unless `weights` has exactly the SAE's tensors with the SAE's shapes."""
     expected = {name: tuple(t.shape) for name, t in sae.weights_for_saving().items()}
     missing = sorted(set(expected) - set(weights))

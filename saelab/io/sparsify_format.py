@@ -16,16 +16,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from safetensors.torch import save as safetensors_bytes
 
 from saelab.core.files import atomic_write_bytes, atomic_write_text
-from saelab.io.locations import site_hook
 from saelab.core.files import FileFormatError, read_json, read_safetensors
-
-if TYPE_CHECKING:
-    from saelab.saes.base import SAE
+from saelab.io.locations import site_hook
+from saelab.saes.base import SAE
+from saelab.saes.registry import create_sae
 
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -63,11 +62,9 @@ def sparsify_location(path: Path, transcode: bool) -> dict[str, Any]:
     return found
 
 
-def load_sparsify(path: str | Path, device: str = "cpu") -> "SAE":
+def load_sparsify(path: str | Path, device: str = "cpu") -> SAE:
     """A saelab TopK SAE (or transcoder) from a sparsify folder, computing what sparsify computes, on `device`,
     with the model, hook and layer its folder name and run config tell."""
-    from saelab.saes.base import create_sae
-
     path = Path(path)
     cfg = read_json(path / SPARSIFY_CFG)
     weights = read_safetensors(path / SPARSIFY_WEIGHTS)
@@ -97,7 +94,7 @@ def load_sparsify(path: str | Path, device: str = "cpu") -> "SAE":
     return sae
 
 
-def save_sparsify(sae: "SAE", path: str | Path) -> Path:
+def save_sparsify(sae: SAE, path: str | Path) -> Path:
     """Write a TopK SAE in sparsify's layout (loadable with sparsify's SparseCoder.load_from_disk)."""
     cfg = sae.cfg
     if cfg.architecture != "topk" or cfg.normalize_activations != "none":

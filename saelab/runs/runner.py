@@ -18,7 +18,8 @@ from saelab.data.config import DataConfig
 from saelab.core.files import atomic_write_text
 from saelab.models.config import ModelConfig
 from saelab.runs.folder import RESUMABLE_OPTIONS, RUN_CONFIG_FILE
-from saelab.saes.base import SAE, hooks_of
+from saelab.saes.base import SAE
+from saelab.splice import hooks_of
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training.config import ObjectiveConfig, TrainConfig
 from saelab.training.distributed import Distributed, init_distributed

@@ -14,7 +14,9 @@ import math
 from typing import Any, Mapping
 
 from saelab.core.config import ConfigError
-from saelab.saes.base import SAE, SAEConfig, make_config, sae_from_config
+from saelab.saes.base import SAE
+from saelab.saes.config import SAEConfig
+from saelab.saes.registry import make_config, sae_from_config
 
 RUN_KEYS = ("lr", "init_from")
 """Per-SAE settings that are not part of the SAE's config."""

@@ -1,10 +1,10 @@
 """SAE architectures, one per file, each registered by name."""
 
 from saelab.saes import batchtopk, gated, jumprelu, matryoshka, standard, topk  # noqa: F401  (registers them)
-from saelab.saes.base import (
-    SAE,
-    SAEConfig,
-    TrainOutput,
+from saelab.saes.base import SAE
+from saelab.saes.config import SAEConfig
+from saelab.saes.outputs import SparseLatents, TrainOutput
+from saelab.saes.registry import (
     architecture_class,
     available_architectures,
     create_sae,
@@ -16,6 +16,7 @@ from saelab.saes.base import (
 __all__ = [
     "SAE",
     "SAEConfig",
+    "SparseLatents",
     "TrainOutput",
     "architecture_class",
     "available_architectures",

@@ -1,4 +1,4 @@
-"""The SAE interface shared by every architecture, and the registry of architectures (the config: saes/config.py).
+"""The SAE interface shared by every architecture (its config: saes/config.py; the registry: saes/registry.py).
 
 Parameter names and shapes follow SAELens / SAEBench: `W_enc (d_in, d_sae)`, `W_dec (d_sae, d_out)`,
 `b_enc (d_sae)`, `b_dec (d_out)`, so encoding is `x @ W_enc + b_enc` and decoding `z @ W_dec + b_dec`.
@@ -9,58 +9,16 @@ and, optionally, a linear skip connection `W_skip (d_out, d_in)`.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from saelab.core.config import ConfigError, from_dict, unknown_key_error
 from saelab.saes.centred_linear import centred_linear
 from saelab.saes.config import SAEConfig
-
-
-class TrainOutput:
-    """What one training forward pass produces; losses read from it.
-
-    Sparse forwards (TopK, BatchTopK) give `active`, the nonzero latents as (cols, offsets, values), instead of
-    the dense `latents`, which are then built only if something asks for them.
-    """
-
-    def __init__(
-        self,
-        sae_in: Tensor,
-        hidden_pre: Tensor,
-        latents: Tensor | None,
-        output: Tensor,
-        extras: dict[str, Tensor] | None = None,
-        active: Any = None,
-    ):
-        if latents is None and active is None:
-            raise ValueError("a TrainOutput needs latents or active (indices, values)")
-        self.sae_in, self.hidden_pre, self.output = sae_in, hidden_pre, output
-        self.extras = extras or {}
-        self.active = active
-        self._latents = latents
-
-    @property
-    def latents(self) -> Tensor:
-        """Dense latents `(..., d_sae)`."""
-        if self._latents is None:
-            assert self.active is not None
-            values = self.active.values
-            flat = torch.zeros(len(self.active.offsets), self.hidden_pre.shape[-1], dtype=values.dtype, device=values.device)
-            self._latents = flat.index_put((self.active.rows(), self.active.cols), values).reshape(self.hidden_pre.shape)
-        return self._latents
-
-    @torch.no_grad()
-    def firing_counts(self) -> Tensor:
-        """Per latent, the number of tokens it fired on (float)."""
-        d_sae = self.hidden_pre.shape[-1]
-        if self._latents is None and self.active is not None:
-            cols, _, values = self.active
-            return torch.bincount(cols[values > 0], minlength=d_sae).float()
-        # float sums run much faster than bool sums on CPU; float32 counts stay exact (bfloat16 ones would not)
-        return (self._latents != 0).reshape(-1, d_sae).float().sum(dim=0)
+from saelab.saes.files import save_sae
+from saelab.saes.init import geometric_median
+from saelab.saes.outputs import TrainOutput
 
 
 class SAE(nn.Module):
@@ -74,7 +32,6 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     default_decoder_init_norm: ClassVar[float] = 0.1
     default_normalize_decoder: ClassVar[bool] = False
-    sparsity_coefficient_name: ClassVar[str | None] = None  # config field weighting `sparsity_loss`
     per_latent_scaling: ClassVar[bool] = True
     """Scaling one latent (and dividing its decoder row) leaves outputs unchanged; false where latents compete
     for selection (TopK, BatchTopK), where only a uniform scale does."""
@@ -162,13 +119,20 @@ class SAE(nn.Module):
         return out
 
     def skip(self, x: Tensor) -> Tensor | None:
+        """The skip connection's part of the output for raw input `x` (skip transcoders), else None."""
         return x @ self.W_skip.T if self.cfg.skip_connection else None
+
+    def output(self, latents: Tensor, x: Tensor) -> Tensor:
+        """What the SAE puts out for latents read from raw input `x`: the decoding plus the skip connection."""
+        return self.with_skip(self.decode(latents), self.skip(x))
+
+    @staticmethod
+    def with_skip(decoded: Tensor, skip: Tensor | None) -> Tensor:
+        return decoded if skip is None else decoded + skip
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of `x` (or, for a transcoder, prediction of its target)."""
-        out = self.decode(self.encode(x))
-        skip = self.skip(x)
-        return out if skip is None else out + skip
+        return self.output(self.encode(x), x)
 
     # ----- training ----------------------------------------------------------------------------------
     def training_forward(self, x: Tensor) -> TrainOutput:
@@ -178,11 +142,8 @@ class SAE(nn.Module):
         sae_in = normalized if shift is None else normalized - shift  # for losses that encode again (AuxK)
         hidden_pre = centred_linear(normalized, shift, self.W_enc, self.b_enc)
         latents = self.activate(hidden_pre)
-        output = self.decode(latents)
         skip = self.skip(x)
-        if skip is not None:
-            output = output + skip
-        return TrainOutput(sae_in=sae_in, hidden_pre=hidden_pre, latents=latents, output=output)
+        return TrainOutput(sae_in, hidden_pre, self.with_skip(self.decode(latents), skip), latents=latents, skip=skip)
 
     def reconstruction_loss(self, out: TrainOutput, target: Tensor) -> Tensor:
         """Squared error summed over the activation dimension, averaged over tokens (as in SAELens)."""
@@ -196,14 +157,13 @@ class SAE(nn.Module):
         """Unweighted auxiliary loss (gated's gate reconstruction, TopK's AuxK), or None."""
         return None
 
-    @property
     def sparsity_coefficient(self) -> float:
-        name = self.sparsity_coefficient_name
-        return float(getattr(self.cfg, name)) if name else 0.0
+        """Weight of `sparsity_loss` (architectures with a penalty return their config's coefficient)."""
+        return 0.0
 
-    @property
     def aux_coefficient(self) -> float:
-        return float(getattr(self.cfg, "aux_coefficient", 0.0))
+        """Weight of `auxiliary_loss`."""
+        return 0.0
 
     def update_after_step(self, out: TrainOutput) -> None:
         """Non-gradient state updates after an optimiser step (e.g. BatchTopK's running threshold)."""
@@ -224,8 +184,6 @@ class SAE(nn.Module):
     @torch.no_grad()
     def initialize_b_dec(self, sample: Tensor) -> None:
         """Set b_dec from a sample of targets, as `cfg.b_dec_init` says."""
-        from saelab.saes.init import geometric_median
-
         if self.cfg.b_dec_init == "mean":
             self.b_dec.copy_(sample.mean(dim=0))
         elif self.cfg.b_dec_init == "geometric_median":
@@ -301,8 +259,6 @@ class SAE(nn.Module):
 
     def save(self, path: str, sparsity: Tensor | None = None) -> None:
         """Write `cfg.json`, `sae_weights.safetensors` (and `sparsity.safetensors`) to directory `path`."""
-        from saelab.io.saelens_format import save_sae
-
         save_sae(self, path, sparsity=sparsity)
 
     def clone(self) -> "SAE":
@@ -330,57 +286,3 @@ class SAE(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
-
-
-# ----- registry ----------------------------------------------------------------------------------------
-_ARCHITECTURES: dict[str, type[SAE]] = {}
-
-
-def hooks_of(sae: SAE) -> tuple[str, str]:
-    """(hook read, hook replaced): the same for an SAE, input and output hooks for a transcoder."""
-    hook_in = sae.cfg.hook_name
-    if hook_in is None:
-        raise ValueError("splicing an SAE into the model needs its cfg.hook_name")
-    return hook_in, (sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else hook_in)
-
-
-def register(name: str):
-    """Class decorator adding an architecture under `name`."""
-
-    def add(cls: type[SAE]) -> type[SAE]:
-        cls.architecture = name
-        _ARCHITECTURES[name] = cls
-        return cls
-
-    return add
-
-
-def available_architectures() -> list[str]:
-    """Names accepted by `create_sae`."""
-    return sorted(_ARCHITECTURES)
-
-
-def architecture_class(name: str) -> type[SAE]:
-    if not isinstance(name, str):
-        raise ConfigError(f"architecture must be one of {', '.join(sorted(_ARCHITECTURES))}, got {name!r}")
-    if name not in _ARCHITECTURES:
-        raise unknown_key_error(name, _ARCHITECTURES, "architectures")
-    return _ARCHITECTURES[name]
-
-
-def make_config(options: dict[str, Any]) -> SAEConfig:
-    """Validated config of the right architecture class from a plain dict (YAML, cfg.json, kwargs)."""
-    options = dict(options)
-    name = options.setdefault("architecture", "standard")
-    cls = architecture_class(name)
-    return from_dict(cls.config_class, options, where=f"SAE config ({name})")
-
-
-def create_sae(architecture: str, d_in: int, d_sae: int, **options: Any) -> SAE:
-    """A freshly initialised SAE, e.g. `create_sae("topk", d_in=576, d_sae=4608, k=32)`."""
-    cfg = make_config({"architecture": architecture, "d_in": d_in, "d_sae": d_sae, **options})
-    return sae_from_config(cfg)
-
-
-def sae_from_config(cfg: SAEConfig) -> SAE:
-    return architecture_class(cfg.architecture)(cfg)

@@ -13,7 +13,10 @@ import torch
 from torch import Tensor
 
 from saelab.core.config import ConfigError
-from saelab.saes.base import SAE, SAEConfig, TrainOutput, make_config, register, sae_from_config
+from saelab.saes.base import SAE
+from saelab.saes.config import SAEConfig
+from saelab.saes.outputs import TrainOutput
+from saelab.saes.registry import make_config, register, sae_from_config
 from saelab.saes.fused_topk import Selector, batch_topk_flat_indices, select_batch_topk
 from saelab.saes.topk import TopKConfig, TopKSAE
 
@@ -61,7 +64,7 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def update_after_step(self, out: TrainOutput) -> None:
-        values = out.active.values if out.active is not None else out.latents
+        values = out.sparse.values if out.sparse is not None else out.latents
         fired = values[values > 0]
         if fired.numel() == 0:
             return

@@ -10,33 +10,20 @@ token, so the decoder, its gradient and the encoder's gradient need only O(batch
 - `sparse_decode` sums the selected decoder rows per token (`embedding_bag`), whose gradient is again only
   those rows.
 
-The selected entries are kept as `Active(cols, offsets, values)`: token t's latents are
-`cols[offsets[t]:offsets[t+1]]` with `values` alike (embedding_bag's layout), so a token may have any number.
+The selected entries are kept as `SparseLatents(cols, offsets, values)` (embedding_bag's layout).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from saelab.saes.autocast import to_autocast
-
-
-class Active(NamedTuple):
-    """The nonzero latents of a batch: column indices, each token's start in them, and their values."""
-
-    cols: Tensor
-    offsets: Tensor
-    values: Tensor
-
-    def rows(self) -> Tensor:
-        """The token of each entry."""
-        counts = torch.diff(self.offsets, append=self.offsets.new_tensor([self.cols.numel()]))
-        return torch.repeat_interleave(torch.arange(len(self.offsets), device=self.cols.device), counts)
+from saelab.saes.outputs import SparseLatents
 
 
 Selector = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -104,7 +91,7 @@ class _SparseEncode(torch.autograd.Function):
             x = x - shift
         pre = torch.addmm(b_enc, x, W_enc)
         cols, offsets = select(pre)
-        rows = Active(cols, offsets, cols).rows()
+        rows = SparseLatents(cols, offsets, cols).rows()
         values = pre[rows, cols]
         ctx.save_for_backward(x, W_enc, cols, offsets, rows)
         ctx.mark_non_differentiable(cols, offsets)
@@ -149,15 +136,15 @@ def _scatter_rows(cols: Tensor, offsets: Tensor, weights: Tensor, rows: Tensor, 
 
 
 def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Selector, shift: Tensor | None = None
-                  ) -> tuple[Active, Tensor]:
-    """(the selected pre-activations as `Active`, all pre-activations) of `(x - shift) @ W_enc + b_enc` for
+                  ) -> tuple[SparseLatents, Tensor]:
+    """(the selected pre-activations as `SparseLatents`, all pre-activations) of `(x - shift) @ W_enc + b_enc` for
     inputs `(batch, d_in)`; `shift` is b_dec when the SAE centres its input. Values are not yet ReLU'd."""
     x, W_enc, b_enc, shift = to_autocast(x, W_enc, b_enc, shift)
     values, cols, offsets, pre = _SparseEncode.apply(x, W_enc, b_enc, shift, select)
-    return Active(cols, offsets, values), pre
+    return SparseLatents(cols, offsets, values), pre
 
 
-def sparse_decode(active: Active, W_dec: Tensor) -> Tensor:
+def sparse_decode(active: SparseLatents, W_dec: Tensor) -> Tensor:
     """sum over a token's entries of value * W_dec[col]: the decoder applied to the nonzero latents only."""
     values, W_dec = to_autocast(active.values, W_dec)
     return F.embedding_bag(active.cols, W_dec, active.offsets, per_sample_weights=values, mode="sum")

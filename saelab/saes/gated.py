@@ -10,7 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
+from saelab.saes.base import SAE
+from saelab.saes.config import SAEConfig
+from saelab.saes.outputs import TrainOutput
+from saelab.saes.registry import register
 from saelab.saes.standard import decoder_weighted_lp
 
 
@@ -30,7 +33,6 @@ class GatedSAE(SAE):
     # 0.1-norm start of the standard SAE leaves the gate too weakly penalised (L0 ~ 40 where 3 are planted).
     default_decoder_init_norm = 1.0
     default_normalize_decoder = True
-    sparsity_coefficient_name = "l1_coefficient"
 
     def create_encoder_biases(self) -> None:
         self.b_gate = self._empty(self.cfg.d_sae)
@@ -61,19 +63,23 @@ class GatedSAE(SAE):
     def training_forward(self, x: Tensor) -> TrainOutput:
         sae_in = self._sae_input(x)
         gate_pre, magnitude_pre, latents = self._gated(sae_in)
-        output = self.decode(latents)
         skip = self.skip(x)
-        if skip is not None:
-            output = output + skip
-        return TrainOutput(sae_in, magnitude_pre, latents, output, extras={"gate_pre": gate_pre})
+        output = self.with_skip(self.decode(latents), skip)
+        return TrainOutput(sae_in, magnitude_pre, output, latents=latents, skip=skip, extras={"gate_pre": gate_pre})
+
+    def sparsity_coefficient(self) -> float:
+        return self.cfg.l1_coefficient
 
     def sparsity_loss(self, out: TrainOutput) -> Tensor:
         return decoder_weighted_lp(torch.relu(out.extras["gate_pre"]), self.W_dec, 1.0)
+
+    def aux_coefficient(self) -> float:
+        return self.cfg.aux_coefficient
 
     def auxiliary_loss(self, out: TrainOutput, target: Tensor, dead_mask: Tensor | None) -> Tensor:
         # The gate path alone must reconstruct the target through a frozen decoder, which gives the gate
         # weights a reconstruction gradient the Heaviside step would otherwise block.
         via_gate = torch.relu(out.extras["gate_pre"]) @ self.W_dec.detach() + self.b_dec.detach()
-        if self.cfg.skip_connection:  # transcoders feed the raw input as sae_in
-            target = target - self.skip(out.sae_in).detach()
+        if out.skip is not None:
+            target = target - out.skip.detach()
         return (via_gate - target).pow(2).sum(dim=-1).mean()

@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
+from saelab.saes.base import SAE
+from saelab.saes.config import SAEConfig
+from saelab.saes.outputs import TrainOutput
+from saelab.saes.registry import register
 
 
 def in_window(x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -75,7 +78,6 @@ class JumpReLUConfig(SAEConfig):
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
-    sparsity_coefficient_name = "l0_coefficient"
 
     def create_parameters(self) -> None:
         super().create_parameters()
@@ -92,6 +94,9 @@ class JumpReLUSAE(SAE):
         if self.training:
             return _JumpReLU.apply(hidden_pre, self.log_threshold.exp(), self.cfg.bandwidth)
         return torch.relu(hidden_pre) * (hidden_pre > self.threshold).to(hidden_pre)
+
+    def sparsity_coefficient(self) -> float:
+        return self.cfg.l0_coefficient
 
     def sparsity_loss(self, out: TrainOutput) -> Tensor:
         return _FiringCount.apply(out.hidden_pre, self.log_threshold.exp(), self.cfg.bandwidth).mean()

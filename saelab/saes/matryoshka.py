@@ -12,9 +12,11 @@ import torch
 from torch import Tensor
 
 from saelab.core.config import ConfigError
-from saelab.saes.base import TrainOutput, register
+from saelab.saes.outputs import TrainOutput
+from saelab.saes.registry import register
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
-from saelab.saes.fused_topk import Active, sparse_decode
+from saelab.saes.fused_topk import sparse_decode
+from saelab.saes.outputs import SparseLatents
 
 
 @dataclass
@@ -45,12 +47,12 @@ class MatryoshkaSAE(BatchTopKSAE):
     def _segments(self, out: TrainOutput):
         """The decoded contribution of each prefix's new latents [start, width), sparse when possible."""
         start = 0
-        if out.active is not None:
-            rows = out.active.rows()
+        if out.sparse is not None:
+            rows = out.sparse.rows()
             for width in self.cfg.prefix_widths:
-                keep = (out.active.cols >= start) & (out.active.cols < width)
-                counts = torch.bincount(rows[keep], minlength=len(out.active.offsets))
-                segment = Active(out.active.cols[keep], torch.cumsum(counts, 0) - counts, out.active.values[keep])
+                keep = (out.sparse.cols >= start) & (out.sparse.cols < width)
+                counts = torch.bincount(rows[keep], minlength=len(out.sparse.offsets))
+                segment = SparseLatents(out.sparse.cols[keep], torch.cumsum(counts, 0) - counts, out.sparse.values[keep])
                 yield sparse_decode(segment, self.W_dec).reshape(out.output.shape)
                 start = width
             return
@@ -61,12 +63,9 @@ class MatryoshkaSAE(BatchTopKSAE):
     def reconstruction_loss(self, out: TrainOutput, target: Tensor) -> Tensor:
         """Sum over prefixes of each prefix's squared error; the last prefix is the whole dictionary."""
         partial = self.b_dec
-        skip = self.skip(out.sae_in)
         loss = 0.0
         for segment in self._segments(out):
             partial = partial + segment
-            prediction = self._sae_output(partial)
-            if skip is not None:
-                prediction = prediction + skip
+            prediction = self.with_skip(self._sae_output(partial), out.skip)
             loss = loss + (prediction - target).pow(2).sum(dim=-1).mean()
         return loss  # type: ignore[return-value]

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
+from saelab.saes.base import SAE
+from saelab.saes.config import SAEConfig
+from saelab.saes.outputs import TrainOutput
+from saelab.saes.registry import register
 
 
 @dataclass
@@ -35,10 +38,12 @@ def decoder_weighted_lp(latents: Tensor, W_dec: Tensor, p: float) -> Tensor:
 @register("standard")
 class StandardSAE(SAE):
     config_class = StandardConfig
-    sparsity_coefficient_name = "l1_coefficient"
 
     def activate(self, hidden_pre: Tensor) -> Tensor:
         return torch.relu(hidden_pre)
+
+    def sparsity_coefficient(self) -> float:
+        return self.cfg.l1_coefficient
 
     def sparsity_loss(self, out: TrainOutput) -> Tensor:
         return decoder_weighted_lp(out.latents, self.W_dec, self.cfg.lp_norm)

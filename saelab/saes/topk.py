@@ -12,7 +12,10 @@ import torch
 from torch import Tensor
 
 from saelab.core.config import ConfigError
-from saelab.saes.base import SAE, SAEConfig, TrainOutput, register
+from saelab.saes.base import SAE
+from saelab.saes.config import SAEConfig
+from saelab.saes.outputs import TrainOutput
+from saelab.saes.registry import register
 from saelab.saes.fused_topk import Selector, select_topk, sparse_decode, sparse_encode
 
 
@@ -88,16 +91,17 @@ class TopKSAE(SAE):
         flat = normalized.reshape(-1, self.cfg.d_in)
         active, hidden_pre = sparse_encode(flat, self.W_enc, self.b_enc, self.selector(), shift)
         active = active._replace(values=torch.relu(active.values))
-        output = self._sae_output((sparse_decode(active, self.W_dec) + self.b_dec).reshape(*x.shape[:-1], -1))
+        decoded = self._sae_output((sparse_decode(active, self.W_dec) + self.b_dec).reshape(*x.shape[:-1], -1))
         skip = self.skip(x)
-        if skip is not None:
-            output = output + skip
         hidden_pre = hidden_pre.reshape(*x.shape[:-1], self.cfg.d_sae)
-        return TrainOutput(sae_in, hidden_pre, None, output, active=active)
+        return TrainOutput(sae_in, hidden_pre, self.with_skip(decoded, skip), sparse=active, skip=skip)
 
     @property
     def k_aux(self) -> int:
         return self.cfg.k_aux or self.cfg.d_sae // 2
+
+    def aux_coefficient(self) -> float:
+        return self.cfg.aux_coefficient
 
     def auxiliary_loss(self, out: TrainOutput, target: Tensor, dead_mask: Tensor | None) -> Tensor | None:
         return auxk_loss(self, out, target, dead_mask, self.k_aux)

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.saes.base import SAE, TrainOutput, hooks_of
+from saelab.saes.base import SAE
+from saelab.saes.outputs import TrainOutput
+from saelab.splice import hooks_of
 
 Forward = tuple[Tensor, Tensor, TrainOutput]
 """(input, target, output) of one SAE in one step, inputs and targets scaled as the SAE trains on them."""

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from torch import Tensor
 
-from saelab.saes.base import SAE, TrainOutput
+from saelab.saes.base import SAE
+from saelab.saes.outputs import TrainOutput
 from saelab.training.config import ObjectiveConfig
 from saelab.training.e2e import SplicedRun
 from saelab.training.schedules import warmup_factor
@@ -58,7 +59,7 @@ class Sparsity:
         penalty = ctx.sae.sparsity_loss(ctx.out)
         if penalty is None:
             return None
-        return ctx.sae.sparsity_coefficient * warmup_factor(ctx.step, self.warmup_steps) * penalty
+        return ctx.sae.sparsity_coefficient() * warmup_factor(ctx.step, self.warmup_steps) * penalty
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Auxiliary:
 
     def __call__(self, ctx: StepContext) -> Tensor | None:
         loss = ctx.sae.auxiliary_loss(ctx.out, ctx.target, ctx.dead_mask)
-        return None if loss is None else ctx.sae.aux_coefficient * loss
+        return None if loss is None else ctx.sae.aux_coefficient() * loss
 
 
 class ModelObjective(Protocol):

@@ -28,7 +28,9 @@ from saelab.core.config import ConfigError, to_dict
 from saelab.activations.source import Batch
 from saelab.evals.metrics import explained_variance, log_feature_density
 from saelab.core.files import atomic_write_text, replacing_directory
-from saelab.saes.base import SAE, TrainOutput, hooks_of
+from saelab.saes.base import SAE
+from saelab.saes.outputs import TrainOutput
+from saelab.splice import hooks_of
 from saelab.training.batches import check_widths, select_inputs
 from saelab.training.checkpoints import (
     CHECKPOINT_DIR,
