@@ -1,7 +1,9 @@
-"""SAEs spliced into a model for analysis: read their latents, edit them, keep the model exact, steer.
+"""SAEs spliced into a model: the one mechanism behind end-to-end training, spliced evaluations, analysis and steering.
 
-Inside `with spliced(model, saes):` every forward pass of `model` runs each SAE at its hook point and passes
-its output on. Each SAE adds named hook points of its own, under its output hook's name (SAELens's names):
+Inside `with spliced(model, saes):` every forward pass of `model` runs each SAE at its hook points: it reads
+`cfg.hook_name` and replaces the activation at its output hook (the same hook, or a transcoder's
+`cfg.hook_name_out`) with what the SAE puts out. Several SAEs splice at once; one downstream of another reads
+the other's output. Each SAE adds named hook points of its own, under its output hook's name (SAELens's names):
 
     {hook}.hook_sae_input       what the SAE reads
     {hook}.hook_sae_acts_post   its latents
@@ -12,6 +14,11 @@ its output on. Each SAE adds named hook points of its own, under its output hook
 With `error_term=True` the model receives reconstruction + error: without edits that is the clean activation
 exactly, so the logits are the clean ones while every latent is visible; an edit of the latents then changes
 the activation by exactly the change of the decoded reconstruction.
+
+`positions` (a (batch, position) mask) limits the splice to those positions, e.g. all but special tokens: the
+SAE then runs on the rows of those positions only, and its hook points hold those rows. `run(sae, x, activation)`
+replaces how an SAE computes what the model receives (end-to-end training runs its training forward; the
+zero-ablation baseline returns zeros); the SAE hook points are then not available.
 """
 
 from __future__ import annotations
@@ -19,24 +26,70 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
-from saelab.core.config import closest
+from saelab.core.config import ConfigError, closest
 from saelab.models.hooks import HookedModel, UnknownHookError
 from saelab.saes.base import SAE
+
+SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error", "hook_sae_output")
+
+Edit = Callable[[Tensor], Tensor]
+"""A function applied at an SAE hook point (e.g. `ablate([3])` at `...hook_sae_acts_post`)."""
+
+Run = Callable[[SAE, Tensor, Tensor], Tensor]
+"""(sae, its input rows, the activation rows it replaces) -> the rows the model receives instead."""
+
 
 def hooks_of(sae: SAE) -> tuple[str, str]:
     """(hook read, hook replaced): the same for an SAE, input and output hooks for a transcoder."""
     hook_in = sae.cfg.hook_name
     if hook_in is None:
-        raise ValueError("splicing an SAE into the model needs its cfg.hook_name")
+        raise ConfigError("splicing an SAE into a model needs its hook point (cfg.hook_name)")
     return hook_in, (sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else hook_in)
 
 
-SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error", "hook_sae_output")
+def check_splice(model: HookedModel, saes: SAE | Sequence[SAE]) -> None:
+    """Refuse SAEs that cannot be spliced together into `model`: a hook point it lacks (UnknownHookError,
+    listing the valid ones), or two SAEs replacing the same activation."""
+    replaced: set[str] = set()
+    for sae in _as_list(saes):
+        hook_in, hook_out = hooks_of(sae)
+        model.hook_point(hook_in)
+        model.hook_point(hook_out)
+        if hook_out in replaced:
+            raise ConfigError(f"two SAEs replace the same hook point '{hook_out}': splice them one at a time")
+        replaced.add(hook_out)
 
-Edit = Callable[[Tensor], Tensor]
+
+def check_fits(model: HookedModel, saes: SAE | Sequence[SAE]) -> None:
+    """`check_splice`, and that the model's activations at each SAE's hooks have the SAE's widths (one short
+    forward pass): a clear error instead of a shape mismatch deep inside a forward pass."""
+    saes = _as_list(saes)
+    check_splice(model, saes)
+    hooks = list(dict.fromkeys(hook for sae in saes for hook in hooks_of(sae)))
+    widths = model.hook_widths(hooks)
+    for sae in saes:
+        hook_in, hook_out = hooks_of(sae)
+        where = f" of {sae.cfg.model_name}" if sae.cfg.model_name else ""
+        if widths[hook_in] != sae.cfg.d_in:
+            raise ConfigError(f"the SAE's d_in is {sae.cfg.d_in} but {hook_in}{where} has width {widths[hook_in]} "
+                              "(is it the SAE's model and hook point?)")
+        if widths[hook_out] != sae.cfg.d_out:
+            raise ConfigError(f"the transcoder's d_out is {sae.cfg.d_out} but its output hook {hook_out}{where} has "
+                              f"width {widths[hook_out]}")
+
+
+def model_for(sae: SAE, model: HookedModel | None = None) -> HookedModel:
+    """`model` (checked with `check_fits`), or, if None, the model the SAE's config names, loaded on its device."""
+    if model is None:
+        if not sae.cfg.model_name:
+            raise ConfigError("the SAE does not say which model it reads (cfg.model_name): pass the model")
+        from saelab.models.loading import load_model  # loading pulls in transformers: only when needed
+
+        model = load_model(sae.cfg.model_name, device=str(sae.device))
+    check_fits(model, sae)
+    return model
 
 
 def sae_hook_names(saes: SAE | Sequence[SAE]) -> list[str]:
@@ -55,65 +108,81 @@ def spliced(
     error_term: bool = False,
     read: Sequence[str] = (),
     edit: Mapping[str, Edit] | None = None,
+    positions: Tensor | None = None,
+    run: Run | None = None,
 ) -> Iterator[dict[str, Tensor]]:
-    """Within the block, `model`'s forward passes run through `saes`.
+    """Within the block, `model`'s forward passes run through `saes` (see the module docstring).
 
     `read` names SAE hook points or the model's own hook points; the yielded dict fills with their values.
-    `edit` maps SAE hook points to functions applied there (e.g. `ablate([3])` at `...hook_sae_acts_post`).
+    `edit` maps SAE hook points to functions applied there. `positions`: where to splice (default everywhere).
+    `run`: how each SAE computes what the model receives (default: encode, decode, with the SAE hook points).
     """
     saes = _as_list(saes)
-    by_hook = {hooks_of(sae)[1]: sae for sae in saes}
-    if len(by_hook) != len(saes):
-        raise ValueError("two SAEs replace the same hook point: splice them one at a time")
+    check_splice(model, saes)
     edit = dict(edit or {})
     valid = sae_hook_names(saes)
-
-    def is_sae_hook(name: str) -> bool:
-        return any(name.startswith(f"{hook}.") for hook in by_hook) or name.rsplit(".", 1)[-1].startswith("hook_sae")
-
-    sae_reads = [name for name in read if is_sae_hook(name)]
+    sae_reads = [name for name in read if name in valid or name.rsplit(".", 1)[-1].startswith("hook_sae")]
     for name in [*edit, *sae_reads]:
         if name not in valid:
             hint = closest(name, valid)
             raise UnknownHookError(f"unknown SAE hook point '{name}'." + (f" Did you mean '{hint}'?" if hint else "")
                                    + f" Valid names: {', '.join(valid)}")
+    if run is not None and (edit or sae_reads or error_term):
+        raise ValueError("an SAE spliced with its own `run` has no SAE hook points, edits or error term")
+    inputs = [hook_in for hook_in, hook_out in map(hooks_of, saes) if hook_in != hook_out]
     model_reads = [name for name in read if name not in sae_reads]
-    inputs_needed = [hooks_of(sae)[0] for sae in saes if hooks_of(sae)[0] != hooks_of(sae)[1]]
 
-    def run_sae(sae: SAE, hook_out: str, cache: dict[str, Tensor]) -> Edit:
-        def at(name: str, value: Tensor) -> Tensor:
-            full = f"{hook_out}.{name}"
-            if full in edit:  # on a copy, so that an in-place edit cannot reach the unedited values
-                value = edit[full](value.clone())
-            if full in sae_reads:
-                cache[full] = value
-            return value
+    # One dict for both: the model's hooks fill it with what is read (transcoder inputs among them), the SAEs
+    # add their own hook points.
+    with model.hooks(read=[*inputs, *model_reads]) as cache:
+        def splice(sae: SAE) -> Callable[[Tensor], Tensor]:
+            hook_in, hook_out = hooks_of(sae)
+            compute = run or _sae_hook_points(hook_out, cache, error_term, edit, sae_reads)
 
-        def replace(activation: Tensor) -> Tensor:
-            hook_in = hooks_of(sae)[0]
-            x = cache[hook_in] if hook_in != hook_out else activation
-            x = at("hook_sae_input", x.to(sae.device, sae.dtype))
-            latents = sae.encode(x)
-            skip = sae.skip(x)
-            clean = sae.decode(latents) if skip is None else sae.decode(latents) + skip
-            edited = at("hook_sae_acts_post", latents)
-            recons = clean if edited is latents else (sae.decode(edited) if skip is None else sae.decode(edited) + skip)
-            recons = at("hook_sae_recons", recons)
-            output = recons
-            error_name = f"{hook_out}.hook_sae_error"
-            if error_term or error_name in sae_reads or error_name in edit:
-                error = activation.to(recons.dtype) - clean.detach()
-                edited_error = at("hook_sae_error", error)
-                if error_term:
-                    output = _with_error(activation, recons, clean, error, edited_error)
-            return at("hook_sae_output", output).to(activation.dtype)
+            def replace(activation: Tensor) -> Tensor:
+                x = cache[hook_in] if hook_in != hook_out else activation
+                if positions is None:
+                    return compute(sae, x, activation).to(activation.dtype)
+                keep = positions.to(activation.device)
+                new = activation.clone()
+                new[keep] = compute(sae, x[keep], activation[keep]).to(activation.dtype)
+                return new
 
-        return replace
+            return replace
 
-    # one dict for both: the model's hooks fill it with what is read, the SAEs add their own hook points
-    with model.hooks(read=[*inputs_needed, *model_reads]) as cache:
-        with model.hooks(write={hook: run_sae(sae, hook, cache) for hook, sae in by_hook.items()}):
+        with model.hooks(write={hooks_of(sae)[1]: splice(sae) for sae in saes}):
             yield cache
+
+
+def _sae_hook_points(hook_out: str, cache: dict[str, Tensor], error_term: bool, edit: Mapping[str, Edit],
+                     reads: Sequence[str]) -> Run:
+    """The default `run`: encode and decode, passing through the SAE hook points (edits, reads, error term)."""
+
+    def at(name: str, value: Tensor) -> Tensor:
+        full = f"{hook_out}.{name}"
+        if full in edit:  # on a copy, so that an in-place edit cannot reach the unedited values
+            value = edit[full](value.clone())
+        if full in reads:
+            cache[full] = value
+        return value
+
+    def run(sae: SAE, x: Tensor, activation: Tensor) -> Tensor:
+        x = at("hook_sae_input", x.to(sae.device, sae.dtype))
+        latents = sae.encode(x)
+        skip = sae.skip(x)
+        clean = sae.with_skip(sae.decode(latents), skip)
+        edited = at("hook_sae_acts_post", latents)
+        recons = clean if edited is latents else sae.with_skip(sae.decode(edited), skip)
+        output = recons = at("hook_sae_recons", recons)
+        error_name = f"{hook_out}.hook_sae_error"
+        if error_term or error_name in reads or error_name in edit:
+            error = activation.to(recons.dtype) - clean.detach()
+            edited_error = at("hook_sae_error", error)
+            if error_term:
+                output = _with_error(activation, recons, clean, error, edited_error)
+        return at("hook_sae_output", output)
+
+    return run
 
 
 def _with_error(activation: Tensor, recons: Tensor, clean: Tensor, error: Tensor, edited_error: Tensor) -> Tensor:
@@ -123,71 +192,3 @@ def _with_error(activation: Tensor, recons: Tensor, clean: Tensor, error: Tensor
     if recons is clean:  # nothing edited: the activation itself, bit for bit
         return activation
     return activation + (recons - clean).to(activation.dtype)  # moved by exactly the reconstruction's change
-
-
-def run_with_saes(
-    model: HookedModel, tokens: Tensor, saes: SAE | Sequence[SAE], error_term: bool = False,
-    edit: Mapping[str, Edit] | None = None,
-) -> Tensor:
-    """Logits of `tokens` with `saes` spliced in (and `edit` applied)."""
-    with torch.no_grad(), spliced(model, saes, error_term=error_term, edit=edit):
-        return model.logits(tokens)
-
-
-def run_with_cache_and_saes(
-    model: HookedModel, tokens: Tensor, saes: SAE | Sequence[SAE], names: Sequence[str] | None = None,
-    error_term: bool = False, edit: Mapping[str, Edit] | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """(logits, cache) with `saes` spliced in; `names` defaults to every SAE hook point."""
-    names = sae_hook_names(saes) if names is None else list(names)
-    with torch.no_grad(), spliced(model, saes, error_term=error_term, read=names, edit=edit) as cache:
-        logits = model.logits(tokens)
-        return logits, {name: cache[name] for name in names}
-
-
-def ablate(latents: Sequence[int]) -> Edit:
-    """An edit of `hook_sae_acts_post` that sets these latents to zero."""
-    index = torch.as_tensor(list(latents), dtype=torch.long)
-
-    def zero(values: Tensor) -> Tensor:
-        values = values.clone()
-        values[..., index.to(values.device)] = 0
-        return values
-
-    return zero
-
-
-def clamp(latents: Sequence[int], value: float) -> Edit:
-    """An edit of `hook_sae_acts_post` that holds these latents at `value` (at every position)."""
-    index = torch.as_tensor(list(latents), dtype=torch.long)
-
-    def hold(values: Tensor) -> Tensor:
-        values = values.clone()
-        values[..., index.to(values.device)] = value
-        return values
-
-    return hold
-
-
-def steering_vector(sae: SAE, latent: int) -> Tensor:
-    """The decoder direction of `latent`: what one unit of it adds to the SAE's output activation."""
-    return sae.W_dec[latent].detach()
-
-
-@contextmanager
-def steer(model: HookedModel, sae: SAE, latent: int, coefficient: float, positions: slice | None = None) -> Iterator[None]:
-    """Within the block, `coefficient` times `latent`'s decoder direction is added at the SAE's output hook
-    (at `positions` of each context, or every position)."""
-    _, hook = hooks_of(sae)
-    vector = coefficient * steering_vector(sae, latent)
-
-    def add(activation: Tensor) -> Tensor:
-        shift = vector.to(activation.device, activation.dtype)
-        if positions is None:
-            return activation + shift
-        activation = activation.clone()
-        activation[:, positions] += shift
-        return activation
-
-    with model.hooks(write={hook: add}):
-        yield

@@ -12,7 +12,9 @@ import saelab
 from saelab.core.config import ConfigError
 from saelab.models import load_model
 from saelab.runs.runner import load_run_config
+from saelab.training.config import TrainConfig
 from saelab.training.e2e import SplicedModel
+from saelab.training.unit import TrainingUnit
 
 LAYERS = {"early": "blocks.0.hook_resid_post", "late": "blocks.2.hook_resid_post"}
 
@@ -121,13 +123,10 @@ def test_e2e_with_downstream_measures_the_named_hooks_against_a_hand_splice(tiny
     downstream = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     splicer = SplicedModel(model, [0, 1, 2], downstream)
 
-    class Unit:
-        name, in_scale, out_scale = "sae", 1.0, 1.0
-
-    Unit.sae = sae
+    unit = TrainingUnit.create("sae", sae, [], 1e-3, TrainConfig())
     tokens = torch.randint(4, 30, (3, 10))
     tokens[:, 0] = 1  # BOS stays unspliced and uncounted
-    forwards, run = splicer.run(tokens, [Unit])
+    forwards, run = splicer.run(tokens, [unit])
     assert list(run.clean_downstream) == downstream and run.keep[:, 0].logical_not().all()
 
     # By hand: the clean and the spliced activations at the downstream hooks, the SAE only off BOS.
@@ -161,10 +160,7 @@ def test_a_later_sae_reads_the_earlier_ones_output_when_spliced_together(tiny):
     torch.manual_seed(0)
     first = saelab.create_sae("standard", 32, 64, hook_name="blocks.0.hook_resid_post")
     second = saelab.create_sae("standard", 32, 64, hook_name="blocks.1.hook_resid_post")
-    units = []
-    for name, sae in (("first", first), ("second", second)):
-        unit = type("Unit", (), {"name": name, "sae": sae, "in_scale": 1.0, "out_scale": 1.0})
-        units.append(unit)
+    units = [TrainingUnit.create(name, sae, [], 1e-3, TrainConfig()) for name, sae in (("first", first), ("second", second))]
     tokens = torch.randint(4, 30, (2, 8))
     forwards, run = SplicedModel(model).run(tokens, units)
     with torch.no_grad(), model.hooks(read=["blocks.1.hook_resid_post"]) as cache:

@@ -19,7 +19,7 @@ from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.models.hooks import HookedModel
 from saelab.saes.base import SAE
-from saelab.splice import hooks_of
+from saelab.splice import hooks_of, model_for
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "ln_final")
 
@@ -99,10 +99,9 @@ def feature_statistics(
     """`FeatureStats` of `sae` over `n_contexts` contexts: model and data default to those in the SAE's metadata;
     special tokens (BOS, separators) are not counted; `token_sets` default to `default_token_sets`."""
     from saelab.evals.evaluate import data_config_of
-    from saelab.models import load_model
 
     sae = sae.eval()
-    model = model if model is not None else load_model(sae.cfg.model_name or "smollm2-135m")
+    model = model_for(sae, model)
     data = data or data_config_of(sae)
     token_sets = default_token_sets(model.tokenizer) if token_sets is None else token_sets
     hook_in, _ = hooks_of(sae)

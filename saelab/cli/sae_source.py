@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.core.config import ConfigError, unknown_key_error
+from saelab.splice import check_fits
 
 SAE_SOURCE_HELP = ("an SAE folder of any format saelab reads, a Hugging Face repo id owner/name (with --subfolder) "
                    "or a release name (with --sae_id)")
@@ -96,20 +97,5 @@ def sae_model_and_data(args: argparse.Namespace, overrides: dict[str, Any]):
     config = from_dict(ModelConfig, model_options, "model")
     check_device(config.device)
     model = open_model(config)
-    _check_widths(sae, model)
+    check_fits(model, sae)
     return sae, model, data_config_of(sae, **data_overrides)
-
-
-def _check_widths(sae, model) -> None:
-    """A clear error when the model's activations at the SAE's hooks do not have the SAE's widths."""
-    from saelab.splice import hooks_of
-
-    hook_in, hook_out = hooks_of(sae)
-    widths = model.hook_widths(list(dict.fromkeys([hook_in, hook_out])))
-    where = f"of {sae.cfg.model_name}"
-    if widths[hook_in] != sae.cfg.d_in:
-        raise ConfigError(f"the SAE's d_in is {sae.cfg.d_in} but {hook_in} {where} has width {widths[hook_in]} "
-                          "(is it the SAE's model and hook? see --model_name, --hook_name)")
-    if widths[hook_out] != sae.cfg.d_out:
-        raise ConfigError(f"the transcoder's d_out is {sae.cfg.d_out} but its output hook {hook_out} {where} has "
-                          f"width {widths[hook_out]}")

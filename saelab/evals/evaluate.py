@@ -21,7 +21,7 @@ from saelab.evals import metrics as M
 from saelab.evals.spliced import SplicedEvaluation
 from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.saes.base import SAE
-from saelab.splice import hooks_of
+from saelab.splice import hooks_of, model_for
 
 EVAL_FILE = "eval.json"
 
@@ -52,10 +52,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Reconstruction, sparsity, geometry and (with `spliced`) downstream metrics of `sae` on `n_contexts`
     held-out contexts. `model` defaults to the SAE's model_name, `data` to the data it was trained on."""
-    from saelab.models import load_model
 
     sae = sae.eval()
-    model = model if model is not None else load_model(sae.cfg.model_name or "smollm2-135m")
+    model = model_for(sae, model)
     data = data or data_config_of(sae)
     exclude = data.exclude_special_tokens if exclude_special_tokens is None else exclude_special_tokens
     excluded = excluded_token_ids(model.tokenizer, exclude)

@@ -65,10 +65,11 @@ def density_counts(fire_counts: Tensor, n_tokens: int, dense_threshold: float = 
     return {"dead_latents": int((fire_counts == 0).sum()), "dense_latents": int((frequency > dense_threshold).sum())}
 
 
-def kl_divergence(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
-    """KL(clean || other) of the next-token distributions, per position."""
-    clean = clean_logits.double().log_softmax(-1)
-    other = other_logits.double().log_softmax(-1)
+def kl_divergence(clean_logits: Tensor, other_logits: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """KL(clean || other) of the next-token distributions, per position, computed in `dtype` (differentiable:
+    end-to-end training uses it as its loss, in float32, since a vocabulary-wide float64 copy per token is large)."""
+    clean = clean_logits.to(dtype).log_softmax(-1)
+    other = other_logits.to(dtype).log_softmax(-1)
     return (clean.exp() * (clean - other)).sum(-1)
 
 

@@ -19,11 +19,7 @@ from torch import Tensor
 
 from saelab.evals.metrics import kl_divergence, recovered_fraction
 from saelab.saes.base import SAE
-from saelab.splice import hooks_of
-
-
-def _replace(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    return torch.where(keep.unsqueeze(-1).to(old.device), new.to(old.dtype), old)
+from saelab.splice import check_splice, spliced
 
 
 def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -39,35 +35,17 @@ class SplicedEvaluation:
     def __init__(self, model, sae: SAE | Sequence[SAE], excluded_token_ids: Iterable[int] = (), error_term: bool = True):
         self.model, self.error_term = model, error_term
         self.saes = [sae] if isinstance(sae, SAE) else list(sae)
-        self.hooks = [hooks_of(s) for s in self.saes]
-        outs = [out for _, out in self.hooks]
-        if len(set(outs)) != len(outs):
-            raise ValueError(f"two SAEs replace the same hook point ({', '.join(outs)}): splice them one at a time")
+        check_splice(model, self.saes)
         self.excluded = torch.tensor(sorted(set(excluded_token_ids)), dtype=torch.long)
         self.sums: dict[str, float] = defaultdict(float)
         self.counts = {"ce": 0, "kl": 0}
 
     def _run(self, tokens: Tensor, keep: Tensor, mode: str) -> Tensor:
-        """Logits with each SAE's output hook replaced according to `mode` (sae, sae+error, zero)."""
-        captured: dict[str, Tensor] = {}
-
-        def splice(sae: SAE, hook_in: str, hook_out: str):
-            def replace(out: Tensor) -> Tensor:
-                x = captured[hook_in] if hook_in != hook_out else out
-                if mode == "zero":
-                    return _replace(keep, torch.zeros_like(out), out)
-                recon = sae(x.to(sae.device, sae.dtype))
-                if mode == "sae+error":  # in the SAE's dtype: a bfloat16 model gets its activation back exactly
-                    recon = recon + (out.to(recon) - recon)
-                return _replace(keep, recon, out)
-
-            return replace
-
-        write = {hook_out: splice(sae, hook_in, hook_out) for sae, (hook_in, hook_out) in zip(self.saes, self.hooks)}
-        read = [hook_in for hook_in, hook_out in self.hooks if hook_in != hook_out]
-        with self.model.hooks(read=read) as cache:
-            captured = cache
-            return self.model.logits(tokens, write=write)
+        """Logits with each SAE's output hook replaced at the kept positions as `mode` says: by the SAE's
+        output (sae), by it plus its error term (sae+error, which must give the clean logits), or by zeros."""
+        options = {"sae": {}, "sae+error": {"error_term": True}, "zero": {"run": _zeros}}[mode]
+        with spliced(self.model, self.saes, positions=keep, **options):
+            return self.model.logits(tokens)
 
     @torch.no_grad()
     def add(self, tokens: Tensor) -> None:
@@ -100,3 +78,8 @@ class SplicedEvaluation:
         metrics["kl_div_score"] = recovered_fraction(metrics["kl_div_with_ablation"], metrics["kl_div_with_sae"], 0.0)
         metrics["tokens"] = self.counts["kl"]
         return metrics
+
+
+def _zeros(sae: SAE, x: Tensor, activation: Tensor) -> Tensor:
+    """The zero-ablation baseline: the activation replaced by zeros."""
+    return torch.zeros_like(activation)

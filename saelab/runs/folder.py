@@ -81,10 +81,10 @@ def start_new_run(out_dir: Path, config_text: str, overwrite: bool) -> None:
     say(f"replaced the run in {out_dir} ({_listed(ours)}) with this one")
 
 
-def on_main(dist: Distributed | None, action: Callable[[], None]) -> None:
+def on_main(dist: Distributed, action: Callable[[], None]) -> None:
     """Run `action` in the single process or on rank 0 only; with several ranks, every rank raises its error (so
     none waits for a rank that has stopped)."""
-    if dist is None:
+    if dist.world_size == 1:
         action()
         return
     error = None

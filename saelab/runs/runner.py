@@ -149,11 +149,12 @@ def activation_source(config: RunConfig, dist: Distributed | None = None
     Data-parallel ranks each get their own share of the data and of the batch."""
     batch_size, seed = config.train.batch_size, config.train.seed
     shard = (0, 1)
-    if dist is not None and dist.mode == "data":
+    dist = dist or Distributed()
+    if dist.data_parallel:
         if batch_size % dist.world_size:
             raise ConfigError(f"train.batch_size {batch_size} does not split evenly between {dist.world_size} ranks")
         batch_size, shard = batch_size // dist.world_size, (dist.rank, dist.world_size)
-    if dist is not None and dist.mode == "module" and config.objective.end_to_end:
+    if dist.module_parallel and config.objective.end_to_end:
         raise ConfigError("end-to-end training splices every SAE into one forward pass: use train.distributed: data")
     if config.source == "synthetic":
         if config.objective.end_to_end:
@@ -200,7 +201,8 @@ def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: P
         excluded = excluded_token_ids(model.tokenizer, config.data.exclude_special_tokens)
         splicer = SplicedModel(model, excluded, objective.downstream_hooks)
         _check_downstream(model, objective.downstream_hooks, saes)
-    evaluates = model is not None and config.train.eval_every and (dist is None or dist.mode == "module" or dist.is_main)
+    dist = dist or Distributed()
+    evaluates = model is not None and config.train.eval_every and (dist.module_parallel or dist.is_main)
     evaluator = make_evaluator(model, config) if evaluates else None
     return Trainer(
         saes, config.train, out_dir=out_dir, evaluator=evaluator, splicer=splicer, lrs=lrs, initial=initial, dist=dist,
@@ -295,17 +297,16 @@ def _run(config: RunConfig, overwrite: bool = False, resuming: RunConfig | None 
     keep_freed_memory()  # before the model loads: harvesting allocates large activations every batch
     devices = run_devices(config)  # decide the backend: gloo for a CPU run, NCCL for CUDA tensors
     dist = init_distributed(config.train.distributed, config.train.distributed_timeout, devices)  # torchrun: ranks
-    main = dist is None or dist.is_main
+    main = dist.is_main
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
-    if dist is not None:
-        out_dir = Path(dist.gather_objects(str(out_dir))[0])  # rank 0's clock names the run for everyone
+    out_dir = Path(dist.gather_objects(str(out_dir))[0])  # rank 0's clock names the run for every rank
     config.out_dir = str(out_dir)
     if resuming is None:  # fail now, before the model loads
         run_folder.on_main(dist, lambda: run_folder.check_new_run(out_dir, overwrite))
     torch.manual_seed(config.train.seed)
     source, widths, origin, layers, model = activation_source(config, dist)
     saes = build_saes(config, widths, origin, layers)
-    if dist is not None and dist.mode == "module":
+    if dist.module_parallel:
         saes = {name: sae for i, (name, sae) in enumerate(saes.items()) if dist.owns(i)}
         if not saes:
             raise ConfigError(f"module-parallel training needs at least one SAE per rank ({dist.world_size} ranks)")
@@ -323,15 +324,14 @@ def _run(config: RunConfig, overwrite: bool = False, resuming: RunConfig | None 
     saes = trainer.fit(source)
     if config.source == "synthetic":  # ground truth is known: report how much of it each SAE found
         found = {name: feature_recovery(sae.W_dec, config.synthetic.features) for name, sae in saes.items()}
-        if dist is not None and dist.mode == "module":
+        if dist.module_parallel:
             found = {k: v for part in dist.gather_objects(found) for k, v in part.items()}
         if main:
             summary = json.loads((out_dir / "summary.json").read_text())
             for name, recovery in found.items():
                 summary[name]["feature_recovery"] = recovery
             atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    if dist is not None:
-        dist.close()
+    dist.close()
     return saes
 
 

@@ -10,7 +10,8 @@ Two ways to split the work:
   whole stream and trains its SAEs on it exactly as a single process would. Each rank saves its own SAEs.
 
 A rank that fails ends the run with its rank named; a collective that waits longer than `timeout_seconds`
-raises instead of hanging.
+raises instead of hanging. A single process is `Distributed()` (rank 0 of 1), whose collectives return at once,
+so the trainer has one code path.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ class DistributedError(RuntimeError):
 
 @dataclass
 class Distributed:
-    """This process's place in the group and the collectives the trainer needs."""
+    """This process's place in the group and the collectives the trainer needs (no-ops for a single process)."""
 
-    rank: int
-    world_size: int
+    rank: int = 0
+    world_size: int = 1
     mode: Mode = "data"
     owns_group: bool = False  # this process group was started by init_distributed, so close() ends it
 
@@ -44,11 +45,23 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_parallel(self) -> bool:
+        """Several ranks, each training replicas of every SAE on its share of the data."""
+        return self.mode == "data" and self.world_size > 1
+
+    @property
+    def module_parallel(self) -> bool:
+        """Several ranks, each training its share of the SAEs on the whole stream."""
+        return self.mode == "module" and self.world_size > 1
+
     def owns(self, index: int) -> bool:
         """Whether this rank trains SAE number `index` (every SAE in data-parallel mode)."""
         return self.mode == "data" or index % self.world_size == self.rank
 
     def _run(self, what: str, fn, *args):
+        if self.world_size == 1:
+            return None
         try:
             return fn(*args)
         except (RuntimeError, ValueError) as e:
@@ -58,7 +71,7 @@ class Distributed:
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Mean of every rank's gradients, in one flat all-reduce."""
         grads = [p.grad for p in parameters if p.grad is not None]
-        if not grads:
+        if not grads or self.world_size == 1:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
         self._run("all-reduce of gradients", dist.all_reduce, flat)
@@ -76,6 +89,8 @@ class Distributed:
 
     def gather_rows(self, rows: Tensor) -> list[Tensor]:
         """Every rank's `rows` (any number of rows, same width and dtype), in rank order."""
+        if self.world_size == 1:
+            return [rows]
         count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
         counts = [torch.zeros_like(count) for _ in range(self.world_size)]
         self._run("all-gather of row counts", dist.all_gather, counts, count)
@@ -88,6 +103,8 @@ class Distributed:
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj` (metrics, states of this process's own making), in rank order."""
+        if self.world_size == 1:
+            return [obj]
         result: list[Any] = [None] * self.world_size
         self._run("all-gather", dist.all_gather_object, result, obj)
         return result
@@ -126,12 +143,12 @@ def choose_backend(devices: Iterable[str], cuda_devices: int, local_rank: int,
 
 
 def init_distributed(mode: Mode = "data", timeout_seconds: float = 600, devices: Iterable[str] = ("cpu",)
-                     ) -> Distributed | None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), or None for a single process. `devices`: where
-    the run's tensors live, which decides the backend (see `choose_backend`)."""
+                     ) -> Distributed:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or a single process's `Distributed()`.
+    `devices`: where the run's tensors live, which decides the backend (see `choose_backend`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return None
+        return Distributed(mode=mode)
     started = not dist.is_initialized()
     if started:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

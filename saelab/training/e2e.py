@@ -15,13 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.evals.metrics import kl_divergence
 from saelab.saes.base import SAE
-from saelab.saes.outputs import TrainOutput
-from saelab.splice import hooks_of
-
-Forward = tuple[Tensor, Tensor, TrainOutput]
-"""(input, target, output) of one SAE in one step, inputs and targets scaled as the SAE trains on them."""
-
+from saelab.splice import check_splice, spliced
+from saelab.training.unit import Forward, TrainingUnit
 
 @dataclass
 class SplicedRun:
@@ -39,9 +36,7 @@ class SplicedRun:
 
     def kl(self) -> Tensor:
         """Mean over kept positions of KL(clean || spliced) of the next-token distributions (differentiable)."""
-        clean = self.clean_logits[self.keep].float().log_softmax(-1)
-        spliced = self.logits[self.keep].float().log_softmax(-1)
-        return (clean.exp() * (clean - spliced)).sum(-1).mean()
+        return kl_divergence(self.clean_logits[self.keep], self.logits[self.keep], dtype=torch.float32).mean()
 
     def downstream_loss(self) -> Tensor:
         """Sum over downstream hooks of the squared error of the spliced activations, relative to the clean
@@ -92,52 +87,32 @@ class SplicedModel:
         return {name: value[keep] for name, value in acts.items()}
 
     def check(self, saes: Iterable[SAE]) -> None:
-        """Refuse SAEs that cannot be spliced together: two replacing the same activation."""
-        replaced: set[str] = set()
-        for sae in saes:
-            _, hook_out = hooks_of(sae)
-            self.model.hook_point(hook_out)
-            if hook_out in replaced:
-                raise ValueError(
-                    f"end-to-end training splices every SAE at once, and two replace '{hook_out}'; "
-                    "train a sweep on one hook point in separate end-to-end runs"
-                )
-            replaced.add(hook_out)
+        """Refuse SAEs that cannot be spliced together (a missing hook point, two replacing one activation)."""
+        check_splice(self.model, list(saes))
 
-    def run(self, tokens: Tensor, units: Sequence[Any]) -> tuple[dict[str, Forward], SplicedRun]:
-        """Both passes over a batch of contexts `(batch, positions)`. `units` have name, sae, in_scale and
-        out_scale; each SAE trains on scaled activations and its output is scaled back before it is spliced."""
+    def run(self, tokens: Tensor, units: Sequence[TrainingUnit]) -> tuple[dict[str, Forward], SplicedRun]:
+        """Both passes over a batch of contexts `(batch, positions)`. Each unit's SAE runs its training forward
+        (compiled when train.compile asks) on scaled activations; its output is scaled back before the model
+        receives it."""
         tokens, keep = self._prepare(tokens)
         with torch.no_grad(), self.model.hooks(read=self.downstream_hooks) as cache:
             clean_logits = self.model.logits(tokens)
             clean_downstream = {h: cache[h][keep] for h in self.downstream_hooks}
 
+        by_sae = {unit.sae: unit for unit in units}
         forwards: dict[str, Forward] = {}
-        captured: dict[str, Tensor] = {}
 
-        def splice(unit: Any, hook_in: str, hook_out: str):
-            def replace(act: Tensor) -> Tensor:
-                sae = unit.sae
-                source = captured[hook_in] if hook_in != hook_out else act
-                x = source[keep].to(sae.dtype) * unit.in_scale
-                target = act[keep].detach().to(sae.dtype) * unit.out_scale
-                out = sae.training_forward(x)
-                forwards[unit.name] = (x, target, out)
-                spliced = act.clone()
-                spliced[keep] = (out.output / unit.out_scale).to(act.dtype)
-                return spliced
+        def train_forward(sae: SAE, x: Tensor, activation: Tensor) -> Tensor:
+            unit = by_sae[sae]
+            x = unit.scaler.scale_input(x.to(sae.dtype))
+            target = unit.scaler.scale_target(activation.detach().to(sae.dtype))
+            out = unit.forward(x)
+            forwards[unit.name] = (x, target, out)
+            return unit.scaler.unscale_output(out.output)
 
-            return replace
-
-        write, inputs = {}, []
-        for unit in units:
-            hook_in, hook_out = hooks_of(unit.sae)
-            write[hook_out] = splice(unit, hook_in, hook_out)
-            if hook_in != hook_out:
-                inputs.append(hook_in)
-        with self.model.hooks(read=list(dict.fromkeys(self.downstream_hooks + inputs))) as cache:
-            captured = cache
-            logits = self.model.logits(tokens, write=write)
+        saes = [unit.sae for unit in units]
+        with spliced(self.model, saes, positions=keep, run=train_forward, read=self.downstream_hooks) as cache:
+            logits = self.model.logits(tokens)
             downstream = {h: cache[h][keep] for h in self.downstream_hooks}
         missing = [u.name for u in units if u.name not in forwards]
         if missing:

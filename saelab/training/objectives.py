@@ -9,15 +9,17 @@ KL to the clean model and downstream reconstruction, and may drop the local reco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import Tensor
 
 from saelab.saes.base import SAE
 from saelab.saes.outputs import TrainOutput
 from saelab.training.config import ObjectiveConfig
-from saelab.training.e2e import SplicedRun
 from saelab.training.schedules import warmup_factor
+
+if TYPE_CHECKING:  # the end-to-end module builds on the objectives
+    from saelab.training.e2e import SplicedRun
 
 
 @dataclass

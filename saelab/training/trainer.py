@@ -10,11 +10,9 @@ Everything that decides the rest of the run is in `state_dict()`, so a checkpoin
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,12 +22,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.core.config import ConfigError, to_dict
 from saelab.activations.source import Batch
-from saelab.evals.metrics import explained_variance, log_feature_density
+from saelab.core.config import ConfigError, to_dict
 from saelab.core.files import atomic_write_text, replacing_directory
+from saelab.evals.metrics import log_feature_density
 from saelab.saes.base import SAE
-from saelab.saes.outputs import TrainOutput
 from saelab.splice import hooks_of
 from saelab.training.batches import check_widths, select_inputs
 from saelab.training.checkpoints import (
@@ -42,11 +39,12 @@ from saelab.training.checkpoints import (
 )
 from saelab.training.config import TrainConfig
 from saelab.training.distributed import Distributed
-from saelab.training.e2e import Forward, SplicedModel
+from saelab.training.e2e import SplicedModel, SplicedRun
 from saelab.training.logging import MetricsLogger
 from saelab.training.memory import keep_freed_memory
-from saelab.training.objectives import ModelObjective, Objective, StepContext, local_objectives
+from saelab.training.objectives import ModelObjective, Objective, local_objectives
 from saelab.training.schedules import lr_factor
+from saelab.training.unit import Forward, TrainingUnit
 
 WHOLE_MODEL = "model"
 """Name under which metrics of the model with every SAE spliced in are logged (so no SAE may use it)."""
@@ -54,23 +52,6 @@ WHOLE_MODEL = "model"
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights stopped being finite."""
-
-
-@dataclass
-class _Unit:
-    """One SAE being trained, with its optimiser and running statistics."""
-
-    name: str
-    sae: SAE
-    objectives: list[Objective]
-    optimizer: torch.optim.Optimizer
-    tokens_since_fired: Tensor
-    fire_counts: Tensor
-    lr: float
-    in_scale: float = 1.0
-    out_scale: float = 1.0
-    window: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    forward: Callable[[Tensor], TrainOutput] | None = None  # sae.training_forward, compiled when asked
 
 
 class Trainer:
@@ -104,7 +85,7 @@ class Trainer:
         self.cfg = config
         keep_freed_memory()  # large per-step tensors come back from the heap instead of fresh mappings
         self.evaluator = evaluator
-        self.dist = dist
+        self.dist = dist or Distributed()  # a single process unless torchrun says otherwise
         self.splicer, self.model_objectives = splicer, list(model_objectives or [])
         if self.model_objectives and splicer is None:
             raise ValueError("model-level objectives need a splicer (the model to splice the SAEs into)")
@@ -114,7 +95,8 @@ class Trainer:
             raise ValueError(f"learning rates given for unknown SAEs: {', '.join(sorted(unknown))}")
         if WHOLE_MODEL in saes:
             raise ValueError(f"'{WHOLE_MODEL}' names the whole model in logs: call the SAE something else")
-        self.units = [self._make_unit(name, sae, objectives, lrs.get(name, config.lr)) for name, sae in saes.items()]
+        self.units = [TrainingUnit.create(name, sae, objectives or local_objectives(config.sparsity_warmup_steps),
+                                          lrs.get(name, config.lr), config) for name, sae in saes.items()]
         self.initial = dict(initial or {})
         self.run_identity = plain(dict(run_identity or {}))
         # taken now: what the SAEs were configured as, whatever training later does to them
@@ -132,20 +114,6 @@ class Trainer:
         self.resumed_from: int | None = None  # the step `resume` continues from
         self.resumed_checkpoint: Path | None = None
         self._clock = (time.perf_counter(), 0)
-
-    def _make_unit(self, name: str, sae: SAE, objectives: list[Objective] | None, lr: float) -> _Unit:
-        c = self.cfg
-        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(c.adam_beta1, c.adam_beta2), fused=True)
-        return _Unit(
-            name=name,
-            sae=sae.train(),
-            objectives=objectives or local_objectives(c.sparsity_warmup_steps),
-            optimizer=optimizer,
-            lr=lr,
-            tokens_since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device),
-            fire_counts=torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device),
-            forward=torch.compile(sae.training_forward) if c.compile else sae.training_forward,
-        )
 
     @property
     def saes(self) -> dict[str, SAE]:
@@ -166,17 +134,9 @@ class Trainer:
             check_widths(*pairs[0], unit.sae, unit.name)
             xs = torch.cat([x for x, _ in pairs]).to(unit.sae.device, unit.sae.dtype)
             ys = torch.cat([y for _, y in pairs]).to(unit.sae.device, unit.sae.dtype)
-            if self._data_parallel:  # scales and b_dec from every rank's sample, so replicas start equal
-                xs, ys = torch.cat(self.dist.gather_rows(xs)), torch.cat(self.dist.gather_rows(ys))  # type: ignore[union-attr]
-            if unit.sae.cfg.normalize_activations == "expected_average_only_in":
-                # Scale so that E||x|| = sqrt(d): coefficients then transfer between models and layers.
-                unit.in_scale = math.sqrt(xs.shape[-1]) / float(xs.norm(dim=-1).mean())
-                unit.out_scale = math.sqrt(ys.shape[-1]) / float(ys.norm(dim=-1).mean())
-            if unit.name in self.initial:  # saved for raw activations: undo the folding for the scaled ones
-                unit.sae.load_state_dict(self.initial[unit.name].state_dict())
-                unit.sae.fold_activation_scale(1 / unit.in_scale, 1 / unit.out_scale)
-            else:
-                unit.sae.initialize_b_dec(ys * unit.out_scale)
+            if self.dist.data_parallel:  # every rank's sample, so that the replicas start equal
+                xs, ys = torch.cat(self.dist.gather_rows(xs)), torch.cat(self.dist.gather_rows(ys))
+            unit.prepare(xs, ys, self.initial.get(unit.name))
         self.prepared = True
 
     # ----- the loop ----------------------------------------------------------------------------------
@@ -189,7 +149,7 @@ class Trainer:
             self.prepare(islice(batches, self.cfg.norm_estimate_batches))
         total = self.cfg.total_steps
         self._clock = (time.perf_counter(), self.tokens)  # throughput counts this session's tokens only
-        main = self.dist is None or self.dist.is_main
+        main = self.dist.is_main
         self.logger = MetricsLogger(self.out_dir if main else None, self.cfg.wandb_project if main else None,
                                     {"train": to_dict(self.cfg)}, self.step)
         if self.resumed_from is not None:
@@ -218,52 +178,38 @@ class Trainer:
         return self.finish()
 
     def train_step(self, batch: Batch) -> None:
-        device_type = self.units[0].sae.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
-            if self.splicer is not None:
-                forwards, run = self.splicer.run(batch, self.units)
-            else:
-                forwards, run = {unit.name: self._local_forward(unit, batch) for unit in self.units}, None
-            unit_terms = {unit.name: self._terms(unit, forwards[unit.name]) for unit in self.units}
+        """One step of every SAE: forward, losses, one backward, then each SAE's own update and statistics."""
+        with torch.autocast(self.units[0].sae.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            forwards, run = self._forward(batch)
+            unit_terms = {u.name: u.loss_terms(forwards[u.name], self.step, self.cfg.dead_window_tokens)
+                          for u in self.units}
             model_terms = {o.name: term for o in self.model_objectives if (term := o(run)) is not None} if run else {}
         self._check_finite(unit_terms, model_terms)
         loss = torch.stack([t.float() for terms in [*unit_terms.values(), model_terms] for t in terms.values()]).sum()
         for unit in self.units:
             unit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        rows = forwards[self.units[0].name][0].shape[0]
-        if self._data_parallel:  # replicas stay equal: every rank steps with the mean gradient
-            self.dist.average_gradients([p for unit in self.units for p in unit.sae.parameters()])  # type: ignore[union-attr]
-            rows = int(self.dist.sum(torch.tensor([rows])))  # type: ignore[union-attr]
+        if self.dist.data_parallel:  # the replicas stay equal: every rank steps with the mean gradient
+            self.dist.average_gradients(p for unit in self.units for p in unit.sae.parameters())
         lr_scale = lr_factor(self.step, self.cfg)
         for unit in self.units:
-            self._update(unit, lr_scale)
+            unit.update(lr_scale, self.cfg.max_grad_norm)
         with torch.no_grad():
             for unit in self.units:
-                self._record(unit, forwards[unit.name], unit_terms[unit.name])
+                unit.record(forwards[unit.name], unit_terms[unit.name], self.dist)
             for name, term in model_terms.items():
                 self.model_window[name].append(float(term.detach()))
-            if run is not None:
-                for name, value in run.metrics().items():
-                    self.model_window[name].append(value)
-        self.tokens += rows
+            for name, value in (run.metrics() if run is not None else {}).items():
+                self.model_window[name].append(value)
+        rows = forwards[self.units[0].name][0].shape[0]
+        self.tokens += int(self.dist.sum(torch.tensor([rows]))) if self.dist.data_parallel else rows
 
-    @property
-    def _data_parallel(self) -> bool:
-        return self.dist is not None and self.dist.mode == "data"
-
-    def _local_forward(self, unit: _Unit, batch: Batch) -> Forward:
-        x, target = select_inputs(batch, unit.sae)
-        check_widths(x, target, unit.sae, unit.name)
-        x = x.to(unit.sae.device, unit.sae.dtype) * unit.in_scale
-        target = target.to(unit.sae.device, unit.sae.dtype) * unit.out_scale
-        return x, target, (unit.forward or unit.sae.training_forward)(x)
-
-    def _terms(self, unit: _Unit, forward: Forward) -> dict[str, Tensor]:
-        _, target, out = forward
-        dead_mask = unit.tokens_since_fired >= self.cfg.dead_window_tokens
-        ctx = StepContext(sae=unit.sae, out=out, target=target, dead_mask=dead_mask, step=self.step)
-        return {o.name: term for o in unit.objectives if (term := o(ctx)) is not None}
+    def _forward(self, batch: Batch) -> tuple[dict[str, Forward], SplicedRun | None]:
+        """Every SAE's training forward: on its rows of an activation batch, or spliced into the model (end to
+        end: the batch is token contexts, and the model's clean and spliced passes come back too)."""
+        if self.splicer is not None:
+            return self.splicer.run(batch, self.units)
+        return {unit.name: unit.forward_local(batch) for unit in self.units}, None
 
     def _check_finite(self, unit_terms: dict[str, dict[str, Tensor]], model_terms: dict[str, Tensor]) -> None:
         """Stop before any weight changes when a loss term is not finite, naming the SAE and the terms."""
@@ -276,36 +222,6 @@ class Trainer:
                     f"stopped before updating the weights, earlier checkpoints are kept (resume with a lower lr)"
                 )
 
-    def _update(self, unit: _Unit, lr_scale: float) -> None:
-        sae = unit.sae
-        if sae.normalize_decoder:
-            sae.remove_parallel_decoder_grad()
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.max_grad_norm)
-        for group in unit.optimizer.param_groups:
-            group["lr"] = unit.lr * lr_scale
-        unit.optimizer.step()
-        if sae.normalize_decoder:
-            sae.normalize_decoder_rows()
-
-    def _record(self, unit: _Unit, forward: Forward, terms: dict[str, Tensor]) -> None:
-        _, target, out = forward
-        unit.sae.update_after_step(out)
-        per_latent = out.firing_counts()
-        n_tokens = target.shape[0]
-        if self._data_parallel:  # dead-latent statistics over every rank's tokens
-            totals = self.dist.sum(torch.cat([per_latent, per_latent.new_tensor([n_tokens])]))  # type: ignore[union-attr]
-            per_latent, n_tokens = totals[:-1], int(totals[-1])
-        unit.tokens_since_fired += n_tokens
-        unit.tokens_since_fired[per_latent > 0] = 0
-        unit.fire_counts += per_latent
-        window = unit.window
-        window["loss"].append(float(sum(t.detach() for t in terms.values())) if terms else 0.0)
-        for name, term in terms.items():
-            window[name].append(float(term.detach()))
-        window["l0"].append(float(per_latent.sum()) / n_tokens)
-        window["explained_variance"].append(explained_variance(target, out.output))
-
     def _log(self) -> dict[str, float]:
         record: dict[str, Any] = {
             "tokens": self.tokens,
@@ -316,12 +232,12 @@ class Trainer:
             record[prefix + "lr"] = unit.lr * lr_factor(self.step - 1, self.cfg)
             for name, values in unit.window.items():
                 record[prefix + name] = sum(values) / len(values)
-            record[prefix + "dead_fraction"] = self.dead_fraction(unit)
+            record[prefix + "dead_fraction"] = unit.dead_fraction(self.cfg.dead_window_tokens)
             unit.window.clear()
         for name, values in self.model_window.items():
             record[f"{WHOLE_MODEL}/{name}"] = sum(values) / len(values)
         self.model_window.clear()
-        if self.dist is not None and self.dist.mode == "module":  # every rank's SAEs in one record
+        if self.dist.module_parallel:  # every rank's SAEs in one record
             record = {k: v for r in self.dist.gather_objects(record) for k, v in r.items()}
         assert self.logger is not None
         self.logger.log(self.step, record)
@@ -332,10 +248,10 @@ class Trainer:
     def _evaluate(self) -> None:
         """Run the evaluator on the SAEs as they would be saved now; log under eval/ (per SAE when several)."""
         assert self.evaluator is not None and self.logger is not None
-        if self._data_parallel and not self.dist.is_main:  # type: ignore[union-attr]
+        if self.dist.data_parallel and not self.dist.is_main:
             return  # replicas are equal: rank 0 evaluates
         results = self.evaluator(self.final_saes())
-        if self.dist is not None and self.dist.mode == "module":
+        if self.dist.module_parallel:
             results = {k: v for r in self.dist.gather_objects(results) for k, v in r.items()}
         record = {}
         for name, metrics in results.items():
@@ -349,31 +265,18 @@ class Trainer:
         start, tokens = self._clock
         return (self.tokens - tokens) / max(time.perf_counter() - start, 1e-9)
 
-    def dead_fraction(self, unit: _Unit) -> float:
-        return float((unit.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
-
     # ----- results -----------------------------------------------------------------------------------
     def final_saes(self) -> dict[str, SAE]:
-        """Copies of the SAEs in eval mode, as they are saved: working on raw activations (the normalisation
-        scale folded into the weights) with unit-norm decoder rows where the architecture allows it (see
-        `SAE.fold_W_dec_norm`), which SAEBench expects. Outputs are those of the SAEs being trained."""
-        result = {}
-        for unit in self.units:
-            sae = unit.sae.clone().eval()
-            if sae.cfg.normalize_activations == "expected_average_only_in":
-                sae.fold_activation_scale(unit.in_scale, unit.out_scale)
-                sae.cfg.normalize_activations = "none"
-            sae.fold_W_dec_norm()
-            result[unit.name] = sae
-        return result
+        """Copies of the SAEs as they are saved (see `TrainingUnit.final_sae`)."""
+        return {unit.name: unit.final_sae() for unit in self.units}
 
     def finish(self) -> dict[str, SAE]:
         """Fold, save (SAE directories + summary.json when out_dir is set) and return the trained SAEs."""
         saes = self.final_saes()
         if self.out_dir is None:
             return saes
-        main = self.dist is None or self.dist.is_main
-        if main or not self._data_parallel:  # module parallel: each rank saves its own SAEs
+        main = self.dist.is_main
+        if main or self.dist.module_parallel:  # module parallel: each rank saves its own SAEs
             for unit in self.units:
                 density = log_feature_density(unit.fire_counts, self.tokens)
                 # replaced whole: nothing written for older weights (a resumed run's, evaluations) survives beside
@@ -381,12 +284,11 @@ class Trainer:
                 with replacing_directory(self.out_dir / unit.name) as folder:
                     saes[unit.name].save(folder, sparsity=density)
         summary = self.summary()
-        if self.dist is not None and self.dist.mode == "module":
+        if self.dist.module_parallel:
             summary = {k: v for r in self.dist.gather_objects(summary) for k, v in r.items()}
         if main:
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
-        if self.dist is not None:
-            self.dist.barrier()  # no rank returns before every file of the run is written
+        self.dist.barrier()  # no rank returns before every file of the run is written
         return saes
 
     def summary(self) -> dict[str, dict[str, Any]]:
@@ -400,7 +302,7 @@ class Trainer:
                 "tokens": self.tokens,
                 "explained_variance": self.last_record.get(prefix + "explained_variance"),
                 "l0": self.last_record.get(prefix + "l0"),
-                "dead_fraction": self.dead_fraction(unit),
+                "dead_fraction": unit.dead_fraction(self.cfg.dead_window_tokens),
                 "tokens_per_second": round(self.last_record.get("tokens_per_second", self.tokens_per_second()), 1),
                 **{f"eval/{k}": v for k, v in self.last_eval.get(unit.name, {}).items()},
             }
@@ -417,23 +319,12 @@ class Trainer:
     def state_dict(self, source: Any = None) -> dict[str, Any]:
         """Everything that decides the rest of the run (the source position included, when it has one). With
         several processes: every rank's SAEs (module parallel) and every rank's data position (data parallel)."""
-        units = {
-            u.name: {
-                "sae": u.sae.state_dict(),
-                "optimizer": u.optimizer.state_dict(),
-                "tokens_since_fired": u.tokens_since_fired,
-                "fire_counts": u.fire_counts,
-                "in_scale": u.in_scale,
-                "out_scale": u.out_scale,
-                "identity": self._unit_identity[u.name],
-            }
-            for u in self.units
-        }
+        units = {u.name: {**u.state_dict(), "identity": self._unit_identity[u.name]} for u in self.units}
         source_state = source.state_dict() if hasattr(source, "state_dict") else None
-        if self.dist is not None and self.dist.mode == "module":
+        if self.dist.module_parallel:
             units = {k: v for r in self.dist.gather_objects(units) for k, v in r.items()}
-        if self._data_parallel:
-            source_state = {f"rank_{i}": s for i, s in enumerate(self.dist.gather_objects(source_state))}  # type: ignore[union-attr]
+        if self.dist.data_parallel:
+            source_state = {f"rank_{i}": s for i, s in enumerate(self.dist.gather_objects(source_state))}
         return {
             "step": self.step,
             "tokens": self.tokens,
@@ -456,18 +347,13 @@ class Trainer:
             random.setstate(_as_tuples(state["python_rng"]))
         self._source_state = state["source"]
         self.last_record, self.last_eval = dict(state.get("last_record", {})), dict(state.get("last_eval", {}))
-        if self._data_parallel:
-            key = f"rank_{self.dist.rank}"  # type: ignore[union-attr]
+        if self.dist.data_parallel:
+            key = f"rank_{self.dist.rank}"
             if not isinstance(self._source_state, dict) or key not in self._source_state:
-                raise ValueError(f"this checkpoint was not written by a data-parallel run with {self.dist.world_size} ranks")  # type: ignore[union-attr]
+                raise ValueError(f"this checkpoint was not written by a data-parallel run with {self.dist.world_size} ranks")
             self._source_state = self._source_state[key]
         for unit in self.units:
-            saved = state["units"][unit.name]
-            unit.sae.load_state_dict(saved["sae"])
-            unit.optimizer.load_state_dict(saved["optimizer"])
-            unit.tokens_since_fired.copy_(saved["tokens_since_fired"])
-            unit.fire_counts.copy_(saved["fire_counts"])
-            unit.in_scale, unit.out_scale = float(saved["in_scale"]), float(saved["out_scale"])
+            unit.load_state_dict(state["units"][unit.name])
 
     def save_checkpoint(self, source: Any = None) -> Path:
         """Write `out_dir/checkpoints/step_N/`; it counts only once its COMPLETE marker exists."""
@@ -475,14 +361,14 @@ class Trainer:
             raise ValueError("checkpoints need an out_dir")
         state = self.state_dict(source)  # collective with several processes: every rank takes part
         root = self.out_dir / CHECKPOINT_DIR
-        if self.dist is not None and not self.dist.is_main:
+        if not self.dist.is_main:
             return root / f"step_{self.step:09d}"
         return write_checkpoint(root, self.step, state, self.cfg.keep_checkpoints)
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide this run's weights (all but RESUMABLE_TRAIN_OPTIONS), as checkpoints record them."""
         train = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_TRAIN_OPTIONS}
-        return plain({**self.run_identity, "train": train, "processes": self.dist.world_size if self.dist else 1})
+        return plain({**self.run_identity, "train": train, "processes": self.dist.world_size})
 
     def resume(self, out_dir: str | Path | None = None) -> bool:
         """Load the newest readable complete checkpoint under out_dir; False when there is none. A checkpoint written
@@ -492,8 +378,8 @@ class Trainer:
         if found is None:
             return False
         checkpoint, state = found
-        module_parallel = self.dist is not None and self.dist.mode == "module"  # this rank trains some of the SAEs
-        check_same_run(checkpoint, state, self.identity(), self._unit_identity, some_units=module_parallel)
+        # module parallel: this rank trains some of the SAEs
+        check_same_run(checkpoint, state, self.identity(), self._unit_identity, some_units=self.dist.module_parallel)
         if int(state["step"]) > self.cfg.total_steps:
             raise ConfigError(f"train.total_tokens {self.cfg.total_tokens:,} ({self.cfg.total_steps} steps) is less "
                               f"than {checkpoint} has trained already ({int(state['tokens']):,} tokens)")
