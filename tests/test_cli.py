@@ -417,3 +417,30 @@ def test_an_sae_saved_on_a_gpu_converts_on_the_cpu(tmp_path, capsys):
         assert main(["convert", str(tmp_path / "gpu"), str(tmp_path / "out2"), "--device", "cuda"]) == 2
         assert "device 'cuda' is not available on this machine" in error_line(capsys)
         assert not (tmp_path / "out2").exists()
+
+
+def test_a_bug_shows_its_traceback_and_debug_shows_user_errors_in_full(tmp_path, monkeypatch, capsys):
+    """User errors are one line; any other exception is a bug and propagates (traceback), and --debug lets a
+    user error propagate too."""
+    import saelab.runs.runner as runner
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug inside saelab")
+
+    monkeypatch.setattr(runner, "train", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug inside saelab"):
+        main(["train", *SMALL, "--out_dir", str(tmp_path / "a")])
+    monkeypatch.undo()
+    assert main(["train", *SMALL, "--sae.k", "100000", "--out_dir", str(tmp_path / "b")]) == 2
+    assert "k must be between 1 and d_sae" in capsys.readouterr().err
+    with pytest.raises(saelab.ConfigError, match="k must be between 1 and d_sae"):
+        main(["--debug", "train", *SMALL, "--sae.k", "100000", "--out_dir", str(tmp_path / "b")])
+
+
+def test_the_cli_uses_no_private_argparse_attributes():
+    from pathlib import Path
+
+    import saelab.cli
+
+    sources = [p.read_text() for p in Path(saelab.cli.__file__).parent.glob("*.py")]
+    assert not [s for s in sources if "._actions" in s or "_SubParsersAction" in s]

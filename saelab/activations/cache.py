@@ -28,6 +28,7 @@ from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches
 from saelab.models.hooks import HookedModel
 from saelab.core.files import FileFormatError, read_json, read_safetensors
+from saelab.core.errors import ConfigError, FileFormatError
 
 CACHE_FORMAT = "saelab-activations"
 METADATA_FILE = "metadata.json"
@@ -81,7 +82,7 @@ def write_activation_cache(
         if pending_rows:
             flush(staging, pending_rows)
         if not shards:
-            raise ValueError("the data gave no activation rows to cache")
+            raise ConfigError("the data gave no activation rows to cache")
         metadata = {
             "format": CACHE_FORMAT,
             **(info or {}),
@@ -122,7 +123,7 @@ class CachedActivations:
         self.seed, self.loop = seed, loop
         self.shard = shard
         if len(self.metadata["shards"]) < shard[1]:
-            raise ValueError(f"{folder} has {len(self.metadata['shards'])} shard files, fewer than the {shard[1]} "
+            raise FileFormatError(f"{folder} has {len(self.metadata['shards'])} shard files, fewer than the {shard[1]} "
                              "data-parallel ranks that each need their own")
         self.buffer = ShuffleBuffer(buffer_size, batch_size, seed=seed + 1_000_003 * shard[0])
         self.epoch, self.shards_done, self.offset = 0, 0, 0

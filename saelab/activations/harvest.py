@@ -13,6 +13,7 @@ from saelab.activations.source import Batch
 from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.models.hooks import HookedModel
+from saelab.core.errors import ConfigError
 
 
 class Harvester:
@@ -43,7 +44,7 @@ class Harvester:
         rows = {}
         for name, value in acts.items():
             if value.dim() != 3:
-                raise ValueError(f"hook '{name}' gives shape {tuple(value.shape)}, expected (batch, position, width)")
+                raise ConfigError(f"hook '{name}' gives shape {tuple(value.shape)}, expected (batch, position, width)")
             rows[name] = value[:, window][keep.to(value.device)].float()
         return rows, tokens[keep]
 

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor
+from saelab.core.errors import ConfigError
 
 
 class ShuffleBuffer:
@@ -18,7 +19,7 @@ class ShuffleBuffer:
 
     def __init__(self, capacity: int, batch_size: int, seed: int = 0):
         if capacity < batch_size:
-            raise ValueError(f"shuffle buffer capacity {capacity} is smaller than the batch size {batch_size}")
+            raise ConfigError(f"shuffle buffer capacity {capacity} is smaller than the batch size {batch_size}")
         self.capacity, self.batch_size = capacity, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.store: Tensor | None = None
@@ -29,7 +30,7 @@ class ShuffleBuffer:
         if self.store is None:
             self.store = torch.empty(self.capacity, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
         if rows.shape[1:] != self.store.shape[1:]:
-            raise ValueError(f"rows of shape {tuple(rows.shape[1:])} pushed into a buffer of {tuple(self.store.shape[1:])}")
+            raise ConfigError(f"rows of shape {tuple(rows.shape[1:])} pushed into a buffer of {tuple(self.store.shape[1:])}")
         take = min(self.capacity - self.size, rows.shape[0])
         self.store[self.size : self.size + take] = rows[:take]
         self.size += take

@@ -6,6 +6,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from saelab.core.errors import ConfigError
 
 Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
 """One batch: a tensor (input = target), an (input, target) pair, or tensors by hook name."""
@@ -33,9 +34,9 @@ class TensorSource:
         self.columns = list(data.values()) if isinstance(data, dict) else list(data) if isinstance(data, tuple) else [data]
         self.n_rows = self.columns[0].shape[0]
         if any(c.shape[0] != self.n_rows for c in self.columns):
-            raise ValueError(f"all tensors of a TensorSource need the same number of rows, got {[c.shape[0] for c in self.columns]}")
+            raise ConfigError(f"all tensors of a TensorSource need the same number of rows, got {[c.shape[0] for c in self.columns]}")
         if batch_size > self.n_rows:
-            raise ValueError(f"batch_size {batch_size} is larger than the data ({self.n_rows} rows)")
+            raise ConfigError(f"batch_size {batch_size} is larger than the data ({self.n_rows} rows)")
         self.batch_size, self.shuffle, self.seed, self.loop = batch_size, shuffle, seed, loop
         self.epoch, self.row = 0, 0
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from saelab.analysis.dashboard import TokenText
 from saelab.analysis.statistics import FeatureStats
 from saelab.core.files import atomic_directory
+from saelab.core.errors import ConfigError
 
 EMPTY_FIELDS = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
                 "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
@@ -109,7 +110,7 @@ def export_neuronpedia(stats: FeatureStats, tokenizer, out_dir: str | Path, mode
     if layer is None:
         layer = stats.info.get("hook_layer")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"Neuronpedia files features under their model layer, and the layer of this SAE's hook "
+        raise ConfigError(f"Neuronpedia files features under their model layer, and the layer of this SAE's hook "
                          f"({stats.info.get('hook_name', 'unknown hook')}) is not known (got {layer!r}): pass layer=N "
                          "(or set hook_layer in the SAE's cfg.json)")
     text = TokenText(tokenizer)

@@ -16,6 +16,7 @@ import yaml
 from saelab.cli.sae_source import (REPORT_DEFAULT, SAE_SOURCE_HELP, add_sae_source_options, load_sae_from_args, report_folder,
                             sae_model_and_data)
 from saelab.core.config import ConfigError, closest_key, deep_merge, field_docs
+from saelab.core.errors import SaelabError
 
 
 def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -35,16 +36,17 @@ def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
 def _sae_flags() -> list[tuple[str, str]]:
     """One --sae.X flag per option of any architecture, saying which architectures take it."""
     from saelab.saes.config import SAEConfig
-    from saelab.saes.registry import _ARCHITECTURES
+    from saelab.saes.registry import architecture_class, available_architectures
 
     common = {f.name for f in dataclasses.fields(SAEConfig)}
     flags = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
     flags["expansion_factor"] = ("d_sae = expansion_factor * d_in when d_sae is not given.", None)
     flags["lr"] = ("This SAE's learning rate (default: train.lr).", None)
     flags["init_from"] = ("A saved SAE directory to start from instead of a random initialisation.", None)
-    for arch, cls in sorted(_ARCHITECTURES.items()):
-        docs = field_docs(cls.config_class)
-        for f in dataclasses.fields(cls.config_class):
+    for arch in available_architectures():
+        config_class = architecture_class(arch).config_class
+        docs = field_docs(config_class)
+        for f in dataclasses.fields(config_class):
             if f.name not in common:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 doc, archs = flags.get(f.name, (f"{docs.get(f.name, '')} (default: {default})", []))
@@ -94,18 +96,26 @@ def _data_flags() -> list[tuple[str, str]]:
 
 
 class _ExactParser(argparse.ArgumentParser):
-    """Options match whole names only (argparse would take `--train.k 3` as `--train.keep_checkpoints 3`); an
-    unknown one gets the closest name instead. Subcommands' parsers are of this class too."""
+    """Options match whole names only (argparse would take `--train.k 3` as `--train.keep_checkpoints 3`), and
+    the parser remembers its long options so that an unknown one gets the closest name. Subcommands' parsers are
+    of this class too."""
 
     def __init__(self, *args: Any, **kwargs: Any):
+        self.long_options: list[str] = []  # before argparse's __init__, which adds --help
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
+    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
+        self.long_options += [name[2:] for name in names if isinstance(name, str) and name.startswith("--")]
+        return super().add_argument(*names, **kwargs)
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
-    """The parser and, per command, the dotted config flags it accepts."""
+
+def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, list[str]]]:
+    """The parser, its subcommands' parsers, and per command the dotted config flags it accepts."""
     from saelab.runs.runner import RunConfig
 
     parser = _ExactParser(prog="saelab", description="Train and study sparse autoencoders.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of any error (by default a user error is one line)")
     commands = parser.add_subparsers(dest="command", required=True)
     flag_names: dict[str, list[str]] = {}
 
@@ -207,13 +217,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
                           (dashboard, "dashboard")):
         _add_config_flags(command, flags)
         flag_names[name] = [n for n, _ in flags]
-    return parser, flag_names
-
-
-def _own_options(parser: argparse.ArgumentParser, command: str) -> list[str]:
-    """The long options a subcommand declares itself (beside the config flags), for suggestions."""
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return [o[2:] for action in subcommands.choices[command]._actions for o in action.option_strings if o.startswith("--")]
+    subparsers = {"train": train, "pretokenize": pretokenize, "cache-activations": cache, "eval": evaluate,
+                  "dashboard": dashboard, "upload": upload, "convert": convert}
+    return parser, subparsers, flag_names
 
 
 def _suggest_unknown(unknown: list[str], flag_names: list[str], command: str) -> str:
@@ -357,20 +363,18 @@ def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saelab.training.distributed import DistributedError
-    from saelab.training.trainer import TrainingDiverged
-
-    parser, flag_names = build_parser()
+    parser, subparsers, flag_names = build_parser()
     args, unknown = parser.parse_known_args(argv)
     names = flag_names[args.command]
     if unknown:
-        candidates = [*_own_options(parser, args.command), *names]
-        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, candidates, args.command)}\n")
+        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, subparsers[args.command].long_options, args.command)}\n")
     commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations,
                 "eval": run_eval, "dashboard": run_dashboard, "upload": run_upload, "convert": run_convert}
     try:
         commands[args.command](args, names)
-    except (ConfigError, OSError, ValueError, KeyError, ImportError, TrainingDiverged, DistributedError) as e:
+    except (SaelabError, OSError) as e:  # what the user can fix; anything else is a bug: its traceback shows
+        if args.debug:
+            raise
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"saelab: error: {rank}{e}", file=sys.stderr)
         return 2

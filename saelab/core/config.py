@@ -1,29 +1,32 @@
-"""Typed configs from plain dicts: validation, closest-name suggestions, field docs.
+"""Typed configs from plain dicts, validated by pydantic, with errors that name the closest valid key.
 
-Configs are ordinary dataclasses. A field is documented by a string literal on the line after it (as in
-sparsify); `field_docs` reads those strings so the same text serves `--help`, the README and the code.
+Configs are ordinary dataclasses (`dataclasses.replace`, `asdict` and attribute assignment work as usual). A
+field is documented by a string literal on the line after it, as in sparsify; pydantic reads those strings
+(`use_attribute_docstrings`), so the same text serves `--help`, the docs and the code. `from_dict` validates a
+dict (YAML, JSON, keyword arguments) against a config class strictly: no unknown keys, an int where an int is
+declared (not "3"), a number for a float.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
-import textwrap
-import types
+import json
 import typing
 from functools import cache
-from typing import Any, Literal, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from saelab.core.errors import ConfigError
 
 T = TypeVar("T")
 
+PYDANTIC = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+"""Set as `__pydantic_config__` on every config dataclass."""
 
-class ConfigError(ValueError):
-    """A config value or key that cannot be used, with a message meant for the user."""
 
-
-def closest(name: str, candidates: typing.Iterable[str]) -> str | None:
+def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate most like `name`, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return matches[0] if matches else None
@@ -49,7 +52,7 @@ SYNONYMS = {
 (difflib finds `lr_decay_steps` for `learning_rate`): the key a user coming from those libraries means."""
 
 
-def closest_key(key: str, valid: typing.Iterable[str]) -> str | None:
+def closest_key(key: str, valid: Iterable[str]) -> str | None:
     """The valid config key or dotted flag a mistyped or foreign `key` most likely means: its saelab name from
     SYNONYMS in the same section (`train.learning_rate` -> `train.lr`), else that name or the key's own name in
     another section (SAELens keeps l1_coefficient, expansion_factor, d_sae, k, ... in one flat config:
@@ -67,7 +70,7 @@ def closest_key(key: str, valid: typing.Iterable[str]) -> str | None:
     return closest(key, valid)
 
 
-def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
+def unknown_key_error(key: str, valid: Iterable[str], where: str) -> ConfigError:
     valid = sorted(valid)
     hint = closest_key(key, valid)
     suggestion = f" Did you mean '{hint}'?" if hint else ""
@@ -75,102 +78,69 @@ def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> Conf
 
 
 @cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+@cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under dataclass fields, for this class and its bases."""
+    """The docstring written under each field of config dataclass `cls` (and of its config bases)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for stmt, following in zip(body, body[1:]):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)
-            ):
-                docs[stmt.target.id] = " ".join(following.value.value.split())
+        if dataclasses.is_dataclass(klass):
+            properties = _adapter(klass).json_schema(mode="serialization").get("properties", {})
+            docs.update({name: " ".join(p["description"].split()) for name, p in properties.items()
+                         if "description" in p})
     return docs
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def check_type(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against a type annotation; returns it, with ints widened to floats where asked."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return check_type(value, option, where)
-            except ConfigError:
-                pass
-        names = " or ".join(_type_name(o) for o in options)
-        raise ConfigError(f"{where} must be {names}, got {value!r}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{where} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        (item_type, *_) = typing.get_args(tp) or (Any,)
-        return origin(check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
-    return value
-
-
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -> T:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
+    """Build config dataclass `cls` from `data`; a ConfigError for an unknown or missing key or a wrong value."""
     where = where or cls.__name__
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise unknown_key_error(key, fields, where)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-            values[key] = from_dict(tp, value, f"{where}.{key}")  # type: ignore[arg-type]
-        else:
-            values[key] = check_type(value, tp, f"{where}.{key}")
-    missing = [name for name, f in fields.items() if name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{where}: missing key '{missing[0]}'")
     try:
-        return cls(**values)
-    except TypeError as e:  # a value the type checks let through but __post_init__ cannot use
-        raise ConfigError(f"{where}: {e}") from None
+        text = json.dumps(data)  # JSON mode: strict types, yet nested configs may be given as dicts
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: only plain values (numbers, strings, lists, mappings) are accepted ({e})") from None
+    try:
+        return _adapter(cls).validate_json(text, strict=True)
+    except ValidationError as e:
+        raise _config_error(cls, e.errors()[0], where) from None
+
+
+_EXPECTED = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "list": "a list",
+    "dict": "a mapping", "tuple": "a list",
+}
+
+
+def _config_error(cls: type, error: Any, where: str) -> ConfigError:
+    """A pydantic error as saelab says it: the dotted key, what it must be, the closest valid key."""
+    raised = error.get("ctx", {}).get("error")
+    if isinstance(raised, ConfigError):
+        return raised  # a check of the config's own __post_init__, which says where
+    path, owner, rest = [], cls, list(error["loc"])
+    while rest and dataclasses.is_dataclass(owner) and rest[0] in {f.name for f in dataclasses.fields(owner)}:
+        name = rest.pop(0)
+        path.append(str(name))
+        owner = typing.get_type_hints(owner)[name]
+    path += [f"[{part}]" for part in rest if isinstance(part, int)]
+    key = ".".join([where, *path]).replace(".[", "[")
+    kind = error["type"]
+    if kind == "unexpected_keyword_argument":
+        fields = [f.name for f in dataclasses.fields(owner) if f.init]  # type: ignore[arg-type]
+        return unknown_key_error(str(error["loc"][len(path)]), fields, ".".join([where, *path]))
+    if isinstance(raised, Exception):
+        return ConfigError(f"{key}: {raised}")
+    if kind == "missing":
+        return ConfigError(f"{key.rpartition('.')[0] or where}: missing key '{path[-1]}'")
+    if kind == "literal_error":
+        return ConfigError(f"{key} must be {error['ctx']['expected']}, got {error['input']!r}")
+    expected = _EXPECTED.get(kind.split("_")[0])
+    if expected:
+        return ConfigError(f"{key} must be {expected}, got {error['input']!r}")
+    return ConfigError(f"{key}: {error['msg']}, got {error['input']!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from saelab.core.errors import FileFormatError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
@@ -91,10 +93,6 @@ def replacing_directory(target: str | os.PathLike) -> Iterator[Path]:
     os.replace(staging, target)
     _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-class FileFormatError(ValueError):
-    """A file that is missing, truncated, corrupt or inconsistent with its config."""
 
 
 def read_safetensors(file: Path) -> dict[str, Tensor]:

@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from saelab.core.config import PYDANTIC
+
 
 @dataclass
 class DataConfig:
     """Which text, how it is cut into contexts, and how activations are read from the model."""
+
+    __pydantic_config__ = PYDANTIC
 
     dataset: str = "docstrings"
     """'docstrings' (built-in English prose from the docstrings of transformers, torch and numpy), a local

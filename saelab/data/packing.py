@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
+from saelab.core.errors import ConfigError
 
 
 def pack_tokens(
@@ -29,7 +30,7 @@ def pack_tokens(
     prefix = [] if bos_token_id is None else [bos_token_id]
     body = context_size - len(prefix)
     if body < 1:
-        raise ValueError(f"context_size {context_size} leaves no room for tokens after BOS")
+        raise ConfigError(f"context_size {context_size} leaves no room for tokens after BOS")
     buffer: list[int] = []
     first = True
     for tokens in documents:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from saelab.data.docstrings import docstring_documents
+from saelab.core.errors import MissingDependency, SaelabError
 
 BUILTIN_DATASET = "docstrings"
 TOKEN_COLUMNS = ("input_ids", "tokens")
@@ -20,7 +21,7 @@ ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
 Document = str | list[int]
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(SaelabError, ValueError):
     """A dataset that cannot be read as documents (missing column, unknown format, bad row)."""
 
 
@@ -44,7 +45,7 @@ def _rows_of_file(path: Path) -> Iterator[dict[str, Any]]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError("reading Parquet needs pyarrow: pip install 'saelab[datasets]'") from None
+            raise MissingDependency("reading Parquet needs pyarrow: pip install 'saelab[datasets]'") from None
         for batch in pq.ParquetFile(path).iter_batches():
             yield from batch.to_pylist()
         return
@@ -66,7 +67,7 @@ def _import_datasets(what: str):
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"{what} needs the datasets package: pip install 'saelab[datasets]'") from None
+        raise MissingDependency(f"{what} needs the datasets package: pip install 'saelab[datasets]'") from None
     return datasets
 
 

@@ -24,6 +24,7 @@ from saelab.data.packing import pack_tokens
 from saelab.data.text import BUILTIN_DATASET, iter_documents, tokenize_documents
 from saelab.core.files import atomic_directory
 from saelab.core.files import FileFormatError, read_json, read_safetensors
+from saelab.core.errors import ConfigError
 
 TOKENS_FORMAT = "saelab-tokens"
 METADATA_FILE = "metadata.json"
@@ -45,7 +46,7 @@ def packing_ids(config: DataConfig, tokenizer) -> tuple[int | None, int | None]:
     """(BOS to prepend, separator between documents) for this config and tokenizer."""
     ids = special_token_ids(tokenizer)
     if config.prepend_bos and ids["bos"] is None:
-        raise ValueError("data.prepend_bos is set but the tokenizer has no BOS token; set data.prepend_bos false")
+        raise ConfigError("data.prepend_bos is set but the tokenizer has no BOS token; set data.prepend_bos false")
     bos = ids["bos"] if config.prepend_bos else None
     separator = None if config.separator == "none" else ids[config.separator]
     return bos, separator
@@ -60,7 +61,7 @@ def _shard_contexts(folder: Path, context_size: int) -> Iterator[Tensor]:
     if metadata.get("format") != TOKENS_FORMAT:
         raise FileFormatError(f"{folder / METADATA_FILE} is not a saelab token folder")
     if int(metadata["context_size"]) != context_size:
-        raise ValueError(
+        raise ConfigError(
             f"{folder} holds contexts of {metadata['context_size']} tokens but data.context_size is {context_size}"
         )
     for shard in metadata["shards"]:
@@ -95,7 +96,7 @@ class ContextBatches:
                 count += 1
                 yield context
             if count < self.config.contexts_per_batch:
-                raise ValueError(
+                raise ConfigError(
                     f"dataset '{self.config.dataset}' has {count} contexts of {self.config.context_size} tokens, "
                     f"fewer than data.contexts_per_batch ({self.config.contexts_per_batch})"
                 )
@@ -132,7 +133,7 @@ def pretokenize(
             save_file({"tokens": torch.stack(chunk).to(torch.int32)}, str(staging / name))
             shards.append({"file": name, "contexts": len(chunk)})
         if not shards:
-            raise ValueError(f"dataset '{config.dataset}' gave no complete context of {config.context_size} tokens")
+            raise ConfigError(f"dataset '{config.dataset}' gave no complete context of {config.context_size} tokens")
         metadata = {
             "format": TOKENS_FORMAT,
             "dataset": config.dataset,
@@ -161,7 +162,7 @@ def model_contexts(tokenizer, data: DataConfig, batch_size: int, shard: tuple[in
 def check_dataset(data: DataConfig, tokenizer) -> None:
     """Raise now if the dataset cannot give a first context (missing file or column, bad format)."""
     if next(iter_contexts(data, tokenizer), None) is None:
-        raise ValueError(f"dataset '{data.dataset}' gives no complete context of {data.context_size} tokens")
+        raise ConfigError(f"dataset '{data.dataset}' gives no complete context of {data.context_size} tokens")
 
 
 def data_info(model_name: str, data: DataConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from saelab.saes.base import SAE
+from saelab.core.errors import ConfigError
 
 SITES = ("resid_pre", "resid_post", "attn_out", "z", "mlp_in", "mlp_out")
 """The per-block hook points every model has in saelab (`blocks.{layer}.hook_{site}`)."""
@@ -22,7 +23,7 @@ _LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)(?:\.|:|$)")
 def site_hook(layer: int, site: str) -> str:
     """saelab's name for a per-block hook point: `site_hook(6, "mlp_out")` is `blocks.6.hook_mlp_out`."""
     if site not in SITES:
-        raise ValueError(f"unknown site '{site}'; one of {', '.join(SITES)}")
+        raise ConfigError(f"unknown site '{site}'; one of {', '.join(SITES)}")
     return f"blocks.{layer}.hook_{site}"
 
 

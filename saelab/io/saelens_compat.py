@@ -10,7 +10,7 @@ that into plain weights with the same latents and outputs; old files' per-latent
 the decoder the same way (`saelens_weights`).
 
 Writing: `to_saelens(sae)` is the SAE in a form SAELens 6 loads (`sae_lens.SAE.load_from_disk`) and that
-computes the same latents and outputs, or a ValueError saying why there is none.
+computes the same latents and outputs, or a ConfigError saying why there is none.
 """
 
 from __future__ import annotations
@@ -127,21 +127,21 @@ def to_saelens(sae: SAE) -> SAE:
     SAELens has its class (standard, gated, jumprelu, topk; standard and JumpReLU transcoders, with or without
     skip; TopK transcoders whose output is as wide as their input, as a TopK SAE with `hook_name_out`); BatchTopK
     and Matryoshka as the JumpReLU they are at inference; gated transcoders as the JumpReLU transcoder they
-    equal. Raises ValueError, saying why, for the SAEs SAELens has no equivalent of."""
+    equal. Raises ConfigError, saying why, for the SAEs SAELens has no equivalent of."""
     cfg = sae.cfg
     why = f"a {cfg.architecture} {'transcoder' if cfg.transcoder else 'SAE'} cannot be written for SAELens"
     if cfg.normalize_activations == "layer_norm":
-        raise ValueError(f"{why}: with normalize_activations 'layer_norm' SAELens would compute other outputs (it "
+        raise ConfigError(f"{why}: with normalize_activations 'layer_norm' SAELens would compute other outputs (it "
                          "divides by the unbiased standard deviation + 1e-5, saelab by sqrt(variance + 1e-5))")
     if cfg.dtype not in SAELENS_DTYPES:
-        raise ValueError(f"{why} in dtype {cfg.dtype}: SAELens reads {', '.join(SAELENS_DTYPES)}")
+        raise ConfigError(f"{why} in dtype {cfg.dtype}: SAELens reads {', '.join(SAELENS_DTYPES)}")
     if hasattr(sae, "to_jumprelu"):  # BatchTopK, Matryoshka: a JumpReLU at inference
         return _converted(sae.to_jumprelu(), cfg.architecture)
     if cfg.architecture == "gated" and cfg.transcoder:
         return _converted(gated_to_jumprelu(sae), "gated")
     if cfg.architecture == "topk" and cfg.transcoder and (cfg.skip_connection or cfg.d_out != cfg.d_in):
         sparsify = "; sparsify reads it: saelab convert --to sparsify" if cfg.d_out == cfg.d_in else ""
-        raise ValueError(
+        raise ConfigError(
             f"{why}: SAELens 6 has no TopK transcoder class, and its TopK SAE class reads and writes one width "
             f"without a skip connection (this one maps {cfg.d_in} -> {cfg.d_out}"
             f"{', with W_skip' if cfg.skip_connection else ''}){sparsify}"

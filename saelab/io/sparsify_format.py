@@ -25,6 +25,7 @@ from saelab.core.files import FileFormatError, read_json, read_safetensors
 from saelab.io.locations import site_hook
 from saelab.saes.base import SAE
 from saelab.saes.registry import create_sae
+from saelab.core.errors import ConfigError
 
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -98,11 +99,11 @@ def save_sparsify(sae: SAE, path: str | Path) -> Path:
     """Write a TopK SAE in sparsify's layout (loadable with sparsify's SparseCoder.load_from_disk)."""
     cfg = sae.cfg
     if cfg.architecture != "topk" or cfg.normalize_activations != "none":
-        raise ValueError("sparsify holds TopK SAEs on raw activations; fold normalisation first (trained SAEs are)")
+        raise ConfigError("sparsify holds TopK SAEs on raw activations; fold normalisation first (trained SAEs are)")
     if cfg.apply_b_dec_to_input == cfg.transcoder:
-        raise ValueError("sparsify subtracts b_dec from the input exactly when it is not a transcoder")
+        raise ConfigError("sparsify subtracts b_dec from the input exactly when it is not a transcoder")
     if cfg.d_out != cfg.d_in:
-        raise ValueError("sparsify's decoder has the input width")
+        raise ConfigError("sparsify's decoder has the input width")
     path = Path(path)
     tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if cfg.skip_connection:

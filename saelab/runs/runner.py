@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from saelab.runs import folder as run_folder
-from saelab.core.config import ConfigError, deep_merge, from_dict, to_dict
+from saelab.core.config import PYDANTIC, ConfigError, deep_merge, from_dict, to_dict
 from saelab.data.config import DataConfig
 from saelab.core.files import atomic_write_text
 from saelab.models.config import ModelConfig
@@ -43,6 +43,8 @@ DEFAULT_SAE = {
 @dataclass
 class RunConfig:
     """Everything a training run needs; `saelab train` builds it from YAML and --section.key flags."""
+
+    __pydantic_config__ = PYDANTIC
 
     sae: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAE))
     """SAE options: architecture plus that architecture's fields (see `saelab train --help`); d_in comes from

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from saelab.core.config import ConfigError, to_dict
+from saelab.core.config import PYDANTIC, ConfigError, to_dict
 
 Normalization = Literal["none", "expected_average_only_in", "layer_norm"]
 
@@ -57,6 +57,8 @@ def _from_metadata(key: str, default: Any, doc: str, fallback: str | None = None
 @dataclass
 class SAEConfig:
     """Shape, wiring and normalisation shared by every architecture."""
+
+    __pydantic_config__ = PYDANTIC
 
     d_in: int
     """Width of the activations the SAE reads."""

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 FiringProfile = Literal["uniform", "zipfian", "linear", "random"]
+from saelab.core.config import ConfigError
 
 
 def firing_probabilities(
@@ -29,7 +30,7 @@ def firing_probabilities(
     elif profile == "random":
         weights = torch.rand(n_features, generator=torch.Generator().manual_seed(seed + 17), dtype=torch.float64)
     else:
-        raise ValueError(f"unknown firing profile '{profile}' (uniform, zipfian, linear, random)")
+        raise ConfigError(f"unknown firing profile '{profile}' (uniform, zipfian, linear, random)")
     probabilities = weights / weights.sum() * mean_active
     # Cap at 1 and spread the excess over the others, so the mean stays as asked where possible.
     for _ in range(n_features):
@@ -49,7 +50,7 @@ def correlation_factors(n_features: int, rank: int, strength: float, seed: int =
     """Low-rank factors `(n_features, rank)` of a latent Gaussian whose correlation matrix is F F^T + diagonal:
     each row has norm sqrt(strength) in [0, 1), so features sharing a factor direction fire together."""
     if not 0 <= strength < 1:
-        raise ValueError(f"correlation strength must be in [0, 1), got {strength}")
+        raise ConfigError(f"correlation strength must be in [0, 1), got {strength}")
     factors = torch.randn(n_features, rank, generator=torch.Generator().manual_seed(seed + 29))
     return factors / factors.norm(dim=1, keepdim=True) * math.sqrt(strength)
 
@@ -58,12 +59,12 @@ def correlation_cholesky(matrix: Sequence[Sequence[float]]) -> Tensor:
     """Cholesky factor of a full correlation matrix of the latent Gaussian (unit diagonal, positive definite)."""
     corr = torch.as_tensor(matrix, dtype=torch.float64)
     if corr.dim() != 2 or corr.shape[0] != corr.shape[1] or not torch.allclose(corr, corr.T):
-        raise ValueError("correlation_matrix must be a symmetric square matrix")
+        raise ConfigError("correlation_matrix must be a symmetric square matrix")
     if not torch.allclose(corr.diagonal(), torch.ones(corr.shape[0], dtype=torch.float64)):
-        raise ValueError("correlation_matrix must have ones on its diagonal")
+        raise ConfigError("correlation_matrix must have ones on its diagonal")
     factor, info = torch.linalg.cholesky_ex(corr)
     if int(info) != 0:
-        raise ValueError("correlation_matrix must be positive definite")
+        raise ConfigError("correlation_matrix must be positive definite")
     return factor.float()
 
 

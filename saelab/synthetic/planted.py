@@ -11,6 +11,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import Tensor
 
+from saelab.core.config import PYDANTIC, ConfigError
 from saelab.synthetic.firing import (
     FiringProfile,
     apply_hierarchy,
@@ -24,6 +25,8 @@ from saelab.synthetic.firing import (
 @dataclass
 class PlantedFeatures:
     """A dictionary of unit feature directions and how they fire."""
+
+    __pydantic_config__ = PYDANTIC
 
     d_in: int = 64
     """Width of the generated activations."""
@@ -72,7 +75,7 @@ class PlantedFeatures:
         )
         self.cholesky = correlation_cholesky(self.correlation_matrix) if self.correlation_matrix is not None else None
         if self.cholesky is not None and self.cholesky.shape[0] != self.n_features:
-            raise ValueError(f"correlation_matrix is {self.cholesky.shape[0]}x{self.cholesky.shape[0]}, "
+            raise ConfigError(f"correlation_matrix is {self.cholesky.shape[0]}x{self.cholesky.shape[0]}, "
                              f"n_features is {self.n_features}")
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from saelab.activations.source import Batch
 from saelab.saes.base import SAE
+from saelab.core.errors import ConfigError
 
 
 def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
@@ -13,7 +14,7 @@ def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
     cfg = sae.cfg
     if isinstance(batch, Tensor):
         if cfg.transcoder:
-            raise ValueError("a transcoder needs (input, target) batches or batches keyed by hook name")
+            raise ConfigError("a transcoder needs (input, target) batches or batches keyed by hook name")
         return batch, batch
     if isinstance(batch, tuple):
         return batch[0], batch[1]
@@ -22,7 +23,7 @@ def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
     y_name = cfg.hook_name_out if cfg.transcoder else x_name
     for name in (x_name, y_name):
         if name not in batch:
-            raise KeyError(f"SAE reads hook '{name}' but the batch has only: {', '.join(names)}")
+            raise ConfigError(f"SAE reads hook '{name}' but the batch has only: {', '.join(names)}")
     return batch[x_name], batch[y_name]
 
 
@@ -30,6 +31,6 @@ def check_widths(x: Tensor, target: Tensor, sae: SAE, name: str) -> None:
     """A clear error when the activations do not fit the SAE (wrong model, hook or layer)."""
     where = f" at '{sae.cfg.hook_name}'" if sae.cfg.hook_name else ""
     if x.shape[-1] != sae.cfg.d_in:
-        raise ValueError(f"SAE '{name}' takes inputs of width {sae.cfg.d_in} but the activations{where} have width {x.shape[-1]}")
+        raise ConfigError(f"SAE '{name}' takes inputs of width {sae.cfg.d_in} but the activations{where} have width {x.shape[-1]}")
     if target.shape[-1] != sae.cfg.d_out:
-        raise ValueError(f"SAE '{name}' reconstructs width {sae.cfg.d_out} but its targets have width {target.shape[-1]}")
+        raise ConfigError(f"SAE '{name}' reconstructs width {sae.cfg.d_out} but its targets have width {target.shape[-1]}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from saelab.core.config import ConfigError
+from saelab.core.config import PYDANTIC, ConfigError
 
 
 @dataclass
 class TrainConfig:
     """How to optimise: budget, optimiser, schedules, upkeep, logging and checkpoints."""
+
+    __pydantic_config__ = PYDANTIC
 
     total_tokens: int = 2_000_000
     """Training budget in activation vectors (tokens); steps = total_tokens // batch_size."""
@@ -93,6 +95,8 @@ class ObjectiveConfig:
     """What the SAEs are trained to do. Local training (the default) reconstructs each SAE's own input; a
     positive `kl` or `downstream` trains end to end: the SAEs' outputs replace the activations inside the frozen
     model and the loss reads the model's outputs (the e2e_sae loss set). Terms add up, each with its coefficient."""
+
+    __pydantic_config__ = PYDANTIC
 
     reconstruction: float = 1.0
     """Coefficient of each SAE's local reconstruction loss (its output against its input, or a transcoder's

@@ -24,11 +24,12 @@ from typing import Any, Iterable, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from saelab.core.errors import SaelabError
 
 Mode = Literal["data", "module"]
 
 
-class DistributedError(RuntimeError):
+class DistributedError(SaelabError, RuntimeError):
     """A collective failed or timed out: another rank most likely died (its own error says why)."""
 
 

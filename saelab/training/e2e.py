@@ -19,6 +19,7 @@ from saelab.evals.metrics import kl_divergence
 from saelab.saes.base import SAE
 from saelab.splice import check_splice, spliced
 from saelab.training.unit import Forward, TrainingUnit
+from saelab.core.errors import ConfigError
 
 @dataclass
 class SplicedRun:
@@ -116,5 +117,5 @@ class SplicedModel:
             downstream = {h: cache[h][keep] for h in self.downstream_hooks}
         missing = [u.name for u in units if u.name not in forwards]
         if missing:
-            raise RuntimeError(f"the forward pass never reached the hook point of SAE(s) {', '.join(missing)}")
+            raise ConfigError(f"the forward pass never reached the hook point of SAE(s) {', '.join(missing)}")
         return forwards, SplicedRun(tokens, keep, clean_logits, logits, clean_downstream, downstream)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.core.files import atomic_write_text
+from saelab.core.errors import MissingDependency
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:
@@ -46,7 +47,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("train.wandb_project is set but wandb is not installed: pip install wandb") from None
+                raise MissingDependency("train.wandb_project is set but wandb is not installed: pip install wandb") from None
             self.wandb = wandb.init(project=wandb_project, config=run_config or {})
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

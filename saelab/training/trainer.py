@@ -45,12 +45,13 @@ from saelab.training.memory import keep_freed_memory
 from saelab.training.objectives import ModelObjective, Objective, local_objectives
 from saelab.training.schedules import lr_factor
 from saelab.training.unit import Forward, TrainingUnit
+from saelab.core.errors import SaelabError
 
 WHOLE_MODEL = "model"
 """Name under which metrics of the model with every SAE spliced in are logged (so no SAE may use it)."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(SaelabError, RuntimeError):
     """The loss or the weights stopped being finite."""
 
 
@@ -88,13 +89,13 @@ class Trainer:
         self.dist = dist or Distributed()  # a single process unless torchrun says otherwise
         self.splicer, self.model_objectives = splicer, list(model_objectives or [])
         if self.model_objectives and splicer is None:
-            raise ValueError("model-level objectives need a splicer (the model to splice the SAEs into)")
+            raise ConfigError("model-level objectives need a splicer (the model to splice the SAEs into)")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         lrs = dict(lrs or {})
         if unknown := set(lrs) - set(saes):
-            raise ValueError(f"learning rates given for unknown SAEs: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"learning rates given for unknown SAEs: {', '.join(sorted(unknown))}")
         if WHOLE_MODEL in saes:
-            raise ValueError(f"'{WHOLE_MODEL}' names the whole model in logs: call the SAE something else")
+            raise ConfigError(f"'{WHOLE_MODEL}' names the whole model in logs: call the SAE something else")
         self.units = [TrainingUnit.create(name, sae, objectives or local_objectives(config.sparsity_warmup_steps),
                                           lrs.get(name, config.lr), config) for name, sae in saes.items()]
         self.initial = dict(initial or {})
@@ -125,7 +126,7 @@ class Trainer:
         """Estimate normalisation scales and initialise b_dec from a few batches (not trained on)."""
         batches = list(batches)
         if not batches:
-            raise ValueError("the activation source yielded no batches")
+            raise ConfigError("the activation source yielded no batches")
         if self.splicer is not None:  # token contexts: read the clean activations the SAEs will replace
             hooks = [hook for u in self.units for hook in hooks_of(u.sae)]
             batches = [self.splicer.clean_activations(tokens, hooks) for tokens in batches]
@@ -350,7 +351,7 @@ class Trainer:
         if self.dist.data_parallel:
             key = f"rank_{self.dist.rank}"
             if not isinstance(self._source_state, dict) or key not in self._source_state:
-                raise ValueError(f"this checkpoint was not written by a data-parallel run with {self.dist.world_size} ranks")
+                raise ConfigError(f"this checkpoint was not written by a data-parallel run with {self.dist.world_size} ranks")
             self._source_state = self._source_state[key]
         for unit in self.units:
             unit.load_state_dict(state["units"][unit.name])
@@ -358,7 +359,7 @@ class Trainer:
     def save_checkpoint(self, source: Any = None) -> Path:
         """Write `out_dir/checkpoints/step_N/`; it counts only once its COMPLETE marker exists."""
         if self.out_dir is None:
-            raise ValueError("checkpoints need an out_dir")
+            raise ConfigError("checkpoints need an out_dir")
         state = self.state_dict(source)  # collective with several processes: every rank takes part
         root = self.out_dir / CHECKPOINT_DIR
         if not self.dist.is_main:
