@@ -444,3 +444,20 @@ def test_the_cli_uses_no_private_argparse_attributes():
 
     sources = [p.read_text() for p in Path(saelab.cli.__file__).parent.glob("*.py")]
     assert not [s for s in sources if "._actions" in s or "_SubParsersAction" in s]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"train": {"lr": "fast"}}, "config.train.lr must be a number, got 'fast'"),
+    ({"train": {"total_tokens": 1.5}}, "config.train.total_tokens must be an integer, got 1.5"),
+    ({"train": {"progress_bar": 1}}, "config.train.progress_bar must be true or false, got 1"),
+    ({"model": {"hook_name": 5}}, "config.model.hook_name must be a string, got 5"),
+    ({"source": "disk"}, "config.source must be 'model' or 'synthetic', got 'disk'"),
+    ({"saes": {"a": 3}}, "config.saes.a must be a mapping, got 3"),
+    ({"synthetic": {"hierarchy": [{"parent": 0}, 5]}}, r"config.synthetic.hierarchy\[1\] must be a mapping, got 5"),
+    ({"data": {"cntext_size": 8}}, "unknown key 'cntext_size' in config.data. Did you mean 'context_size'"),
+])
+def test_config_errors_name_the_dotted_key_and_what_it_must_be(config, message):
+    from saelab.runs.runner import load_run_config
+
+    with pytest.raises(saelab.ConfigError, match=f"^{message}"):
+        load_run_config(config)

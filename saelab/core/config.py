@@ -125,12 +125,12 @@ def _config_error(cls: type, error: Any, where: str) -> ConfigError:
         name = rest.pop(0)
         path.append(str(name))
         owner = typing.get_type_hints(owner)[name]
-    path += [f"[{part}]" for part in rest if isinstance(part, int)]
+    path += [f"[{part}]" if isinstance(part, int) else str(part) for part in rest if not _is_union_tag(part, owner)]
     key = ".".join([where, *path]).replace(".[", "[")
     kind = error["type"]
     if kind == "unexpected_keyword_argument":
         fields = [f.name for f in dataclasses.fields(owner) if f.init]  # type: ignore[arg-type]
-        return unknown_key_error(str(error["loc"][len(path)]), fields, ".".join([where, *path]))
+        return unknown_key_error(str(error["loc"][-1]), fields, ".".join([where, *path[:-1]]))
     if isinstance(raised, Exception):
         return ConfigError(f"{key}: {raised}")
     if kind == "missing":
@@ -141,6 +141,11 @@ def _config_error(cls: type, error: Any, where: str) -> ConfigError:
     if expected:
         return ConfigError(f"{key} must be {expected}, got {error['input']!r}")
     return ConfigError(f"{key}: {error['msg']}, got {error['input']!r}")
+
+
+def _is_union_tag(part: Any, owner: Any) -> bool:
+    """Whether a location part names a member of a union type (pydantic's `k.int`), not a key or index."""
+    return isinstance(part, str) and part in {getattr(t, "__name__", str(t)) for t in typing.get_args(owner)}
 
 
 def to_dict(config: Any) -> dict[str, Any]:

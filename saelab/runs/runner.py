@@ -53,7 +53,7 @@ class RunConfig:
     saes: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Several SAEs in one run, by name, each overriding some `sae` options, e.g. {layer2: {hook_name:
     blocks.2.hook_resid_post}, layer4: {...}}. One model pass feeds them all."""
-    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    sweep: dict[str, Any] = field(default_factory=dict)  # each value a list: specs.py says so by key
     """Values to sweep, e.g. {k: [16, 32, 64], lr: [0.001, 0.0003]}: one SAE per combination (and per `saes`
     entry), all trained side by side from one stream of activations."""
     train: TrainConfig = field(
