@@ -12,8 +12,9 @@ HTML comment lines right before a block's opening fence (invisible on GitHub) ad
     <!-- test: skip (REASON) -->                  the block is not run; it shows up as a skipped test with its reason
     <!-- test: append FLAGS -->                   FLAGS are appended to every saelab command of the block (not to
                                                   `--help` lines), e.g. a tiny budget for a run that takes minutes
-    <!-- test: append saelab eval: FLAGS -->      ... to the block's `saelab eval` commands only (any command prefix,
-                                                  e.g. `torchrun`; `$(which saelab)` counts as `saelab`)
+    <!-- test: append saelab eval: FLAGS -->      ... only to the block's commands that contain this text from the
+                                                  start of a word on (`saelab train --config examples/smollm2_e2e`,
+                                                  `torchrun`; `$(which saelab)` counts as `saelab`)
 
 Several lines may precede one block. An `append` that matches no command of its block, an unknown directive, a
 directive that is not right before a fence, and a fence without a language are errors. Output shown for
@@ -143,11 +144,11 @@ def commands_with_appends(block: Block) -> str:
     for line in logical:
         cut = _comment_start(line)
         command, comment = line[:cut].rstrip(), line[cut:]
-        words = " " + command.replace("$(which saelab)", "saelab") + " "
+        words = " " + command.replace("$(which saelab)", "saelab")
         flags = []
         if command.strip() and "--help" not in command.split():
             for i, (prefix, extra) in enumerate(block.appends):
-                if f" {prefix} " in words:
+                if f" {prefix}" in words:  # the prefix starts at a word: `saelab train --config examples/x`
                     flags.append(extra)
                     used[i] = True
         out.append(" ".join([command, *flags]) + ("  " + comment if comment else "") if flags else line)
