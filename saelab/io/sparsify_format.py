@@ -98,8 +98,11 @@ def load_sparsify(path: str | Path, device: str = "cpu") -> SAE:
 def save_sparsify(sae: SAE, path: str | Path) -> Path:
     """Write a TopK SAE in sparsify's layout (loadable with sparsify's SparseCoder.load_from_disk)."""
     cfg = sae.cfg
-    if cfg.architecture != "topk" or cfg.normalize_activations != "none":
-        raise ConfigError("sparsify holds TopK SAEs on raw activations; fold normalisation first (trained SAEs are)")
+    if cfg.architecture != "topk":
+        raise ConfigError(f"sparsify holds TopK SAEs only; this one is {cfg.architecture} (saelab convert --to "
+                          "saelens writes it for SAELens)")
+    if cfg.normalize_activations != "none":
+        raise ConfigError("sparsify holds SAEs on raw activations; fold the normalisation first (trained SAEs are)")
     if cfg.apply_b_dec_to_input == cfg.transcoder:
         raise ConfigError("sparsify subtracts b_dec from the input exactly when it is not a transcoder")
     if cfg.d_out != cfg.d_in:
