@@ -45,6 +45,8 @@ class BatchTopKSAE(TopKSAE):
     """TopK's decoder constraint and AuxK, with batch-level selection and a threshold for inference."""
 
     config_class = BatchTopKConfig
+    cfg: BatchTopKConfig
+    topk_threshold: Tensor  # buffer: the running inference threshold
 
     def selector(self) -> Selector:
         return select_batch_topk(self.cfg.k)

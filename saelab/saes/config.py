@@ -128,6 +128,7 @@ class SAEConfig:
         for name in ("d_in", "d_sae", "d_out"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        assert self.d_out is not None  # __post_init__ defaults it to d_in
         if self.d_sae * max(self.d_in, self.d_out) > MAX_MATRIX_ELEMENTS:
             raise ConfigError(f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory (check d_sae / expansion_factor)")
         if self.apply_b_dec_to_input and self.transcoder:

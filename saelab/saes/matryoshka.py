@@ -6,6 +6,9 @@ loss. Early latents therefore learn general features and later ones refine them,
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -43,8 +46,9 @@ class MatryoshkaConfig(BatchTopKConfig):
 @register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
     config_class = MatryoshkaConfig
+    cfg: MatryoshkaConfig
 
-    def _segments(self, out: TrainOutput):
+    def _segments(self, out: TrainOutput) -> Iterator[Tensor]:
         """The decoded contribution of each prefix's new latents [start, width), sparse when possible."""
         start = 0
         if out.sparse is not None:
@@ -62,10 +66,10 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def reconstruction_loss(self, out: TrainOutput, target: Tensor) -> Tensor:
         """Sum over prefixes of each prefix's squared error; the last prefix is the whole dictionary."""
-        partial = self.b_dec
-        loss = 0.0
+        partial: Tensor = self.b_dec
+        losses = []
         for segment in self._segments(out):
             partial = partial + segment
             prediction = self.with_skip(self._sae_output(partial), out.skip)
-            loss = loss + (prediction - target).pow(2).sum(dim=-1).mean()
-        return loss  # type: ignore[return-value]
+            losses.append((prediction - target).pow(2).sum(dim=-1).mean())
+        return functools.reduce(operator.add, losses)  # there is always one prefix: the whole dictionary

@@ -67,4 +67,4 @@ class TrainOutput:
             cols, _, values = self.sparse
             return torch.bincount(cols[values > 0], minlength=d_sae).float()
         # float sums run much faster than bool sums on CPU; float32 counts stay exact (bfloat16 ones would not)
-        return (self._latents != 0).reshape(-1, d_sae).float().sum(dim=0)
+        return (self.latents != 0).reshape(-1, d_sae).float().sum(dim=0)

@@ -67,6 +67,7 @@ def auxk_loss(sae: SAE, out: TrainOutput, target: Tensor, dead_mask: Tensor | No
 @register("topk")
 class TopKSAE(SAE):
     config_class = TopKConfig
+    cfg: TopKConfig
     default_decoder_init_norm = 1.0
     default_normalize_decoder = True
     per_latent_scaling = False  # scaling one latent changes which k are largest
