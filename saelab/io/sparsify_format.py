@@ -25,6 +25,7 @@ from saelab.core.files import FileFormatError, read_json, read_safetensors
 from saelab.io.locations import site_hook
 from saelab.saes.base import SAE
 from saelab.saes.registry import create_sae
+from saelab.saes.topk import TopKConfig
 from saelab.core.errors import ConfigError
 
 SPARSIFY_CFG = "cfg.json"
@@ -104,6 +105,7 @@ def save_sparsify(sae: SAE, path: str | Path) -> Path:
         raise ConfigError("sparsify subtracts b_dec from the input exactly when it is not a transcoder")
     if cfg.d_out != cfg.d_in:
         raise ConfigError("sparsify's decoder has the input width")
+    assert isinstance(cfg, TopKConfig)  # the config class of architecture 'topk'
     path = Path(path)
     tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if cfg.skip_connection:

@@ -21,10 +21,13 @@ def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
     names = list(batch)
     x_name = cfg.hook_name if cfg.hook_name is not None or len(names) != 1 else names[0]
     y_name = cfg.hook_name_out if cfg.transcoder else x_name
-    for name in (x_name, y_name):
-        if name not in batch:
-            raise ConfigError(f"SAE reads hook '{name}' but the batch has only: {', '.join(names)}")
-    return batch[x_name], batch[y_name]
+    return _read(batch, x_name), _read(batch, y_name)
+
+
+def _read(batch: dict[str, Tensor], name: str | None) -> Tensor:
+    if name is None or name not in batch:
+        raise ConfigError(f"SAE reads hook '{name}' but the batch has only: {', '.join(batch)}")
+    return batch[name]
 
 
 def check_widths(x: Tensor, target: Tensor, sae: SAE, name: str) -> None:
