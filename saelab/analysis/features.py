@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import string
 from itertools import islice
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -24,10 +24,16 @@ from saelab.splice import hooks_of, model_for
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "ln_final")
 
 
+class _LanguageModel(Protocol):
+    """What `unembedding` reads of a model: a transformers one (TransformerLens's bridge forwards the call)."""
+
+    def get_output_embeddings(self) -> Any: ...
+
+
 def unembedding(model: HookedModel) -> Tensor:
     """`W_U` as `(vocab, d_model)`, with the final norm's elementwise scale folded in (as TransformerLens's
     `fold_ln` does), so that `direction @ W_U.T` is the direct effect of a residual direction on the logits."""
-    W_U = model.model.get_output_embeddings().weight.detach()
+    W_U = cast(_LanguageModel, model.model).get_output_embeddings().weight.detach()
     base = getattr(model.model, "base_model", model.model)
     for name in FINAL_NORM_NAMES:
         weight = getattr(getattr(base, name, None), "weight", None)

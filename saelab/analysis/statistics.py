@@ -114,7 +114,7 @@ class FeatureStats:
         except Exception as error:  # a truncated or foreign file
             raise FileFormatError(f"{path}: not a saelab feature-statistics file ({error})") from error
         logits = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("logits.")}
-        plain = {k: v for k, v in tensors.items() if not k.startswith("logits.")}
+        plain: dict[str, Any] = {k: v for k, v in tensors.items() if not k.startswith("logits.")}  # field: value
         return cls(**plain, logits=logits, **meta)
 
 

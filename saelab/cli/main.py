@@ -22,7 +22,7 @@ from saelab.core.errors import SaelabError
 def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
     """(dotted flag name, help with default) for every field of a dataclass config, nested sections included."""
     hints = typing.get_type_hints(type(config))
-    docs = field_docs(type(config))
+    docs = field_docs(type(config))  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
     flags = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -39,16 +39,18 @@ def _sae_flags() -> list[tuple[str, str]]:
     from saelab.saes.registry import architecture_class, available_architectures
 
     common = {f.name for f in dataclasses.fields(SAEConfig)}
-    flags = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
+    flags: dict[str, tuple[str, list[str] | None]] = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
     flags["expansion_factor"] = ("d_sae = expansion_factor * d_in when d_sae is not given.", None)
     flags["lr"] = ("This SAE's learning rate (default: train.lr).", None)
     flags["init_from"] = ("A saved SAE directory to start from instead of a random initialisation.", None)
     for arch in available_architectures():
         config_class = architecture_class(arch).config_class
-        docs = field_docs(config_class)
+        docs = field_docs(config_class)  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
         for f in dataclasses.fields(config_class):
             if f.name not in common:
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                default = f.default
+                if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
                 doc, archs = flags.get(f.name, (f"{docs.get(f.name, '')} (default: {default})", []))
                 flags[f.name] = (doc, [*(archs or []), arch])
     return [(f"sae.{name}", doc + (f" [{', '.join(archs)}]" if archs else "")) for name, (doc, archs) in flags.items()]

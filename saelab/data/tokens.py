@@ -127,7 +127,7 @@ def pretokenize(
     max_contexts = None if max_tokens is None else max(1, max_tokens // config.context_size)
     contexts = islice(iter_contexts(config, tokenizer), max_contexts)
     with atomic_directory(out_dir) as staging:
-        shards = []
+        shards: list[dict[str, Any]] = []
         while chunk := list(islice(contexts, shard_contexts)):
             name = f"tokens-{len(shards):05d}.safetensors"
             save_file({"tokens": torch.stack(chunk).to(torch.int32)}, str(staging / name))

@@ -11,7 +11,7 @@ SAELens does.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ class SplicedEvaluation:
     def _run(self, tokens: Tensor, keep: Tensor, mode: str) -> Tensor:
         """Logits with each SAE's output hook replaced at the kept positions as `mode` says: by the SAE's
         output (sae), by it plus its error term (sae+error, which must give the clean logits), or by zeros."""
-        options = {"sae": {}, "sae+error": {"error_term": True}, "zero": {"run": _zeros}}[mode]
+        modes: dict[str, dict[str, Any]] = {"sae": {}, "sae+error": {"error_term": True}, "zero": {"run": _zeros}}
+        options = modes[mode]
         with spliced(self.model, self.saes, positions=keep, **options):
             return self.model.logits(tokens)
 

@@ -12,6 +12,7 @@ from typing import Any, Literal, Mapping
 import torch
 import yaml
 
+from saelab.activations.source import ActivationSource
 from saelab.runs import folder as run_folder
 from saelab.core.config import PYDANTIC, ConfigError, deep_merge, from_dict, to_dict
 from saelab.data.config import DataConfig
@@ -120,8 +121,9 @@ def run_sae_specs(config: RunConfig) -> dict[str, dict[str, Any]]:
     """Name -> options of every SAE the run trains (one called 'sae' unless `saes` or `sweep` say more)."""
     default_hook = config.model.hook_name if config.source == "model" else None
     specs = sae_specs(config.sae, config.saes, config.sweep, default_hook)
-    if config.source == "synthetic" and (hooks := {o.get("hook_name") for o in specs.values()} - {None}):
-        raise ConfigError(f"synthetic activations have no hook points, but SAEs name {', '.join(sorted(hooks))}")
+    named = {hook for o in specs.values() if (hook := o.get("hook_name")) is not None}
+    if config.source == "synthetic" and named:
+        raise ConfigError(f"synthetic activations have no hook points, but SAEs name {', '.join(sorted(named))}")
     return specs
 
 
@@ -132,8 +134,15 @@ def build_saes(config: RunConfig, d_in: int | dict[str, int], origin: dict[str, 
     saes = {}
     for name, options in run_sae_specs(config).items():
         hook = options.get("hook_name")
-        width = d_in if isinstance(d_in, int) else d_in[hook]
-        where = {**(origin or {}), "hook_name": hook, "hook_layer": (layers or {}).get(hook)} if origin else None
+        if isinstance(d_in, int):
+            width = d_in
+        elif hook is None:  # the model's hook_name fills in a missing one, not a null
+            raise ConfigError(f"SAE '{name}' has hook_name null: name the hook point it reads (or leave it out to "
+                              "read model.hook_name)")
+        else:
+            width = d_in[hook]
+        layer = None if hook is None else (layers or {}).get(hook)
+        where = {**(origin or {}), "hook_name": hook, "hook_layer": layer} if origin else None
         torch.manual_seed(config.train.seed)  # each SAE starts as it would alone, whatever else is trained
         saes[name] = build_sae(options, width, where)
     return saes
@@ -145,8 +154,9 @@ def _hooks_read(specs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def activation_source(config: RunConfig, dist: Distributed | None = None
-                      ) -> tuple[Any, dict[str, int], dict[str, Any], dict[str, int | None], Any]:
-    """The run's batches, the activation width per hook, where they come from, each hook's layer, and the
+                      ) -> tuple[ActivationSource, int | dict[str, int], dict[str, Any], dict[str, int | None], Any]:
+    """The run's batches, the activation width per hook (one width for synthetic activations, which have no
+    hooks), where they come from, each hook's layer, and the
     model (None when the activations do not come from a live model). End-to-end runs get token contexts.
     Data-parallel ranks each get their own share of the data and of the batch."""
     batch_size, seed = config.train.batch_size, config.train.seed
@@ -161,8 +171,8 @@ def activation_source(config: RunConfig, dist: Distributed | None = None
     if config.source == "synthetic":
         if config.objective.end_to_end:
             raise ConfigError("end-to-end training needs a model (source: model), not synthetic activations")
-        source = SyntheticSource(config.synthetic, batch_size, seed=seed + 1_000_003 * shard[0])
-        return source, {None: config.synthetic.d_in}, {}, {}, None  # type: ignore[dict-item]
+        synthetic = SyntheticSource(config.synthetic, batch_size, seed=seed + 1_000_003 * shard[0])
+        return synthetic, config.synthetic.d_in, {}, {}, None
     from saelab.activations.cache import cached_activations
     from saelab.activations.harvest import model_activations
     from saelab.data.tokens import check_dataset, data_info, model_contexts
@@ -180,6 +190,7 @@ def activation_source(config: RunConfig, dist: Distributed | None = None
         layers = {h: cached.metadata.get("hook_layers", {}).get(h) for h in hooks}
         return cached, {h: cached.widths[h] for h in hooks}, info, layers, None
     model = open_model(config.model, backpropagate=config.objective.end_to_end)
+    source: ActivationSource
     if config.objective.end_to_end:
         source = model_contexts(model.tokenizer, config.data, batch_size, shard)
     else:

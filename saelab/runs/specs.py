@@ -60,8 +60,8 @@ def sae_specs(
     for name, entry in entries.items():
         if not isinstance(entry, dict):
             raise ConfigError(f"saes.{name} must be a mapping of SAE options, got {entry!r}")
-        for values in itertools.product(*sweep.values()):
-            combo = dict(zip(sweep, values))
+        for combination in itertools.product(*sweep.values()):
+            combo = dict(zip(sweep, combination))
             label = "_".join(f"{k}={_label(v)}" for k, v in combo.items())
             full_name = "_".join(p for p in (name if named or not label else "", label) if p) or name
             options = merge_options(base, entry, combo)

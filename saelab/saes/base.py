@@ -9,6 +9,7 @@ and, optionally, a linear skip connection `W_skip (d_out, d_in)`.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
@@ -266,7 +267,7 @@ class SAE(nn.Module):
         """Inverse of `weights_for_saving`."""
         self.load_state_dict(weights, strict=True)
 
-    def save(self, path: str, sparsity: Tensor | None = None) -> None:
+    def save(self, path: str | Path, sparsity: Tensor | None = None) -> None:
         """Write `cfg.json`, `sae_weights.safetensors` (and `sparsity.safetensors`) to directory `path`."""
         save_sae(self, path, sparsity=sparsity)
 

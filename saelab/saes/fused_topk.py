@@ -110,7 +110,7 @@ class _SparseEncode(torch.autograd.Function):
             grad_x = dense @ W_enc.T if need_x or need_shift else None
             grad_w = x.T @ dense if need_w else None
             grad_b = dense.sum(0)
-            grad_shift = -grad_x.sum(0) if need_shift else None
+            grad_shift = -grad_x.sum(0) if need_shift and grad_x is not None else None
             return grad_x if need_x else None, grad_w, grad_b if need_b else None, grad_shift, None
         if grad_values is None:
             return None, None, None, None, None

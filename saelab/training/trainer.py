@@ -129,7 +129,7 @@ class Trainer:
             raise ConfigError("the activation source yielded no batches")
         if self.splicer is not None:  # token contexts: read the clean activations the SAEs will replace
             hooks = [hook for u in self.units for hook in hooks_of(u.sae)]
-            batches = [self.splicer.clean_activations(tokens, hooks) for tokens in batches]
+            batches = [self.splicer.clean_activations(_tokens(batch), hooks) for batch in batches]
         for unit in self.units:
             pairs = [select_inputs(b, unit.sae) for b in batches]
             check_widths(*pairs[0], unit.sae, unit.name)
@@ -209,7 +209,7 @@ class Trainer:
         """Every SAE's training forward: on its rows of an activation batch, or spliced into the model (end to
         end: the batch is token contexts, and the model's clean and spliced passes come back too)."""
         if self.splicer is not None:
-            return self.splicer.run(batch, self.units)
+            return self.splicer.run(_tokens(batch), self.units)
         return {unit.name: unit.forward_local(batch) for unit in self.units}, None
 
     def _check_finite(self, unit_terms: dict[str, dict[str, Tensor]], model_terms: dict[str, Tensor]) -> None:
@@ -375,7 +375,10 @@ class Trainer:
         """Load the newest readable complete checkpoint under out_dir; False when there is none. A checkpoint written
         by a differently configured run (other than in RESUMABLE_TRAIN_OPTIONS), or past this run's total_tokens,
         is refused with a ConfigError before anything is loaded."""
-        found = read_newest_checkpoint(Path(out_dir or self.out_dir) / CHECKPOINT_DIR)
+        directory = out_dir or self.out_dir
+        if directory is None:
+            raise ConfigError("resuming needs an out_dir (the run's directory, where its checkpoints are)")
+        found = read_newest_checkpoint(Path(directory) / CHECKPOINT_DIR)
         if found is None:
             return False
         checkpoint, state = found
@@ -395,3 +398,9 @@ class Trainer:
 def _as_tuples(value):
     """random.setstate wants the nested tuples back that JSON turned into lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _tokens(batch: Batch) -> Tensor:
+    """A batch of token contexts, which is what end-to-end training (a splicer) reads."""
+    assert isinstance(batch, Tensor), "end-to-end training reads batches of token ids"
+    return batch
