@@ -212,3 +212,16 @@ def test_every_example_config_is_valid(path):
     assert specs and all("architecture" in options for options in specs.values())
     if "e2e" in path.name:
         assert config.objective.end_to_end and all(o.get("init_from") for o in specs.values())
+
+
+def test_a_null_hook_name_in_a_model_run_is_a_config_error():
+    """A missing hook_name reads model.hook_name; an explicit null has no activations to read."""
+    from saelab.runs.runner import build_saes
+
+    config = load_run_config({"model": {"hook_name": LAYERS["early"]}, "sae": {"architecture": "topk", "k": 4},
+                              "saes": {"named": {"hook_name": LAYERS["late"]}, "default": {}, "null": {"hook_name": None}}})
+    with pytest.raises(ConfigError, match="SAE 'null' has hook_name null"):
+        build_saes(config, {LAYERS["early"]: 8, LAYERS["late"]: 8})
+    del config.saes["null"]
+    saes = build_saes(config, {LAYERS["early"]: 8, LAYERS["late"]: 16})
+    assert saes["default"].cfg.hook_name == LAYERS["early"] and saes["named"].cfg.d_in == 16

@@ -10,6 +10,7 @@ import torch
 
 import saelab
 from saelab.activations import TensorSource
+from saelab.core.errors import ConfigError
 from saelab.evals import explained_variance, l0
 from saelab.synthetic import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training import TrainConfig, Trainer, TrainingDiverged
@@ -147,6 +148,13 @@ def test_nan_stops_training_with_the_step_named(tmp_path):
     assert not all(torch.equal(before[k], v) for k, v in sae.state_dict().items())  # earlier steps did train
     assert all(torch.isfinite(p).all() for p in sae.parameters())
     assert trainer.resume()
+
+
+def test_resume_without_a_run_directory_says_so(tmp_path):
+    trainer = Trainer(saelab.create_sae("standard", 32, 64), quick_config())
+    with pytest.raises(ConfigError, match="resuming needs an out_dir"):
+        trainer.resume()
+    assert not trainer.resume(tmp_path)  # given one, an empty directory simply has no checkpoint
 
 
 @pytest.mark.parametrize("architecture", ["jumprelu", "batchtopk"])
