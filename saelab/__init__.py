@@ -1,10 +1,10 @@
 """saelab: train, evaluate and study sparse autoencoders and transcoders on language-model activations."""
 
 from saelab.core.config import ConfigError
-from saelab.evals.evaluate import evaluate
-from saelab.io.publish import push_to_hub
-from saelab.io.load import load_sae
 from saelab.core.files import FileFormatError
+from saelab.evals.evaluate import evaluate
+from saelab.io.load import load_sae
+from saelab.io.publish import push_to_hub
 from saelab.models import HookedModel, load_model
 from saelab.runs.runner import RunConfig, cache_activations, pretokenize, resume, train
 from saelab.saes import SAE, SAEConfig, available_architectures, create_sae, register

@@ -26,9 +26,9 @@ from saelab.analysis import (
     token_set,
     write_dashboard,
 )
+from saelab.core.files import FileFormatError
 from saelab.data.config import DataConfig
 from saelab.evals.evaluate import heldout_contexts
-from saelab.core.files import FileFormatError
 from saelab.models import load_model
 from saelab.models.hooks import UnknownHookError
 

@@ -10,11 +10,11 @@ from tiny import save_tiny_model, sentences, write_jsonl
 
 from saelab.activations.cache import CachedActivations, write_activation_cache
 from saelab.activations.harvest import ActivationStore, Harvester
-from saelab.data.config import DataConfig
 from saelab.activations.shuffle_buffer import ShuffleBuffer
+from saelab.core.files import FileFormatError
+from saelab.data.config import DataConfig
 from saelab.data.text import DatasetFormatError, iter_documents
 from saelab.data.tokens import ContextBatches, iter_contexts, pretokenize
-from saelab.core.files import FileFormatError
 from saelab.models import UnknownHookError, load_model
 
 HOOK = "blocks.1.hook_resid_post"

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import saelab
-from saelab.io import save_sparsify
 from saelab.core.files import FileFormatError
+from saelab.io import save_sparsify
 
 D_IN, D_SAE, K = 12, 40, 5
 
@@ -259,7 +259,6 @@ def test_every_sae_meets_saebench_custom_sae_contract(architecture, tmp_path):
     run's data settings, metadata by attribute, a JSON-ready cfg.to_dict(), dtype kept by sae.to(...)."""
     from saelab.data.config import DataConfig
     from saelab.data.tokens import data_info
-    from saelab.models.config import ModelConfig
     from saelab.runs.specs import build_sae
 
     origin = {**data_info("m", DataConfig(dataset="corpus.txt", context_size=64, prepend_bos=False)),

@@ -131,9 +131,9 @@ def test_auto_dtype_keeps_float32_when_gradients_flow_through_the_model(tmp_path
     model) keeps float32 unless bfloat16 is named."""
     from tiny import save_tiny_model
 
-    from saelab.models.loading import open_model
     from saelab.models import loading
     from saelab.models.config import ModelConfig
+    from saelab.models.loading import open_model
 
     folder = str(save_tiny_model(tmp_path / "model"))
     monkeypatch.setattr(loading, "fast_bfloat16", lambda device: True)

@@ -12,8 +12,9 @@ shuffle buffer: memory is one shard plus the buffer, whatever the size of the ca
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -23,12 +24,11 @@ from tqdm.auto import tqdm
 from saelab.activations.harvest import Harvester, concat_hooks, make_harvester, split_hooks
 from saelab.activations.shuffle_buffer import ShuffleBuffer
 from saelab.activations.source import Batch
-from saelab.core.files import atomic_directory
+from saelab.core.errors import ConfigError, FileFormatError
+from saelab.core.files import FileFormatError, atomic_directory, read_json, read_safetensors
 from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches
 from saelab.models.hooks import HookedModel
-from saelab.core.files import FileFormatError, read_json, read_safetensors
-from saelab.core.errors import ConfigError, FileFormatError
 
 CACHE_FORMAT = "saelab-activations"
 METADATA_FILE = "metadata.json"

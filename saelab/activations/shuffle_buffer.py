@@ -7,10 +7,12 @@ the freed slots take the next incoming rows. Memory is `capacity x width` values
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
+
 from saelab.core.errors import ConfigError
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
 from saelab.core.errors import ConfigError
 
 Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]

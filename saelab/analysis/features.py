@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from collections.abc import Mapping, Sequence
 from itertools import islice
-from typing import Any, Mapping, Protocol, Sequence, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from saelab.analysis.dashboard import TokenText
 from saelab.analysis.statistics import FeatureStats
-from saelab.core.files import atomic_directory
 from saelab.core.errors import ConfigError
+from saelab.core.files import atomic_directory
 
 EMPTY_FIELDS = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
                 "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ class FeatureStats:
         atomic_write_bytes(path, save(tensors, metadata={"saelab_feature_stats": json.dumps(meta)}))
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureStats":
+    def load(cls, path: str | Path) -> FeatureStats:
         from safetensors import safe_open
 
         from saelab.core.files import FileFormatError

@@ -13,8 +13,14 @@ from typing import Any
 
 import yaml
 
-from saelab.cli.sae_source import (REPORT_DEFAULT, SAE_SOURCE_HELP, add_sae_source_options, load_sae_from_args, report_folder,
-                            sae_model_and_data)
+from saelab.cli.sae_source import (
+    REPORT_DEFAULT,
+    SAE_SOURCE_HELP,
+    add_sae_source_options,
+    load_sae_from_args,
+    report_folder,
+    sae_model_and_data,
+)
 from saelab.core.config import ConfigError, closest_key, deep_merge, field_docs
 from saelab.core.errors import SaelabError
 

@@ -13,8 +13,9 @@ import dataclasses
 import difflib
 import json
 import typing
+from collections.abc import Iterable, Mapping
 from functools import cache
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 

@@ -7,11 +7,12 @@ pretokenised dataset: rows with `input_ids` or `tokens` instead of text), always
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from saelab.data.docstrings import docstring_documents
 from saelab.core.errors import MissingDependency, SaelabError
+from saelab.data.docstrings import docstring_documents
 
 BUILTIN_DATASET = "docstrings"
 TOKEN_COLUMNS = ("input_ids", "tokens")

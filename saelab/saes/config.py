@@ -41,14 +41,14 @@ class Metadata(dict):
 def _from_metadata(key: str, default: Any, doc: str, fallback: str | None = None) -> property:
     """A config attribute stored in `metadata[key]` (or `metadata[fallback]`), `default` when not recorded."""
 
-    def get(cfg: "SAEConfig") -> Any:
+    def get(cfg: SAEConfig) -> Any:
         if key in cfg.metadata:
             return cfg.metadata[key]
         if fallback is not None and fallback in cfg.metadata:
             return cfg.metadata[fallback]
         return default() if callable(default) else default
 
-    def set_(cfg: "SAEConfig", value: Any) -> None:
+    def set_(cfg: SAEConfig, value: Any) -> None:
         cfg.metadata[key] = value
 
     return property(get, set_, doc=doc)

@@ -16,7 +16,7 @@ The selected entries are kept as `SparseLatents(cols, offsets, values)` (embeddi
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,6 @@ from torch import Tensor
 
 from saelab.saes.autocast import to_autocast
 from saelab.saes.outputs import SparseLatents
-
 
 Selector = Callable[[Tensor], tuple[Tensor, Tensor]]
 """Pre-activations (batch, d_sae) -> (cols, offsets) of the entries to keep, grouped by token."""

@@ -15,11 +15,10 @@ import torch
 from torch import Tensor
 
 from saelab.core.config import ConfigError
-from saelab.saes.outputs import TrainOutput
-from saelab.saes.registry import register
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.saes.fused_topk import sparse_decode
-from saelab.saes.outputs import SparseLatents
+from saelab.saes.outputs import SparseLatents, TrainOutput
+from saelab.saes.registry import register
 
 
 @dataclass

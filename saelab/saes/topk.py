@@ -14,9 +14,9 @@ from torch import Tensor
 from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
+from saelab.saes.fused_topk import Selector, select_topk, sparse_decode, sparse_encode
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
-from saelab.saes.fused_topk import Selector, select_topk, sparse_decode, sparse_encode
 
 
 @dataclass

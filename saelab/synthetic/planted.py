@@ -5,8 +5,9 @@ An SAE that works should recover the directions f_i as decoder rows; `feature_re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor

@@ -11,8 +11,8 @@ import torch
 from saelab.core.files import atomic_write_bytes
 from saelab.saes.base import SAE
 from saelab.saes.registry import create_sae
-from saelab.synthetic.recovery import feature_recall, mcc, optimal_matching
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource
+from saelab.synthetic.recovery import feature_recall, mcc, optimal_matching
 from saelab.training.config import TrainConfig
 from saelab.training.trainer import Trainer
 

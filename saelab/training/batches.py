@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from saelab.activations.source import Batch
-from saelab.saes.base import SAE
 from saelab.core.errors import ConfigError
+from saelab.saes.base import SAE
 
 
 def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:

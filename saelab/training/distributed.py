@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
 from saelab.core.errors import SaelabError
 
 Mode = Literal["data", "module"]

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from saelab.core.files import atomic_write_text
 from saelab.core.errors import MissingDependency
+from saelab.core.files import atomic_write_text
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:

@@ -13,9 +13,10 @@ import json
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from saelab.activations.source import Batch
 from saelab.core.config import ConfigError, to_dict
+from saelab.core.errors import SaelabError
 from saelab.core.files import atomic_write_text, replacing_directory
 from saelab.evals.metrics import log_feature_density
 from saelab.saes.base import SAE
@@ -45,7 +47,6 @@ from saelab.training.memory import keep_freed_memory
 from saelab.training.objectives import ModelObjective, Objective, local_objectives
 from saelab.training.schedules import lr_factor
 from saelab.training.unit import Forward, TrainingUnit
-from saelab.core.errors import SaelabError
 
 WHOLE_MODEL = "model"
 """Name under which metrics of the model with every SAE spliced in are logged (so no SAE may use it)."""
