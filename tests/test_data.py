@@ -67,7 +67,7 @@ def test_pretokenized_shards_give_the_same_contexts(tiny, tmp_path):
     assert len(list(out.glob("tokens-*.safetensors"))) > 1
     direct = list(iter_contexts(config, model.tokenizer))
     from_shards = list(iter_contexts(data_config(out), model.tokenizer))
-    assert len(direct) == len(from_shards) and all(torch.equal(a, b) for a, b in zip(direct, from_shards))
+    assert len(direct) == len(from_shards) and all(torch.equal(a, b) for a, b in zip(direct, from_shards, strict=True))
     with pytest.raises(ValueError, match="holds contexts of 16 tokens"):
         next(iter_contexts(DataConfig(dataset=str(out), context_size=32), model.tokenizer))
     with pytest.raises(FileExistsError):

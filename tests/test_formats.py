@@ -45,7 +45,8 @@ def sparsify_by_hand(w, x, transcode, skip):
 def test_sparsify_folders_load_and_compute_the_same(tmp_path, transcode, skip):
     weights = write_sparsify(tmp_path / "layers.3", transcode, skip)
     sae = saelab.load_sae(tmp_path / "layers.3")
-    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.transcoder, sae.cfg.skip_connection) == ("topk", K, transcode or skip, skip)
+    assert (sae.cfg.architecture, sae.cfg.k) == ("topk", K)
+    assert (sae.cfg.transcoder, sae.cfg.skip_connection) == (transcode or skip, skip)
     x = torch.randn(30, D_IN)
     assert torch.allclose(sae(x), sparsify_by_hand(weights, x, transcode, skip), atol=1e-5)
 
@@ -197,7 +198,8 @@ def write_dictionary_learning(folder, dict_class, seed=0):
 def dictionary_learning_by_hand(dict_class, w, x):
     """Each class's encode + decode as dictionary_learning computes them (up to its norm rescaling)."""
     if dict_class == "AutoEncoder":
-        return torch.relu((x - w["bias"]) @ w["encoder.weight"].T + w["encoder.bias"]) @ w["decoder.weight"].T + w["bias"]
+        latents = torch.relu((x - w["bias"]) @ w["encoder.weight"].T + w["encoder.bias"])
+        return latents @ w["decoder.weight"].T + w["bias"]
     if dict_class == "GatedAutoEncoder":
         x_enc = (x - w["decoder_bias"]) @ w["encoder.weight"].T
         gate = (x_enc + w["gate_bias"] > 0).float()
@@ -344,7 +346,8 @@ def test_saelens_3_and_6_style_cfgs(tmp_path):
           "context_size": 128, "dtype": "float32", "device": "cpu", "architecture": "standard"}
     (tmp_path / "v3" / "cfg.json").write_text(json.dumps(v3))
     old = saelab.load_sae(tmp_path / "v3")
-    assert (old.cfg.hook_name, old.cfg.hook_layer, old.cfg.normalize_activations) == ("blocks.1.hook_resid_pre", 1, "none")
+    assert old.cfg.hook_name == "blocks.1.hook_resid_pre"
+    assert (old.cfg.hook_layer, old.cfg.normalize_activations) == (1, "none")
 
 
 def saelens_2_cfg(d_in, d_sae):
@@ -625,7 +628,8 @@ def test_e2e_sae_runs_load_each_position_from_the_newest_checkpoint(tmp_path):
 
 def test_e2e_sae_checkpoints_with_code_or_wrong_shapes_are_refused(tmp_path):
     (tmp_path / "evil").mkdir()
-    torch.save({"blocks-1-hook_resid_pre.decoder.bias": CodeInPickle(tmp_path / "pwned")}, tmp_path / "evil" / "samples_10.pt")
+    torch.save({"blocks-1-hook_resid_pre.decoder.bias": CodeInPickle(tmp_path / "pwned")},
+               tmp_path / "evil" / "samples_10.pt")
     with pytest.raises(FileFormatError, match="refused or unreadable"):
         saelab.load_sae(tmp_path / "evil")
     assert not (tmp_path / "pwned").exists()
@@ -661,7 +665,8 @@ def test_cli_convert_writes_saelens_and_sparsify_layouts(tmp_path):
     state = write_e2e_sae_run(tmp_path / "e2e")
     assert main(["convert", str(tmp_path / "e2e"), str(tmp_path / "out"), "--sae_id", "blocks.4.hook_resid_pre"]) == 0
     x = torch.randn(7, D_IN)
-    assert torch.allclose(saelab.load_sae(tmp_path / "out")(x), e2e_sae_by_hand(state, "blocks.4.hook_resid_pre", x)[0], atol=1e-4)
+    expected = e2e_sae_by_hand(state, "blocks.4.hook_resid_pre", x)[0]
+    assert torch.allclose(saelab.load_sae(tmp_path / "out")(x), expected, atol=1e-4)
     sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
     sae.save(tmp_path / "topk")
     assert main(["convert", str(tmp_path / "topk"), str(tmp_path / "sp"), "--to", "sparsify"]) == 0

@@ -88,7 +88,7 @@ def test_damaged_checkpoint_state_gives_file_format_errors(tmp_path):
     for file in ("state.safetensors", "state.json"):
         original = (tmp_path / file).read_bytes()
 
-        def read(damaged):
+        def read(damaged, file=file):
             (tmp_path / file).write_bytes(damaged)
             return load_state(tmp_path)
 

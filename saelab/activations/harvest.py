@@ -60,7 +60,7 @@ def split_hooks(block: Tensor, widths: dict[str, int]) -> Batch:
     parts = torch.split(block, list(widths.values()), dim=-1)
     if len(parts) == 1:
         return parts[0]
-    return dict(zip(widths, parts))
+    return dict(zip(widths, parts, strict=True))
 
 
 class ActivationStore:

@@ -33,10 +33,14 @@ class TensorSource:
 
     def __init__(self, data: Batch, batch_size: int, shuffle: bool = True, seed: int = 0, loop: bool = True):
         self.data = data
-        self.columns = list(data.values()) if isinstance(data, dict) else list(data) if isinstance(data, tuple) else [data]
+        if isinstance(data, dict):
+            self.columns = list(data.values())
+        else:
+            self.columns = list(data) if isinstance(data, tuple) else [data]
         self.n_rows = self.columns[0].shape[0]
         if any(c.shape[0] != self.n_rows for c in self.columns):
-            raise ConfigError(f"all tensors of a TensorSource need the same number of rows, got {[c.shape[0] for c in self.columns]}")
+            rows = [c.shape[0] for c in self.columns]
+            raise ConfigError(f"all tensors of a TensorSource need the same number of rows, got {rows}")
         if batch_size > self.n_rows:
             raise ConfigError(f"batch_size {batch_size} is larger than the data ({self.n_rows} rows)")
         self.batch_size, self.shuffle, self.seed, self.loop = batch_size, shuffle, seed, loop

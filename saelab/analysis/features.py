@@ -87,7 +87,8 @@ def default_token_sets(tokenizer) -> dict[str, Tensor]:
         "capitalised words": lambda s: s[:1].isupper() and s.isalpha(),
         "lower-case words": lambda s: s.islower() and s.isalpha(),
     }
-    return {name: torch.tensor(sorted(i for i, s in text.items() if rule(s)), dtype=torch.long) for name, rule in rules.items()}
+    return {name: torch.tensor(sorted(i for i, s in text.items() if rule(s)), dtype=torch.long)
+            for name, rule in rules.items()}
 
 
 @torch.no_grad()
@@ -115,7 +116,8 @@ def feature_statistics(
     excluded = torch.tensor(excluded_token_ids(model.tokenizer, data.exclude_special_tokens), dtype=torch.long)
     stats = FeatureStatistics(sae.cfg.d_sae, top_k=top_k, window=window, token_sets=token_sets)
     config = dataclasses.replace(data, contexts_per_batch=min(batch_contexts, n_contexts))
-    batches = islice(ContextBatches(config, model.tokenizer, loop=False), max(1, n_contexts // config.contexts_per_batch))
+    n_batches = max(1, n_contexts // config.contexts_per_batch)
+    batches = islice(ContextBatches(config, model.tokenizer, loop=False), n_batches)
     if progress:
         from tqdm.auto import tqdm
 

@@ -188,14 +188,18 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
                            f"the folder eval writes to: {REPORT_DEFAULT})")
     dashboard.add_argument("--n_contexts", type=int, default=256, help="contexts run through the model (default: 256)")
     dashboard.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
-    dashboard.add_argument("--top_k", type=int, default=16, help="top-activating contexts kept per latent (default: 16)")
-    dashboard.add_argument("--window_left", type=int, default=24, help="tokens shown before a context's maximum (default: 24)")
+    dashboard.add_argument("--top_k", type=int, default=16,
+                           help="top-activating contexts kept per latent (default: 16)")
+    dashboard.add_argument("--window_left", type=int, default=24,
+                           help="tokens shown before a context's maximum (default: 24)")
     dashboard.add_argument("--window_right", type=int, default=8, help="tokens shown after it (default: 8)")
     dashboard.add_argument("--chunk_size", type=int, default=64, help="latents per data file of the site (default: 64)")
     dashboard.add_argument("--neuronpedia", metavar="DIR", default=None,
                            help="also write Neuronpedia upload batch files into DIR")
-    dashboard.add_argument("--neuronpedia_model_id", default=None, help="Neuronpedia model id (default: the SAE's model_name)")
-    dashboard.add_argument("--neuronpedia_sae_set", default=None, help="Neuronpedia SAE set name (default: the hook name)")
+    dashboard.add_argument("--neuronpedia_model_id", default=None,
+                           help="Neuronpedia model id (default: the SAE's model_name)")
+    dashboard.add_argument("--neuronpedia_sae_set", default=None,
+                           help="Neuronpedia SAE set name (default: the hook name)")
     upload = commands.add_parser(
         "upload",
         help="upload a saved SAE folder to the Hugging Face hub",
@@ -216,7 +220,8 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     )
     convert.add_argument("source", metavar="SOURCE", help=SAE_SOURCE_HELP)
     convert.add_argument("out", metavar="OUT", help="output folder")
-    convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)")
+    convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens",
+                         help="layout written (default: saelens)")
     for command in (evaluate, dashboard, upload, convert):
         add_sae_source_options(command, with_model=command in (evaluate, dashboard))
     flags = _data_flags()
@@ -256,7 +261,8 @@ def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> No
     from saelab.runs.runner import cache_activations
 
     hooks = [h.strip() for h in args.hooks.split(",")] if args.hooks else None
-    out = cache_activations(args.out, _run_config(args, flag_names), args.max_tokens, hooks, args.dtype, args.shard_rows)
+    config = _run_config(args, flag_names)
+    out = cache_activations(args.out, config, args.max_tokens, hooks, args.dtype, args.shard_rows)
     metadata = json.loads((out / "metadata.json").read_text())
     print(f"{metadata['rows']} activation rows of {metadata['hooks']} in {len(metadata['shards'])} shard(s) -> {out}/ "
           f"(train on it with --data.cache {out})")
@@ -375,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     names = flag_names[args.command]
     if unknown:
-        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, subparsers[args.command].long_options, args.command)}\n")
+        message = _suggest_unknown(unknown, subparsers[args.command].long_options, args.command)
+        parser.exit(2, f"saelab: error: {message}\n")
     commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations,
                 "eval": run_eval, "dashboard": run_dashboard, "upload": run_upload, "convert": run_convert}
     try:

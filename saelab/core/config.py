@@ -103,7 +103,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
     try:
         text = json.dumps(data)  # JSON mode: strict types, yet nested configs may be given as dicts
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: only plain values (numbers, strings, lists, mappings) are accepted ({e})") from None
+        raise ConfigError(
+            f"{where}: only plain values (numbers, strings, lists, mappings) are accepted ({e})"
+        ) from None
     try:
         adapter = _adapter(cls)  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
         return adapter.validate_json(text, strict=True)

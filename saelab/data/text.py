@@ -105,7 +105,9 @@ def _hub_documents(name: str, text_column: str, split: str) -> Iterator[Document
         yield _document(row, text_column, f"dataset '{name}' row {number}")
 
 
-def iter_documents(dataset: str = BUILTIN_DATASET, text_column: str = "text", split: str = "train") -> Iterator[Document]:
+def iter_documents(
+    dataset: str = BUILTIN_DATASET, text_column: str = "text", split: str = "train"
+) -> Iterator[Document]:
     """Documents of `dataset`: 'docstrings' (built in), a local .txt/.md/.rst/.jsonl/.json/.parquet file or a
     folder of them, a folder written by datasets' save_to_disk, or a Hugging Face dataset name (streamed;
     offline it needs the local datasets cache)."""

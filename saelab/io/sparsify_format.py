@@ -83,7 +83,8 @@ def load_sparsify(path: str | Path, device: str = "cpu") -> SAE:
     sae = create_sae(
         "topk", d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), d_out=weights["W_dec"].shape[1],
         transcoder=transcode or skip, skip_connection=skip, apply_b_dec_to_input=not transcode,
-        normalize_decoder=bool(cfg.get("normalize_decoder", True)), dtype=str(weights["W_dec"].dtype).removeprefix("torch."),
+        normalize_decoder=bool(cfg.get("normalize_decoder", True)),
+        dtype=str(weights["W_dec"].dtype).removeprefix("torch."),
         device=device, metadata={"source_format": "sparsify", "sparsify_cfg": cfg, "hookpoint": path.name},
         **sparsify_location(path, transcode),
     )
@@ -109,9 +110,11 @@ def save_sparsify(sae: SAE, path: str | Path) -> Path:
     tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if cfg.skip_connection:
         tensors["W_skip"] = sae.W_skip
-    atomic_write_bytes(path / SPARSIFY_WEIGHTS, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path / SPARSIFY_WEIGHTS, safetensors_bytes(plain))
     sparsify_cfg = {
-        "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "normalize_decoder": sae.normalize_decoder,
+        "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
+        "normalize_decoder": sae.normalize_decoder,
         "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": cfg.skip_connection,
         "transcode": cfg.transcoder, "d_in": cfg.d_in,
     }

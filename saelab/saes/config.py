@@ -130,7 +130,8 @@ class SAEConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         assert self.d_out is not None  # __post_init__ defaults it to d_in
         if self.d_sae * max(self.d_in, self.d_out) > MAX_MATRIX_ELEMENTS:
-            raise ConfigError(f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory (check d_sae / expansion_factor)")
+            raise ConfigError(f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory "
+                              "(check d_sae / expansion_factor)")
         if self.apply_b_dec_to_input and self.transcoder:
             raise ConfigError("apply_b_dec_to_input needs an SAE, not a transcoder: b_dec lives in output space")
         if self.normalize_activations == "layer_norm" and self.transcoder:

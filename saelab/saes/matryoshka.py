@@ -55,7 +55,8 @@ class MatryoshkaSAE(BatchTopKSAE):
             for width in self.cfg.prefix_widths:
                 keep = (out.sparse.cols >= start) & (out.sparse.cols < width)
                 counts = torch.bincount(rows[keep], minlength=len(out.sparse.offsets))
-                segment = SparseLatents(out.sparse.cols[keep], torch.cumsum(counts, 0) - counts, out.sparse.values[keep])
+                offsets = torch.cumsum(counts, 0) - counts
+                segment = SparseLatents(out.sparse.cols[keep], offsets, out.sparse.values[keep])
                 yield sparse_decode(segment, self.W_dec).reshape(out.output.shape)
                 start = width
             return

@@ -56,7 +56,8 @@ class TrainOutput:
             values = self.sparse.values
             flat = torch.zeros(len(self.sparse.offsets), self.hidden_pre.shape[-1], dtype=values.dtype,
                                device=values.device)
-            self._latents = flat.index_put((self.sparse.rows(), self.sparse.cols), values).reshape(self.hidden_pre.shape)
+            flat = flat.index_put((self.sparse.rows(), self.sparse.cols), values)
+            self._latents = flat.reshape(self.hidden_pre.shape)
         return self._latents
 
     @torch.no_grad()

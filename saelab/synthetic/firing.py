@@ -9,8 +9,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-FiringProfile = Literal["uniform", "zipfian", "linear", "random"]
 from saelab.core.config import ConfigError
+
+FiringProfile = Literal["uniform", "zipfian", "linear", "random"]
 
 
 def firing_probabilities(

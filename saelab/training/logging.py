@@ -47,7 +47,9 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise MissingDependency("train.wandb_project is set but wandb is not installed: pip install wandb") from None
+                raise MissingDependency(
+                    "train.wandb_project is set but wandb is not installed: pip install wandb"
+                ) from None
             self.wandb = wandb.init(project=wandb_project, config=run_config or {})
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

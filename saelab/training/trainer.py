@@ -169,7 +169,8 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == total:
                     bar.set_postfix(self._log())
-                if self.evaluator and self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == total):
+                due = self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == total)
+                if self.evaluator and due:
                     self._evaluate()
                 # the last step too: a finished run can be extended (resumed with a larger total_tokens)
                 if self.cfg.checkpoint_every and (self.step % self.cfg.checkpoint_every == 0 or self.step == total):
@@ -215,7 +216,8 @@ class Trainer:
 
     def _check_finite(self, unit_terms: dict[str, dict[str, Tensor]], model_terms: dict[str, Tensor]) -> None:
         """Stop before any weight changes when a loss term is not finite, naming the SAE and the terms."""
-        for owner, terms in [*(("SAE '" + n + "'", t) for n, t in unit_terms.items()), ("the model-level loss", model_terms)]:
+        owners = [*((f"SAE '{n}'", t) for n, t in unit_terms.items()), ("the model-level loss", model_terms)]
+        for owner, terms in owners:
             if terms and not all(torch.isfinite(t) for t in terms.values()):
                 values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
                 total = float(sum(v.detach() for v in terms.values()))
@@ -352,7 +354,8 @@ class Trainer:
         if self.dist.data_parallel:
             key = f"rank_{self.dist.rank}"
             if not isinstance(self._source_state, dict) or key not in self._source_state:
-                raise ConfigError(f"this checkpoint was not written by a data-parallel run with {self.dist.world_size} ranks")
+                raise ConfigError(f"this checkpoint was not written by a data-parallel run with "
+                                  f"{self.dist.world_size} ranks")
             self._source_state = self._source_state[key]
         for unit in self.units:
             unit.load_state_dict(state["units"][unit.name])
