@@ -478,6 +478,17 @@ def test_convert_to_saelens_writes_what_saelens_has_a_class_for_with_the_same_ou
     assert torch.equal(saelab.io.load_sparsity(tmp_path / "out"), torch.full((D_SAE,), -1.5))
 
 
+@pytest.mark.parametrize("architecture, options", [("batchtopk", {"k": K}), ("gated", {"d_out": 7})])
+def test_an_sae_converted_for_saelens_answers_saelens_attribute_names(architecture, options):
+    from saelab.io.saelens_compat import to_saelens
+
+    sae = saelab.create_sae(architecture, d_in=D_IN, d_sae=D_SAE, metadata={"context_size": 64}, **options)
+    converted = to_saelens(sae)
+    assert converted is not sae and converted.cfg.architecture == "jumprelu"
+    assert converted.cfg.metadata.converted_from == architecture and converted.cfg.context_size == 64
+    assert "converted_from" not in sae.cfg.metadata  # the SAE converted is left as it was
+
+
 @pytest.mark.parametrize("options, message", [
     ({"architecture": "topk", "k": K, "d_out": 7}, "no TopK transcoder class.*maps 12 -> 7\\)$"),
     ({"architecture": "topk", "k": K, "skip_connection": True}, "no TopK transcoder.*W_skip.*--to sparsify$"),

@@ -158,7 +158,7 @@ def to_saelens(sae: SAE) -> SAE:
 
 
 def _converted(sae: SAE, architecture: str) -> SAE:
-    sae.cfg.metadata = {**sae.cfg.metadata, "converted_from": architecture}
+    sae.cfg.metadata["converted_from"] = architecture  # a new SAE's own metadata (kept a Metadata: attributes work)
     return sae
 
 

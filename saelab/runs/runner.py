@@ -5,20 +5,22 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import yaml
 
 from saelab.activations.source import ActivationSource
-from saelab.runs import folder as run_folder
 from saelab.core.config import PYDANTIC, ConfigError, deep_merge, from_dict, to_dict
-from saelab.data.config import DataConfig
 from saelab.core.files import atomic_write_text
+from saelab.data.config import DataConfig
 from saelab.models.config import ModelConfig
+from saelab.runs import folder as run_folder
 from saelab.runs.folder import RESUMABLE_OPTIONS, RUN_CONFIG_FILE
+from saelab.runs.specs import build_sae, initial_sae, merge_options, sae_specs
 from saelab.saes.base import SAE
 from saelab.splice import hooks_of
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
@@ -26,7 +28,6 @@ from saelab.training.config import ObjectiveConfig, TrainConfig
 from saelab.training.distributed import Distributed, init_distributed
 from saelab.training.memory import keep_freed_memory
 from saelab.training.objectives import local_objectives, model_objectives
-from saelab.runs.specs import build_sae, initial_sae, merge_options, sae_specs
 from saelab.training.trainer import WHOLE_MODEL, Trainer
 
 DEFAULT_TOKENS = 1_000_000
@@ -121,8 +122,7 @@ def run_sae_specs(config: RunConfig) -> dict[str, dict[str, Any]]:
     """Name -> options of every SAE the run trains (one called 'sae' unless `saes` or `sweep` say more)."""
     default_hook = config.model.hook_name if config.source == "model" else None
     specs = sae_specs(config.sae, config.saes, config.sweep, default_hook)
-    named = {hook for o in specs.values() if (hook := o.get("hook_name")) is not None}
-    if config.source == "synthetic" and named:
+    if config.source == "synthetic" and (named := {h for o in specs.values() if (h := o.get("hook_name")) is not None}):
         raise ConfigError(f"synthetic activations have no hook points, but SAEs name {', '.join(sorted(named))}")
     return specs
 
@@ -231,7 +231,8 @@ def _check_downstream(model: Any, hooks: list[str], saes: dict[str, SAE]) -> Non
     for hook in hooks:
         layer = model.hook_point(hook).layer
         if layer is not None and layer < first:
-            raise ConfigError(f"objective.downstream_hooks: '{hook}' (layer {layer}) comes before every SAE (layer {first})")
+            raise ConfigError(f"objective.downstream_hooks: '{hook}' (layer {layer}) comes before every SAE "
+                              f"(layer {first})")
 
 
 def make_evaluator(model, config: RunConfig):
@@ -381,4 +382,5 @@ def cache_activations(
         config = load_run_config(config)
     model = open_model(config.model)
     info = data_info(config.model.name, config.data)
-    return write_cache(model, config.data, out_dir, max_tokens, hooks or [config.model.hook_name], dtype, shard_rows, info)
+    hooks = hooks or [config.model.hook_name]
+    return write_cache(model, config.data, out_dir, max_tokens, hooks, dtype, shard_rows, info)
