@@ -141,8 +141,10 @@ def build_saes(config: RunConfig, d_in: int | dict[str, int], origin: dict[str, 
                               "read model.hook_name)")
         else:
             width = d_in[hook]
-        layer = None if hook is None else (layers or {}).get(hook)
-        where = {**(origin or {}), "hook_name": hook, "hook_layer": layer} if origin else None
+        where = None
+        if origin:
+            layer = None if hook is None else (layers or {}).get(hook)
+            where = {**origin, "hook_name": hook, "hook_layer": layer}
         torch.manual_seed(config.train.seed)  # each SAE starts as it would alone, whatever else is trained
         saes[name] = build_sae(options, width, where)
     return saes
