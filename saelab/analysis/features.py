@@ -116,8 +116,8 @@ def feature_statistics(
     excluded = torch.tensor(excluded_token_ids(model.tokenizer, data.exclude_special_tokens), dtype=torch.long)
     stats = FeatureStatistics(sae.cfg.d_sae, top_k=top_k, window=window, token_sets=token_sets)
     config = dataclasses.replace(data, contexts_per_batch=min(batch_contexts, n_contexts))
-    n_batches = max(1, n_contexts // config.contexts_per_batch)
-    batches = islice(ContextBatches(config, model.tokenizer, loop=False), n_batches)
+    contexts = ContextBatches(config, model.tokenizer, loop=False)
+    batches = islice(contexts, max(1, n_contexts // config.contexts_per_batch))
     if progress:
         from tqdm.auto import tqdm
 
