@@ -56,7 +56,8 @@ class TensorSource:
         if isinstance(self.data, dict):
             return {name: t[index] for name, t in self.data.items()}
         if isinstance(self.data, tuple):
-            return tuple(t[index] for t in self.data)  # type: ignore[return-value]
+            x, y = self.data  # an (input, target) pair
+            return x[index], y[index]
         return self.data[index]
 
     def __iter__(self) -> Iterator[Batch]:
