@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -86,12 +87,12 @@ def harvest_rates(layers: list[int], dtype: str = "float32", contexts: int = 16,
     results = []
     for layer in layers:
         harvester = Harvester(model, [f"blocks.{layer}.hook_resid_post"], [model.tokenizer.bos_token_id])
-        harvest = timed(lambda: harvester(tokens))
+        harvest = timed(partial(harvester, tokens))
         base, all_blocks = model.model.model, model.blocks
         base.layers = all_blocks[: layer + 1]  # the same model cut after the block: no hooks, no copies
         try:
             with torch.no_grad():
-                bare = timed(lambda: base(input_ids=tokens, use_cache=False))
+                bare = timed(partial(base, input_ids=tokens, use_cache=False))
         finally:
             base.layers = all_blocks
         results.append((layer, tokens.numel() / harvest, tokens.numel() / bare))
@@ -104,7 +105,8 @@ def main() -> None:
     parser.add_argument("--d_sae", type=int, default=4608)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--large", action="store_true", help="also d_in 2304, d_sae 16384 (a 2B model's width)")
-    parser.add_argument("--no-model", action="store_true", help="skip the harvesting benchmark (needs the default model)")
+    parser.add_argument("--no-model", action="store_true",
+                        help="skip the harvesting benchmark (needs the default model)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case in a subprocess
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)  # internal, with --case
     args = parser.parse_args()
@@ -119,14 +121,16 @@ def main() -> None:
     for b, d, n in shapes:
         gemm, gemm16 = matmul_seconds(b, d, n), matmul_seconds(b, d, n, torch.bfloat16)
         print(f"\nbatch {b}, d_in {d}, d_sae {n}: one matmul {gemm * 1e3:.1f} ms float32 "
-              f"({2 * b * d * n / gemm / 1e9:.0f} GFLOP/s), {gemm16 * 1e3:.1f} ms bfloat16 (each case re-measures its own)")
-        print(f"{'SAE step':<16}{'tokens/s':>10}{'ms/step':>9}{'peak MiB':>10}{'/ dense bound':>15}{'/ sparse bound':>16}"
-              f"{'autocast tok/s':>16}{'speed-up':>10}{'/ bf16 bound':>14}")
+              f"({2 * b * d * n / gemm / 1e9:.0f} GFLOP/s), {gemm16 * 1e3:.1f} ms bfloat16 "
+              "(each case re-measures its own)")
+        print(f"{'SAE step':<16}{'tokens/s':>10}{'ms/step':>9}{'peak MiB':>10}{'/ dense bound':>15}"
+              f"{'/ sparse bound':>16}{'autocast tok/s':>16}{'speed-up':>10}{'/ bf16 bound':>14}")
         speeds = {}
         for name, (_, _, dense) in CASES.items():
             results = {}
             for autocast in (False, True):
-                command = [sys.executable, __file__, "--case", name, "--batch", str(b), "--d_in", str(d), "--d_sae", str(n)]
+                command = [sys.executable, __file__, "--case", name, "--batch", str(b), "--d_in", str(d),
+                           "--d_sae", str(n)]
                 out = subprocess.run(command + ["--autocast"] * autocast, capture_output=True, text=True, check=True)
                 results[autocast] = json.loads(out.stdout.strip().splitlines()[-1])
             fp32, bf16 = results[False], results[True]
@@ -142,8 +146,8 @@ def main() -> None:
         for dtype in ("float32", "bfloat16"):
             print(f"\nharvesting SmolLM2-135M in {dtype}, 16 x 128 tokens:")
             for layer, harvest, bare in harvest_rates([5, 15, 29], dtype):
-                print(f"  blocks.{layer}.hook_resid_post: {harvest:,.0f} tokens/s; bare forward to that block {bare:,.0f};"
-                      f" overhead {100 * (bare / harvest - 1):+.1f}%")
+                print(f"  blocks.{layer}.hook_resid_post: {harvest:,.0f} tokens/s; "
+                      f"bare forward to that block {bare:,.0f}; overhead {100 * (bare / harvest - 1):+.1f}%")
 
 
 if __name__ == "__main__":

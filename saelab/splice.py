@@ -23,8 +23,8 @@ zero-ablation baseline returns zeros); the SAE hook points are then not availabl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor
 

@@ -26,9 +26,9 @@ from saelab.analysis import (
     token_set,
     write_dashboard,
 )
+from saelab.core.files import FileFormatError
 from saelab.data.config import DataConfig
 from saelab.evals.evaluate import heldout_contexts
-from saelab.core.files import FileFormatError
 from saelab.models import load_model
 from saelab.models.hooks import UnknownHookError
 
@@ -303,7 +303,8 @@ def test_dashboard_files_hold_every_latent_and_replace_an_old_dashboard(tiny, tm
     assert number == "1" and [r["id"] for r in records] == list(range(16, 32))
     fired = next(r for r in records if r["contexts"])
     context = fired["contexts"][0]
-    assert len(context["tokens"]) == len(context["acts"]) and context["acts"][context["at"]] == pytest.approx(context["value"], rel=1e-3)
+    assert len(context["tokens"]) == len(context["acts"])
+    assert context["acts"][context["at"]] == pytest.approx(context["value"], rel=1e-3)
     assert len(fired["promoted"]) == 10 and all(isinstance(t, str) for t, _ in fired["promoted"])
     (out / "data" / "old.js").write_text("stale")
     write_dashboard(stats, model.tokenizer, out, chunk_size=32)  # replaces the whole folder

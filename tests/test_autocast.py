@@ -52,8 +52,9 @@ def one_step(sae, batch, autocast: bool) -> tuple[dict[str, torch.Tensor], Train
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_autocast_gradients_match_float32(case):
-    """One step under autocast: the output moved by bfloat16 rounding only (and its TopK picks), and every gradient is float32 and points where the
-    float32 gradient points (cosine >= 0.99), including those of the custom encoder and sparse kernels."""
+    """One step under autocast: the output moved by bfloat16 rounding only (and its TopK picks), and every
+    gradient is float32 and points where the float32 gradient points (cosine >= 0.99), including those of the
+    custom encoder and sparse kernels."""
     sae = make(case)
     x = torch.randn(512, 32, generator=torch.Generator().manual_seed(1)) * 2
     target = x if sae.cfg.d_out == 32 else torch.randn(512, sae.cfg.d_out, generator=torch.Generator().manual_seed(2))

@@ -256,8 +256,8 @@ def test_bad_config_files_give_one_clear_line(tmp_path, capsys):
 
 def test_divergence_is_one_line_and_keeps_the_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", *SMALL, "--train.lr", "1e30", "--train.max_grad_norm", "null", "--train.checkpoint_every", "1",
-                 "--sae.architecture", "standard", "--out_dir", str(out)])
+    code = main(["train", *SMALL, "--train.lr", "1e30", "--train.max_grad_norm", "null",
+                 "--train.checkpoint_every", "1", "--sae.architecture", "standard", "--out_dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "training diverged" in err[0] and "at step" in err[0]
     step = int(err[0].split("at step ")[1].split(":")[0])

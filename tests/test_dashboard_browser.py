@@ -20,7 +20,9 @@ import torch
 from saelab.analysis import FeatureStatistics, write_dashboard
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+BROWSER = next(
+    (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None
+)
 
 if BROWSER is None and os.environ.get("SAELAB_REQUIRE_BROWSER") != "1":
     pytest.skip("headless Chromium not installed (apt-get install chromium; .ci/run does)", allow_module_level=True)
@@ -41,8 +43,9 @@ class WordTokenizer:
 def browser(*args: str) -> subprocess.CompletedProcess:
     assert BROWSER is not None, "SAELAB_REQUIRE_BROWSER=1 but no chromium found"
     profile = tempfile.mkdtemp(prefix="saelab-chromium-")
-    flags = [f"--user-data-dir={profile}", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
-             "--disable-component-update", "--no-first-run", "--allow-file-access-from-files",
+    flags = [f"--user-data-dir={profile}", "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-sync", "--disable-component-update", "--no-first-run",
+             "--allow-file-access-from-files",
              "--virtual-time-budget=5000", "--window-size=1280,900"]
     try:
         return subprocess.run([BROWSER, *flags, *args], capture_output=True, text=True, timeout=120)

@@ -10,11 +10,11 @@ from tiny import save_tiny_model, sentences, write_jsonl
 
 from saelab.activations.cache import CachedActivations, write_activation_cache
 from saelab.activations.harvest import ActivationStore, Harvester
-from saelab.data.config import DataConfig
 from saelab.activations.shuffle_buffer import ShuffleBuffer
+from saelab.core.files import FileFormatError
+from saelab.data.config import DataConfig
 from saelab.data.text import DatasetFormatError, iter_documents
 from saelab.data.tokens import ContextBatches, iter_contexts, pretokenize
-from saelab.core.files import FileFormatError
 from saelab.models import UnknownHookError, load_model
 
 HOOK = "blocks.1.hook_resid_post"
@@ -67,7 +67,7 @@ def test_pretokenized_shards_give_the_same_contexts(tiny, tmp_path):
     assert len(list(out.glob("tokens-*.safetensors"))) > 1
     direct = list(iter_contexts(config, model.tokenizer))
     from_shards = list(iter_contexts(data_config(out), model.tokenizer))
-    assert len(direct) == len(from_shards) and all(torch.equal(a, b) for a, b in zip(direct, from_shards))
+    assert len(direct) == len(from_shards) and all(torch.equal(a, b) for a, b in zip(direct, from_shards, strict=True))
     with pytest.raises(ValueError, match="holds contexts of 16 tokens"):
         next(iter_contexts(DataConfig(dataset=str(out), context_size=32), model.tokenizer))
     with pytest.raises(FileExistsError):

@@ -174,7 +174,7 @@ def failing_worker(rank, out):
 
 
 def test_a_failed_rank_is_a_clear_error_not_a_hang(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(mp.ProcessExitedException, match="process 1 terminated with exit code 1"):
         run_ranks(failing_worker, tmp_path)
     message = (tmp_path / "error.txt").read_text()
     assert message.startswith("rank 0: all-reduce of gradients failed") and "another rank" in message

@@ -152,7 +152,7 @@ def commands_with_appends(block: Block) -> str:
                     flags.append(extra)
                     used[i] = True
         out.append(" ".join([command, *flags]) + ("  " + comment if comment else "") if flags else line)
-    for (prefix, extra), hit in zip(block.appends, used):
+    for (prefix, extra), hit in zip(block.appends, used, strict=True):
         if not hit:
             raise ValueError(f"{block.where}: `append {prefix}: {extra}` matches no command of the block")
     return "\n".join(out) + "\n"
@@ -279,7 +279,8 @@ def test_directives_are_checked(tmp_path):
         blocks_of("<!-- test: skip (x) -->\n\n```bash\nsaelab train\n```\n")
     block = blocks_of("<!-- test: append saelab eval: --n_contexts 4 -->\n"
                       "```bash\nsaelab train --out_dir a   # trains\nsaelab eval a/sae  # evaluates\n```\n")[0]
-    assert commands_with_appends(block) == "saelab train --out_dir a   # trains\nsaelab eval a/sae --n_contexts 4  # evaluates\n"
+    expected = "saelab train --out_dir a   # trains\nsaelab eval a/sae --n_contexts 4  # evaluates\n"
+    assert commands_with_appends(block) == expected
     block = blocks_of("<!-- test: append torchrun: --x 1 -->\n```bash\nsaelab train\n```\n")[0]
     with pytest.raises(ValueError, match="matches no command"):
         commands_with_appends(block)

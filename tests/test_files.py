@@ -55,7 +55,8 @@ def test_saelens_layout(tmp_path):
     cfg = json.loads((tmp_path / "j" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["d_in"] == 8 and cfg["d_sae"] == 32
     saelab.create_sae("gated", 8, 32).save(tmp_path / "g")
-    assert set(load_file(tmp_path / "g" / "sae_weights.safetensors")) == {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
+    saved = set(load_file(tmp_path / "g" / "sae_weights.safetensors"))
+    assert saved == {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
 
 
 @pytest.fixture
@@ -159,7 +160,8 @@ def test_no_temporary_files_left_behind(saved):
 
 def test_state_round_trip(tmp_path):
     state = {
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
+                      "param_groups": [{"lr": 0.1, "params": [0]}]},
         "rng": torch.get_rng_state(),
         "python": (3, (1, 2, 3), None),
         "numpy": np.arange(5, dtype=np.uint32),

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import saelab
-from saelab.io import save_sparsify
 from saelab.core.files import FileFormatError
+from saelab.io import save_sparsify
 
 D_IN, D_SAE, K = 12, 40, 5
 
@@ -45,7 +45,8 @@ def sparsify_by_hand(w, x, transcode, skip):
 def test_sparsify_folders_load_and_compute_the_same(tmp_path, transcode, skip):
     weights = write_sparsify(tmp_path / "layers.3", transcode, skip)
     sae = saelab.load_sae(tmp_path / "layers.3")
-    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.transcoder, sae.cfg.skip_connection) == ("topk", K, transcode or skip, skip)
+    assert (sae.cfg.architecture, sae.cfg.k) == ("topk", K)
+    assert (sae.cfg.transcoder, sae.cfg.skip_connection) == (transcode or skip, skip)
     x = torch.randn(30, D_IN)
     assert torch.allclose(sae(x), sparsify_by_hand(weights, x, transcode, skip), atol=1e-5)
 
@@ -197,7 +198,8 @@ def write_dictionary_learning(folder, dict_class, seed=0):
 def dictionary_learning_by_hand(dict_class, w, x):
     """Each class's encode + decode as dictionary_learning computes them (up to its norm rescaling)."""
     if dict_class == "AutoEncoder":
-        return torch.relu((x - w["bias"]) @ w["encoder.weight"].T + w["encoder.bias"]) @ w["decoder.weight"].T + w["bias"]
+        latents = torch.relu((x - w["bias"]) @ w["encoder.weight"].T + w["encoder.bias"])
+        return latents @ w["decoder.weight"].T + w["bias"]
     if dict_class == "GatedAutoEncoder":
         x_enc = (x - w["decoder_bias"]) @ w["encoder.weight"].T
         gate = (x_enc + w["gate_bias"] > 0).float()
@@ -259,7 +261,6 @@ def test_every_sae_meets_saebench_custom_sae_contract(architecture, tmp_path):
     run's data settings, metadata by attribute, a JSON-ready cfg.to_dict(), dtype kept by sae.to(...)."""
     from saelab.data.config import DataConfig
     from saelab.data.tokens import data_info
-    from saelab.models.config import ModelConfig
     from saelab.runs.specs import build_sae
 
     origin = {**data_info("m", DataConfig(dataset="corpus.txt", context_size=64, prepend_bos=False)),
@@ -345,7 +346,8 @@ def test_saelens_3_and_6_style_cfgs(tmp_path):
           "context_size": 128, "dtype": "float32", "device": "cpu", "architecture": "standard"}
     (tmp_path / "v3" / "cfg.json").write_text(json.dumps(v3))
     old = saelab.load_sae(tmp_path / "v3")
-    assert (old.cfg.hook_name, old.cfg.hook_layer, old.cfg.normalize_activations) == ("blocks.1.hook_resid_pre", 1, "none")
+    assert old.cfg.hook_name == "blocks.1.hook_resid_pre"
+    assert (old.cfg.hook_layer, old.cfg.normalize_activations) == (1, "none")
 
 
 def saelens_2_cfg(d_in, d_sae):
@@ -474,6 +476,17 @@ def test_convert_to_saelens_writes_what_saelens_has_a_class_for_with_the_same_ou
         assert torch.allclose(back.encode(x), sae.encode(x), atol=1e-5) and (sae.encode(x) > 0).any()
         assert torch.allclose(back(x), sae(x), atol=1e-5)
     assert torch.equal(saelab.io.load_sparsity(tmp_path / "out"), torch.full((D_SAE,), -1.5))
+
+
+@pytest.mark.parametrize("architecture, options", [("batchtopk", {"k": K}), ("gated", {"d_out": 7})])
+def test_an_sae_converted_for_saelens_answers_saelens_attribute_names(architecture, options):
+    from saelab.io.saelens_compat import to_saelens
+
+    sae = saelab.create_sae(architecture, d_in=D_IN, d_sae=D_SAE, metadata={"context_size": 64}, **options)
+    converted = to_saelens(sae)
+    assert converted is not sae and converted.cfg.architecture == "jumprelu"
+    assert converted.cfg.metadata.converted_from == architecture and converted.cfg.context_size == 64
+    assert "converted_from" not in sae.cfg.metadata  # the SAE converted is left as it was
 
 
 @pytest.mark.parametrize("options, message", [
@@ -626,7 +639,8 @@ def test_e2e_sae_runs_load_each_position_from_the_newest_checkpoint(tmp_path):
 
 def test_e2e_sae_checkpoints_with_code_or_wrong_shapes_are_refused(tmp_path):
     (tmp_path / "evil").mkdir()
-    torch.save({"blocks-1-hook_resid_pre.decoder.bias": CodeInPickle(tmp_path / "pwned")}, tmp_path / "evil" / "samples_10.pt")
+    torch.save({"blocks-1-hook_resid_pre.decoder.bias": CodeInPickle(tmp_path / "pwned")},
+               tmp_path / "evil" / "samples_10.pt")
     with pytest.raises(FileFormatError, match="refused or unreadable"):
         saelab.load_sae(tmp_path / "evil")
     assert not (tmp_path / "pwned").exists()
@@ -662,7 +676,8 @@ def test_cli_convert_writes_saelens_and_sparsify_layouts(tmp_path):
     state = write_e2e_sae_run(tmp_path / "e2e")
     assert main(["convert", str(tmp_path / "e2e"), str(tmp_path / "out"), "--sae_id", "blocks.4.hook_resid_pre"]) == 0
     x = torch.randn(7, D_IN)
-    assert torch.allclose(saelab.load_sae(tmp_path / "out")(x), e2e_sae_by_hand(state, "blocks.4.hook_resid_pre", x)[0], atol=1e-4)
+    expected = e2e_sae_by_hand(state, "blocks.4.hook_resid_pre", x)[0]
+    assert torch.allclose(saelab.load_sae(tmp_path / "out")(x), expected, atol=1e-4)
     sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
     sae.save(tmp_path / "topk")
     assert main(["convert", str(tmp_path / "topk"), str(tmp_path / "sp"), "--to", "sparsify"]) == 0

@@ -11,11 +11,11 @@ import torch
 import yaml
 
 import saelab
-from saelab.core.config import ConfigError
 from saelab.activations.cache import CachedActivations, read_cache_metadata
+from saelab.core.config import ConfigError
 from saelab.core.files import FileFormatError
-from saelab.training.state import load_state, save_state
 from saelab.runs.runner import build_saes, load_run_config, read_config_file
+from saelab.training.state import load_state, save_state
 
 CASES = 60
 MUST_FAIL = ("empty", "random", "truncated")
@@ -88,7 +88,7 @@ def test_damaged_checkpoint_state_gives_file_format_errors(tmp_path):
     for file in ("state.safetensors", "state.json"):
         original = (tmp_path / file).read_bytes()
 
-        def read(damaged):
+        def read(damaged, file=file):
             (tmp_path / file).write_bytes(damaged)
             return load_state(tmp_path)
 

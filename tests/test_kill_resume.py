@@ -92,7 +92,8 @@ def test_sigkill_and_resume_from_an_activation_cache_is_bit_identical(tmp_path):
                  "--max_tokens", "4000", "--shard_rows", "900"]) == 0
     run = ["--data.cache", str(cache), "--model.hook_name", "blocks.1.hook_resid_post", "--data.shuffle_buffer", "1024",
            "--train.total_tokens", "384000", "--train.batch_size", "256", "--train.checkpoint_every", "5",
-           "--train.keep_checkpoints", "2", "--train.progress_bar", "false", "--sae.k", "4", "--sae.expansion_factor", "4"]
+           "--train.keep_checkpoints", "2", "--train.progress_bar", "false", "--sae.k", "4",
+           "--sae.expansion_factor", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(saelab_command("train", *run, "--out_dir", str(tmp_path / "straight")), env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

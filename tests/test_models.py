@@ -63,7 +63,9 @@ def test_module_paths_work_as_hook_names():
 
 def test_unknown_hook_lists_the_valid_names():
     model = tiny_llama()
-    with pytest.raises(UnknownHookError, match=r"unknown hook point 'blocks.1.hook_resid_pots'.*Did you mean 'blocks.1.hook_resid_post'.*Valid names: blocks.0.hook_resid_pre"):
+    expected = (r"unknown hook point 'blocks.1.hook_resid_pots'.*Did you mean 'blocks.1.hook_resid_post'"
+                r".*Valid names: blocks.0.hook_resid_pre")
+    with pytest.raises(UnknownHookError, match=expected):
         model.run_with_cache(TOKENS, ["blocks.1.hook_resid_pots"])
 
 
@@ -74,7 +76,8 @@ def test_writing_replaces_the_activation():
     ablated = model.logits(TOKENS, write={"blocks.1.hook_mlp_out": torch.zeros_like})
     assert not torch.allclose(ablated, clean)
     # writing then reading the same place sees the written value
-    with model.hooks(read=["blocks.2.hook_resid_pre"], write={"blocks.1.hook_resid_post": lambda x: x * 0 + 1}) as cache:
+    ones = {"blocks.1.hook_resid_post": lambda x: x * 0 + 1}
+    with model.hooks(read=["blocks.2.hook_resid_pre"], write=ones) as cache:
         model.model(input_ids=TOKENS)
     assert torch.equal(cache["blocks.2.hook_resid_pre"], torch.ones(2, 11, 32))
 
@@ -131,9 +134,9 @@ def test_auto_dtype_keeps_float32_when_gradients_flow_through_the_model(tmp_path
     model) keeps float32 unless bfloat16 is named."""
     from tiny import save_tiny_model
 
-    from saelab.models.loading import open_model
     from saelab.models import loading
     from saelab.models.config import ModelConfig
+    from saelab.models.loading import open_model
 
     folder = str(save_tiny_model(tmp_path / "model"))
     monkeypatch.setattr(loading, "fast_bfloat16", lambda device: True)

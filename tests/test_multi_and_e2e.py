@@ -36,7 +36,8 @@ def run_config(tiny, out, **sections):
         "out_dir": str(out),
     }
     for section, values in sections.items():
-        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) and section != "saes" else values
+        merge = isinstance(values, dict) and section != "saes"
+        config[section] = {**config.get(section, {}), **values} if merge else values
     return config
 
 
@@ -160,7 +161,8 @@ def test_a_later_sae_reads_the_earlier_ones_output_when_spliced_together(tiny):
     torch.manual_seed(0)
     first = saelab.create_sae("standard", 32, 64, hook_name="blocks.0.hook_resid_post")
     second = saelab.create_sae("standard", 32, 64, hook_name="blocks.1.hook_resid_post")
-    units = [TrainingUnit.create(name, sae, [], 1e-3, TrainConfig()) for name, sae in (("first", first), ("second", second))]
+    units = [TrainingUnit.create(name, sae, [], 1e-3, TrainConfig())
+             for name, sae in (("first", first), ("second", second))]
     tokens = torch.randint(4, 30, (2, 8))
     forwards, run = SplicedModel(model).run(tokens, units)
     with torch.no_grad(), model.hooks(read=["blocks.1.hook_resid_post"]) as cache:
@@ -212,3 +214,17 @@ def test_every_example_config_is_valid(path):
     assert specs and all("architecture" in options for options in specs.values())
     if "e2e" in path.name:
         assert config.objective.end_to_end and all(o.get("init_from") for o in specs.values())
+
+
+def test_a_null_hook_name_in_a_model_run_is_a_config_error():
+    """A missing hook_name reads model.hook_name; an explicit null has no activations to read."""
+    from saelab.runs.runner import build_saes
+
+    specs = {"named": {"hook_name": LAYERS["late"]}, "default": {}, "null": {"hook_name": None}}
+    config = load_run_config({"model": {"hook_name": LAYERS["early"]}, "sae": {"architecture": "topk", "k": 4},
+                              "saes": specs})
+    with pytest.raises(ConfigError, match="SAE 'null' has hook_name null"):
+        build_saes(config, {LAYERS["early"]: 8, LAYERS["late"]: 8})
+    del config.saes["null"]
+    saes = build_saes(config, {LAYERS["early"]: 8, LAYERS["late"]: 16})
+    assert saes["default"].cfg.hook_name == LAYERS["early"] and saes["named"].cfg.d_in == 16

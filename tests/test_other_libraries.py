@@ -161,7 +161,8 @@ SAELENS_TO_SAELAB = {
 def test_saelab_loads_files_saelens_writes_and_computes_the_same(tmp_path, x, name):
     sae_lens = pytest.importorskip("sae_lens", reason="SAELens not installed (pip install -e '.[interop]')")
     cls = name.split("-")[0]
-    theirs = perturbed(getattr(sae_lens, cls)(getattr(sae_lens, cls + "Config")(d_in=D_IN, d_sae=D_SAE, **SAELENS_TO_SAELAB[name])))
+    their_config = getattr(sae_lens, cls + "Config")(d_in=D_IN, d_sae=D_SAE, **SAELENS_TO_SAELAB[name])
+    theirs = perturbed(getattr(sae_lens, cls)(their_config))
     theirs.save_model(str(tmp_path / "sae"))
     sae = saelab.load_sae(tmp_path / "sae").eval()
     with torch.no_grad():
@@ -193,7 +194,8 @@ def test_saelab_loads_dictionary_learning_checkpoints_and_computes_the_same(tmp_
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
-    classes = {c.__name__: c for c in (AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE)}
+    classes = {c.__name__: c
+               for c in (AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE)}
     theirs = perturbed(classes[dict_class](D_IN, D_SAE, *((4,) if "TopK" in dict_class else ())))
     if dict_class in ("JumpReluAutoEncoder", "BatchTopKSAE"):  # thresholds that matter
         with torch.no_grad():

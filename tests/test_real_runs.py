@@ -111,7 +111,8 @@ def test_resume_mid_run_gives_the_same_sae(tiny, tmp_path, source):
     data_flags = flags(model, dataset)
     if source == "cache":
         cache = tmp_path / "cache"
-        assert main(["cache-activations", *data_flags, "--out", str(cache), "--max_tokens", "3000", "--shard_rows", "700"]) == 0
+        assert main(["cache-activations", *data_flags, "--out", str(cache), "--max_tokens", "3000",
+                     "--shard_rows", "700"]) == 0
         data_flags = ["--data.cache", str(cache), "--model.hook_name", HOOK, "--data.shuffle_buffer", "512"]
     if source == "e2e":  # token contexts spliced through the model: the context position is the state
         data_flags += ["--objective.kl", "1", "--objective.downstream", "1", "--objective.downstream_hooks",

@@ -17,7 +17,7 @@ def randomised(sae: saelab.SAE) -> saelab.SAE:
     """Perturb every parameter and buffer so that no bias or threshold is trivially zero."""
     torch.manual_seed(1)
     with torch.no_grad():
-        for name, p in sae.named_parameters():
+        for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
         if hasattr(sae, "log_threshold"):
             sae.log_threshold.fill_(-2.0)
@@ -243,7 +243,7 @@ def test_sparse_topk_training_matches_the_dense_computation(with_dead, centre, a
     assert torch.allclose(outputs[0].output, outputs[1].output)
     assert torch.allclose(outputs[0].latents, outputs[1].latents)
     assert torch.equal(outputs[0].firing_counts(), outputs[1].firing_counts())
-    for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):
+    for (name, p), q in zip(sparse.named_parameters(), dense.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-12), name
 
 
@@ -266,7 +266,7 @@ def test_centred_linear_gives_autograds_gradients(shift, input_grad):
         inputs = [t for t in (x, b_dec, W, b) if t.requires_grad and (shift or t is not b_dec)]
         grads.append((out, torch.autograd.grad(out, inputs, upstream)))
     assert torch.allclose(grads[0][0], grads[1][0])
-    for ours, plain in zip(grads[0][1], grads[1][1]):
+    for ours, plain in zip(grads[0][1], grads[1][1], strict=True):
         assert torch.allclose(ours, plain, atol=1e-12)
 
 

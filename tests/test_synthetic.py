@@ -36,7 +36,8 @@ def test_probabilities_are_capped_at_one_and_keep_the_mean():
 
 def test_correlated_firing_keeps_marginals_and_correlates():
     independent = draw(PlantedFeatures(d_in=16, n_features=20, mean_active=4)).float()
-    correlated_features = PlantedFeatures(d_in=16, n_features=20, mean_active=4, correlation_rank=1, correlation_strength=0.8)
+    correlated_features = PlantedFeatures(d_in=16, n_features=20, mean_active=4, correlation_rank=1,
+                                          correlation_strength=0.8)
     correlated = draw(correlated_features).float()
     p = correlated_features.probabilities
     assert ((correlated.mean(0) - p).abs() <= 4 * (p * (1 - p) / N).sqrt()).all()

@@ -10,6 +10,7 @@ import torch
 
 import saelab
 from saelab.activations import TensorSource
+from saelab.core.errors import ConfigError
 from saelab.evals import explained_variance, l0
 from saelab.synthetic import PlantedFeatures, SyntheticSource, feature_recovery
 from saelab.training import TrainConfig, Trainer, TrainingDiverged
@@ -82,7 +83,8 @@ def test_folded_normalisation_works_on_raw_activations(tmp_path):
     loaded = saelab.load_sae(tmp_path / "sae")
     assert loaded.cfg.normalize_activations == "none"
     with torch.no_grad():
-        assert torch.allclose(loaded(raw), trainer.saes["sae"](raw * unit.scaler.in_scale) / unit.scaler.in_scale, atol=1e-3)
+        in_scale = unit.scaler.in_scale
+        assert torch.allclose(loaded(raw), trainer.saes["sae"](raw * in_scale) / in_scale, atol=1e-3)
         assert explained_variance(raw, loaded(raw)) >= 0.85
 
 
@@ -126,7 +128,7 @@ def test_sparsity_warmup_scales_the_penalty():
     trainer = Trainer(sae, quick_config(total_tokens=256 * 4, sparsity_warmup_steps=4, log_every=1, lr=1e-9))
     penalties = []
     source = SyntheticSource(PLANTED, 256)
-    for step, batch in zip(range(4), source):
+    for step, batch in zip(range(4), source, strict=False):  # the source is endless
         trainer.step = step
         out = sae.training_forward(batch)
         penalties.append(float(sae.sparsity_loss(out).detach()))
@@ -147,6 +149,13 @@ def test_nan_stops_training_with_the_step_named(tmp_path):
     assert not all(torch.equal(before[k], v) for k, v in sae.state_dict().items())  # earlier steps did train
     assert all(torch.isfinite(p).all() for p in sae.parameters())
     assert trainer.resume()
+
+
+def test_resume_without_a_run_directory_says_so(tmp_path):
+    trainer = Trainer(saelab.create_sae("standard", 32, 64), quick_config())
+    with pytest.raises(ConfigError, match="resuming needs an out_dir"):
+        trainer.resume()
+    assert not trainer.resume(tmp_path)  # given one, an empty directory simply has no checkpoint
 
 
 @pytest.mark.parametrize("architecture", ["jumprelu", "batchtopk"])
@@ -234,7 +243,8 @@ def test_source_running_out_is_reported():
 def test_activations_of_the_wrong_width_are_refused_by_name():
     sae = saelab.create_sae("topk", d_in=16, d_sae=32, k=2, hook_name="blocks.3.hook_resid_post")
     config = TrainConfig(total_tokens=256, batch_size=64, progress_bar=False)
-    with pytest.raises(ValueError, match="takes inputs of width 16 but the activations at 'blocks.3.hook_resid_post' have width 24"):
+    expected = "takes inputs of width 16 but the activations at 'blocks.3.hook_resid_post' have width 24"
+    with pytest.raises(ValueError, match=expected):
         Trainer(sae, config).fit(TensorSource(torch.randn(512, 24), batch_size=64))
 
 

@@ -71,7 +71,8 @@ def test_analysis_splices_steers_and_reads_logit_effects_on_transformer_lens_mod
     with steer(tl, sae, latent=3, coefficient=2.0), tl.hooks(read=["blocks.1.hook_resid_post"]) as steered:
         tl.logits(TOKENS)
     clean = tl.run_with_cache(TOKENS, ["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"]
-    assert torch.allclose(steered["blocks.1.hook_resid_post"] - clean, 2.0 * sae.W_dec[3].detach().expand_as(clean), atol=1e-4)
+    expected = 2.0 * sae.W_dec[3].detach().expand_as(clean)
+    assert torch.allclose(steered["blocks.1.hook_resid_post"] - clean, expected, atol=1e-4)
     assert torch.allclose(logit_effects(sae, tl)["top_values"], logit_effects(sae, hf)["top_values"], atol=1e-4)
 
 

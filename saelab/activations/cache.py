@@ -12,8 +12,9 @@ shuffle buffer: memory is one shard plus the buffer, whatever the size of the ca
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -23,12 +24,11 @@ from tqdm.auto import tqdm
 from saelab.activations.harvest import Harvester, concat_hooks, make_harvester, split_hooks
 from saelab.activations.shuffle_buffer import ShuffleBuffer
 from saelab.activations.source import Batch
-from saelab.core.files import atomic_directory
+from saelab.core.errors import ConfigError, FileFormatError
+from saelab.core.files import atomic_directory, read_json, read_safetensors
 from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches
 from saelab.models.hooks import HookedModel
-from saelab.core.files import FileFormatError, read_json, read_safetensors
-from saelab.core.errors import ConfigError, FileFormatError
 
 CACHE_FORMAT = "saelab-activations"
 METADATA_FILE = "metadata.json"
@@ -58,7 +58,7 @@ def write_activation_cache(
         ids = torch.cat([t for _, t in pending])
         name = f"acts-{len(shards):05d}.safetensors"
         parts = torch.split(acts[:rows], list(widths.values()), dim=-1)
-        tensors = {hook: part.to(store_dtype).contiguous() for hook, part in zip(widths, parts)}
+        tensors = {hook: part.to(store_dtype).contiguous() for hook, part in zip(widths, parts, strict=True)}
         tensors[TOKEN_IDS] = ids[:rows].to(torch.int32)
         save_file(tensors, str(staging / name))
         shards.append({"file": name, "rows": rows})
@@ -99,7 +99,8 @@ def read_cache_metadata(folder: str | Path) -> dict[str, Any]:
     """The metadata of a cache folder, checked to be one."""
     folder = Path(folder)
     if not (folder / METADATA_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not an activation cache (no {METADATA_FILE}); make one with saelab cache-activations")
+        raise FileNotFoundError(f"{folder} is not an activation cache (no {METADATA_FILE}); "
+                                "make one with saelab cache-activations")
     metadata = read_json(folder / METADATA_FILE)
     if metadata.get("format") != CACHE_FORMAT:
         raise FileFormatError(f"{folder / METADATA_FILE} does not describe a saelab activation cache")
@@ -173,7 +174,9 @@ class CachedActivations:
         self.buffer.load_state_dict(state["buffer"])
 
 
-def cached_activations(data: DataConfig, batch_size: int, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> CachedActivations:
+def cached_activations(
+    data: DataConfig, batch_size: int, seed: int = 0, shard: tuple[int, int] = (0, 1)
+) -> CachedActivations:
     """Shuffled batches from the cache folder `data.cache` (`shard`: this data-parallel rank's files)."""
     assert data.cache is not None
     return CachedActivations(data.cache, batch_size, data.shuffle_buffer, seed, shard=shard)

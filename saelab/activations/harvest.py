@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from saelab.activations.shuffle_buffer import ShuffleBuffer
 from saelab.activations.source import Batch
+from saelab.core.errors import ConfigError
 from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.models.hooks import HookedModel
-from saelab.core.errors import ConfigError
 
 
 class Harvester:
@@ -59,7 +60,7 @@ def split_hooks(block: Tensor, widths: dict[str, int]) -> Batch:
     parts = torch.split(block, list(widths.values()), dim=-1)
     if len(parts) == 1:
         return parts[0]
-    return dict(zip(widths, parts))
+    return dict(zip(widths, parts, strict=True))
 
 
 class ActivationStore:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
 from saelab.core.errors import ConfigError
 
 Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
@@ -31,10 +33,14 @@ class TensorSource:
 
     def __init__(self, data: Batch, batch_size: int, shuffle: bool = True, seed: int = 0, loop: bool = True):
         self.data = data
-        self.columns = list(data.values()) if isinstance(data, dict) else list(data) if isinstance(data, tuple) else [data]
+        if isinstance(data, dict):
+            self.columns = list(data.values())
+        else:
+            self.columns = list(data) if isinstance(data, tuple) else [data]
         self.n_rows = self.columns[0].shape[0]
         if any(c.shape[0] != self.n_rows for c in self.columns):
-            raise ConfigError(f"all tensors of a TensorSource need the same number of rows, got {[c.shape[0] for c in self.columns]}")
+            rows = [c.shape[0] for c in self.columns]
+            raise ConfigError(f"all tensors of a TensorSource need the same number of rows, got {rows}")
         if batch_size > self.n_rows:
             raise ConfigError(f"batch_size {batch_size} is larger than the data ({self.n_rows} rows)")
         self.batch_size, self.shuffle, self.seed, self.loop = batch_size, shuffle, seed, loop
@@ -50,7 +56,8 @@ class TensorSource:
         if isinstance(self.data, dict):
             return {name: t[index] for name, t in self.data.items()}
         if isinstance(self.data, tuple):
-            return tuple(t[index] for t in self.data)  # type: ignore[return-value]
+            x, y = self.data  # an (input, target) pair
+            return x[index], y[index]
         return self.data[index]
 
     def __iter__(self) -> Iterator[Batch]:

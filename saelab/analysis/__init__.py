@@ -2,10 +2,10 @@
 
 from saelab.analysis.dashboard import write_dashboard
 from saelab.analysis.features import default_token_sets, feature_statistics, logit_effects, token_set, unembedding
-from saelab.analysis.neuronpedia import export_neuronpedia
 from saelab.analysis.interventions import ablate, clamp, run_with_cache_and_saes, run_with_saes, steer, steering_vector
-from saelab.splice import SAE_HOOKS, sae_hook_names, spliced
+from saelab.analysis.neuronpedia import export_neuronpedia
 from saelab.analysis.statistics import FeatureStatistics, FeatureStats
+from saelab.splice import SAE_HOOKS, sae_hook_names, spliced
 
 __all__ = [
     "SAE_HOOKS",

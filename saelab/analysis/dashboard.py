@@ -35,7 +35,8 @@ class TokenText:
     def __call__(self, token_id: int) -> str:
         if token_id not in self.cache:
             token = self.tokenizer.convert_ids_to_tokens(int(token_id))
-            self.cache[token_id] = self.tokenizer.convert_tokens_to_string([token]) if token is not None else f"<{token_id}>"
+            text = self.tokenizer.convert_tokens_to_string([token]) if token is not None else f"<{token_id}>"
+            self.cache[token_id] = text
         return self.cache[token_id]
 
 
@@ -87,8 +88,9 @@ def latent_record(stats: FeatureStats, latent: int, text: TokenText, n_logits: i
     }
     if stats.logits:
         for key, side in (("promoted", "top"), ("suppressed", "bottom")):
-            ids, values = stats.logits[f"{side}_ids"][latent, :n_logits], stats.logits[f"{side}_values"][latent, :n_logits]
-            record[key] = [[text(int(i)), float(f"{float(v):.4g}")] for i, v in zip(ids, values)]
+            ids = stats.logits[f"{side}_ids"][latent, :n_logits]
+            values = stats.logits[f"{side}_values"][latent, :n_logits]
+            record[key] = [[text(int(i)), float(f"{float(v):.4g}")] for i, v in zip(ids, values, strict=True)]
     return record
 
 
@@ -130,7 +132,8 @@ def write_dashboard(stats: FeatureStats, tokenizer, out_dir: str | Path, title: 
         (staging / "data").mkdir()
         atomic_write_text(staging / "data" / "index.js", _script("saelab.index", index))
         for chunk, start in enumerate(range(0, stats.d_sae, chunk_size)):
-            records = [latent_record(stats, latent, text) for latent in range(start, min(start + chunk_size, stats.d_sae))]
+            latents = range(start, min(start + chunk_size, stats.d_sae))
+            records = [latent_record(stats, latent, text) for latent in latents]
             payload = f"saelab.chunk({chunk}, {json.dumps(records, ensure_ascii=False, separators=(',', ':'))});\n"
             atomic_write_text(staging / "data" / f"chunk_{chunk:04d}.js", payload)
     if out_dir.exists():

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from collections.abc import Mapping, Sequence
 from itertools import islice
-from typing import Any, Mapping, Sequence
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -24,10 +25,16 @@ from saelab.splice import hooks_of, model_for
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "ln_final")
 
 
+class _LanguageModel(Protocol):
+    """What `unembedding` reads of a model: a transformers one (TransformerLens's bridge forwards the call)."""
+
+    def get_output_embeddings(self) -> Any: ...
+
+
 def unembedding(model: HookedModel) -> Tensor:
     """`W_U` as `(vocab, d_model)`, with the final norm's elementwise scale folded in (as TransformerLens's
     `fold_ln` does), so that `direction @ W_U.T` is the direct effect of a residual direction on the logits."""
-    W_U = model.model.get_output_embeddings().weight.detach()
+    W_U = cast(_LanguageModel, model.model).get_output_embeddings().weight.detach()
     base = getattr(model.model, "base_model", model.model)
     for name in FINAL_NORM_NAMES:
         weight = getattr(getattr(base, name, None), "weight", None)
@@ -80,7 +87,8 @@ def default_token_sets(tokenizer) -> dict[str, Tensor]:
         "capitalised words": lambda s: s[:1].isupper() and s.isalpha(),
         "lower-case words": lambda s: s.islower() and s.isalpha(),
     }
-    return {name: torch.tensor(sorted(i for i, s in text.items() if rule(s)), dtype=torch.long) for name, rule in rules.items()}
+    return {name: torch.tensor(sorted(i for i, s in text.items() if rule(s)), dtype=torch.long)
+            for name, rule in rules.items()}
 
 
 @torch.no_grad()
@@ -108,7 +116,8 @@ def feature_statistics(
     excluded = torch.tensor(excluded_token_ids(model.tokenizer, data.exclude_special_tokens), dtype=torch.long)
     stats = FeatureStatistics(sae.cfg.d_sae, top_k=top_k, window=window, token_sets=token_sets)
     config = dataclasses.replace(data, contexts_per_batch=min(batch_contexts, n_contexts))
-    batches = islice(ContextBatches(config, model.tokenizer, loop=False), max(1, n_contexts // config.contexts_per_batch))
+    contexts = ContextBatches(config, model.tokenizer, loop=False)
+    batches = islice(contexts, max(1, n_contexts // config.contexts_per_batch))
     if progress:
         from tqdm.auto import tqdm
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -63,7 +63,9 @@ def steering_vector(sae: SAE, latent: int) -> Tensor:
 
 
 @contextmanager
-def steer(model: HookedModel, sae: SAE, latent: int, coefficient: float, positions: slice | None = None) -> Iterator[None]:
+def steer(
+    model: HookedModel, sae: SAE, latent: int, coefficient: float, positions: slice | None = None
+) -> Iterator[None]:
     """Within the block, `coefficient` times `latent`'s decoder direction is added at the SAE's output hook
     (at `positions` of each context, or every position)."""
     _, hook = hooks_of(sae)

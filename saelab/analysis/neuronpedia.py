@@ -27,8 +27,8 @@ from torch import Tensor
 
 from saelab.analysis.dashboard import TokenText
 from saelab.analysis.statistics import FeatureStats
-from saelab.core.files import atomic_directory
 from saelab.core.errors import ConfigError
+from saelab.core.files import atomic_directory
 
 EMPTY_FIELDS = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
                 "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
@@ -56,7 +56,7 @@ def _activations(stats: FeatureStats, latent: int, text: TokenText) -> list[dict
     records = [_activation(stats.top_tokens[latent, place], stats.top_acts[latent, place], stats.window_left, text,
                            -1, top, -1)
                for place in range(stats.top_values.shape[1]) if stats.top_values[latent, place] > 0]
-    if stats.interval_tokens is None:  # statistics saved before intervals were sampled
+    if stats.interval_tokens is None or stats.interval_acts is None:  # saved before intervals were sampled
         return records
     width, counts = float(stats.interval_width[latent]), stats.interval_counts[latent].tolist()
     highest = float(stats.max_activations[latent])

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,14 +96,15 @@ class FeatureStats:
 
     def save(self, path: str | Path) -> None:
         """One safetensors file (tensors, with the rest as JSON in its metadata), written atomically."""
-        tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        tensors = {name: value.contiguous() for name, value in values.items() if isinstance(value, Tensor)}
         tensors.update({f"logits.{k}": v.contiguous() for k, v in self.logits.items()})
         meta = {"n_tokens": self.n_tokens, "window_left": self.window_left, "token_set_names": self.token_set_names,
                 "info": self.info}
         atomic_write_bytes(path, save(tensors, metadata={"saelab_feature_stats": json.dumps(meta)}))
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureStats":
+    def load(cls, path: str | Path) -> FeatureStats:
         from safetensors import safe_open
 
         from saelab.core.files import FileFormatError
@@ -114,7 +116,7 @@ class FeatureStats:
         except Exception as error:  # a truncated or foreign file
             raise FileFormatError(f"{path}: not a saelab feature-statistics file ({error})") from error
         logits = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("logits.")}
-        plain = {k: v for k, v in tensors.items() if not k.startswith("logits.")}
+        plain: dict[str, Any] = {k: v for k, v in tensors.items() if not k.startswith("logits.")}  # field: value
         return cls(**plain, logits=logits, **meta)
 
 
@@ -158,7 +160,8 @@ class FeatureStatistics:
         positions count (`keep`, e.g. not special tokens; default all)."""
         tokens, latents = tokens.cpu(), latents.detach().float().cpu()
         if latents.shape[:2] != tokens.shape or latents.shape[-1] != self.d_sae:
-            raise ValueError(f"latents {tuple(latents.shape)} do not match tokens {tuple(tokens.shape)} x d_sae {self.d_sae}")
+            raise ValueError(f"latents {tuple(latents.shape)} do not match tokens {tuple(tokens.shape)} "
+                             f"x d_sae {self.d_sae}")
         keep = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep.cpu()
         latents = latents * keep.unsqueeze(-1)
         self.n_tokens += int(keep.sum())

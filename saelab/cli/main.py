@@ -13,8 +13,14 @@ from typing import Any
 
 import yaml
 
-from saelab.cli.sae_source import (REPORT_DEFAULT, SAE_SOURCE_HELP, add_sae_source_options, load_sae_from_args, report_folder,
-                            sae_model_and_data)
+from saelab.cli.sae_source import (
+    REPORT_DEFAULT,
+    SAE_SOURCE_HELP,
+    add_sae_source_options,
+    load_sae_from_args,
+    report_folder,
+    sae_model_and_data,
+)
 from saelab.core.config import ConfigError, closest_key, deep_merge, field_docs
 from saelab.core.errors import SaelabError
 
@@ -22,7 +28,7 @@ from saelab.core.errors import SaelabError
 def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
     """(dotted flag name, help with default) for every field of a dataclass config, nested sections included."""
     hints = typing.get_type_hints(type(config))
-    docs = field_docs(type(config))
+    docs = field_docs(type(config))  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
     flags = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -39,16 +45,18 @@ def _sae_flags() -> list[tuple[str, str]]:
     from saelab.saes.registry import architecture_class, available_architectures
 
     common = {f.name for f in dataclasses.fields(SAEConfig)}
-    flags = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
+    flags: dict[str, tuple[str, list[str] | None]] = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
     flags["expansion_factor"] = ("d_sae = expansion_factor * d_in when d_sae is not given.", None)
     flags["lr"] = ("This SAE's learning rate (default: train.lr).", None)
     flags["init_from"] = ("A saved SAE directory to start from instead of a random initialisation.", None)
     for arch in available_architectures():
         config_class = architecture_class(arch).config_class
-        docs = field_docs(config_class)
+        docs = field_docs(config_class)  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
         for f in dataclasses.fields(config_class):
             if f.name not in common:
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                default = f.default
+                if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
                 doc, archs = flags.get(f.name, (f"{docs.get(f.name, '')} (default: {default})", []))
                 flags[f.name] = (doc, [*(archs or []), arch])
     return [(f"sae.{name}", doc + (f" [{', '.join(archs)}]" if archs else "")) for name, (doc, archs) in flags.items()]
@@ -180,14 +188,18 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
                            f"the folder eval writes to: {REPORT_DEFAULT})")
     dashboard.add_argument("--n_contexts", type=int, default=256, help="contexts run through the model (default: 256)")
     dashboard.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
-    dashboard.add_argument("--top_k", type=int, default=16, help="top-activating contexts kept per latent (default: 16)")
-    dashboard.add_argument("--window_left", type=int, default=24, help="tokens shown before a context's maximum (default: 24)")
+    dashboard.add_argument("--top_k", type=int, default=16,
+                           help="top-activating contexts kept per latent (default: 16)")
+    dashboard.add_argument("--window_left", type=int, default=24,
+                           help="tokens shown before a context's maximum (default: 24)")
     dashboard.add_argument("--window_right", type=int, default=8, help="tokens shown after it (default: 8)")
     dashboard.add_argument("--chunk_size", type=int, default=64, help="latents per data file of the site (default: 64)")
     dashboard.add_argument("--neuronpedia", metavar="DIR", default=None,
                            help="also write Neuronpedia upload batch files into DIR")
-    dashboard.add_argument("--neuronpedia_model_id", default=None, help="Neuronpedia model id (default: the SAE's model_name)")
-    dashboard.add_argument("--neuronpedia_sae_set", default=None, help="Neuronpedia SAE set name (default: the hook name)")
+    dashboard.add_argument("--neuronpedia_model_id", default=None,
+                           help="Neuronpedia model id (default: the SAE's model_name)")
+    dashboard.add_argument("--neuronpedia_sae_set", default=None,
+                           help="Neuronpedia SAE set name (default: the hook name)")
     upload = commands.add_parser(
         "upload",
         help="upload a saved SAE folder to the Hugging Face hub",
@@ -208,7 +220,8 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     )
     convert.add_argument("source", metavar="SOURCE", help=SAE_SOURCE_HELP)
     convert.add_argument("out", metavar="OUT", help="output folder")
-    convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)")
+    convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens",
+                         help="layout written (default: saelens)")
     for command in (evaluate, dashboard, upload, convert):
         add_sae_source_options(command, with_model=command in (evaluate, dashboard))
     flags = _data_flags()
@@ -248,7 +261,8 @@ def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> No
     from saelab.runs.runner import cache_activations
 
     hooks = [h.strip() for h in args.hooks.split(",")] if args.hooks else None
-    out = cache_activations(args.out, _run_config(args, flag_names), args.max_tokens, hooks, args.dtype, args.shard_rows)
+    config = _run_config(args, flag_names)
+    out = cache_activations(args.out, config, args.max_tokens, hooks, args.dtype, args.shard_rows)
     metadata = json.loads((out / "metadata.json").read_text())
     print(f"{metadata['rows']} activation rows of {metadata['hooks']} in {len(metadata['shards'])} shard(s) -> {out}/ "
           f"(train on it with --data.cache {out})")
@@ -367,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     names = flag_names[args.command]
     if unknown:
-        parser.exit(2, f"saelab: error: {_suggest_unknown(unknown, subparsers[args.command].long_options, args.command)}\n")
+        message = _suggest_unknown(unknown, subparsers[args.command].long_options, args.command)
+        parser.exit(2, f"saelab: error: {message}\n")
     commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations,
                 "eval": run_eval, "dashboard": run_dashboard, "upload": run_upload, "convert": run_convert}
     try:

@@ -72,9 +72,9 @@ def sae_model_and_data(args: argparse.Namespace, overrides: dict[str, Any]):
     width before any work."""
     from saelab.core.config import check_device, from_dict
     from saelab.data.config import DataConfig
-    from saelab.models.loading import open_model
     from saelab.evals.evaluate import data_config_of
     from saelab.models.config import ModelConfig
+    from saelab.models.loading import open_model
 
     data_overrides = overrides.get("data", {})
     for key in data_overrides:

@@ -13,8 +13,9 @@ import dataclasses
 import difflib
 import json
 import typing
+from collections.abc import Iterable, Mapping
 from functools import cache
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
@@ -102,9 +103,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
     try:
         text = json.dumps(data)  # JSON mode: strict types, yet nested configs may be given as dicts
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: only plain values (numbers, strings, lists, mappings) are accepted ({e})") from None
+        raise ConfigError(
+            f"{where}: only plain values (numbers, strings, lists, mappings) are accepted ({e})"
+        ) from None
     try:
-        return _adapter(cls).validate_json(text, strict=True)
+        adapter = _adapter(cls)  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
+        return adapter.validate_json(text, strict=True)
     except ValidationError as e:
         raise _config_error(cls, e.errors()[0], where) from None
 
@@ -129,7 +133,7 @@ def _config_error(cls: type, error: Any, where: str) -> ConfigError:
     key = ".".join([where, *path]).replace(".[", "[")
     kind = error["type"]
     if kind == "unexpected_keyword_argument":
-        fields = [f.name for f in dataclasses.fields(owner) if f.init]  # type: ignore[arg-type]
+        fields = [f.name for f in dataclasses.fields(owner) if f.init]
         return unknown_key_error(str(error["loc"][-1]), fields, ".".join([where, *path[:-1]]))
     if isinstance(raised, Exception):
         return ConfigError(f"{key}: {raised}")

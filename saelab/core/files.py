@@ -8,9 +8,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file

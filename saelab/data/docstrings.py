@@ -17,8 +17,8 @@ import importlib.util
 import random
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 DOCSTRING_PACKAGES = ("transformers", "torch", "numpy")
 MIN_PARAGRAPH_CHARS = 80

@@ -7,10 +7,11 @@ way the model was trained. The ragged tail is dropped; the order is the document
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
+
 from saelab.core.errors import ConfigError
 
 

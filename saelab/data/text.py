@@ -7,11 +7,12 @@ pretokenised dataset: rows with `input_ids` or `tokens` instead of text), always
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from saelab.data.docstrings import docstring_documents
 from saelab.core.errors import MissingDependency, SaelabError
+from saelab.data.docstrings import docstring_documents
 
 BUILTIN_DATASET = "docstrings"
 TOKEN_COLUMNS = ("input_ids", "tokens")
@@ -104,7 +105,9 @@ def _hub_documents(name: str, text_column: str, split: str) -> Iterator[Document
         yield _document(row, text_column, f"dataset '{name}' row {number}")
 
 
-def iter_documents(dataset: str = BUILTIN_DATASET, text_column: str = "text", split: str = "train") -> Iterator[Document]:
+def iter_documents(
+    dataset: str = BUILTIN_DATASET, text_column: str = "text", split: str = "train"
+) -> Iterator[Document]:
     """Documents of `dataset`: 'docstrings' (built in), a local .txt/.md/.rst/.jsonl/.json/.parquet file or a
     folder of them, a folder written by datasets' save_to_disk, or a Hugging Face dataset name (streamed;
     offline it needs the local datasets cache)."""

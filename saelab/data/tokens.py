@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from saelab.core.errors import ConfigError
+from saelab.core.files import FileFormatError, atomic_directory, read_json, read_safetensors
 from saelab.data.config import DataConfig
 from saelab.data.docstrings import corpus_version
 from saelab.data.packing import pack_tokens
 from saelab.data.text import BUILTIN_DATASET, iter_documents, tokenize_documents
-from saelab.core.files import atomic_directory
-from saelab.core.files import FileFormatError, read_json, read_safetensors
-from saelab.core.errors import ConfigError
 
 TOKENS_FORMAT = "saelab-tokens"
 METADATA_FILE = "metadata.json"
@@ -127,7 +127,7 @@ def pretokenize(
     max_contexts = None if max_tokens is None else max(1, max_tokens // config.context_size)
     contexts = islice(iter_contexts(config, tokenizer), max_contexts)
     with atomic_directory(out_dir) as staging:
-        shards = []
+        shards: list[dict[str, Any]] = []
         while chunk := list(islice(contexts, shard_contexts)):
             name = f"tokens-{len(shards):05d}.safetensors"
             save_file({"tokens": torch.stack(chunk).to(torch.int32)}, str(staging / name))

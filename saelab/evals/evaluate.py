@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.data.config import DataConfig
 from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.evals import metrics as M
 from saelab.evals.spliced import SplicedEvaluation
-from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.saes.base import SAE
 from saelab.splice import hooks_of, model_for
 

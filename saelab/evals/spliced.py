@@ -11,7 +11,8 @@ SAELens does.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,15 +25,16 @@ from saelab.splice import check_splice, spliced
 
 def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Cross-entropy of each position's prediction of the next token, `(batch, positions - 1)`."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten().to(logits.device), reduction="none").view(
-        tokens.shape[0], -1
-    )
+    predictions, targets = logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten().to(logits.device)
+    return F.cross_entropy(predictions, targets, reduction="none").view(tokens.shape[0], -1)
 
 
 class SplicedEvaluation:
     """Accumulates CE losses and KL divergences over batches; `result()` gives the means and the scores."""
 
-    def __init__(self, model, sae: SAE | Sequence[SAE], excluded_token_ids: Iterable[int] = (), error_term: bool = True):
+    def __init__(
+        self, model, sae: SAE | Sequence[SAE], excluded_token_ids: Iterable[int] = (), error_term: bool = True
+    ):
         self.model, self.error_term = model, error_term
         self.saes = [sae] if isinstance(sae, SAE) else list(sae)
         check_splice(model, self.saes)
@@ -43,7 +45,8 @@ class SplicedEvaluation:
     def _run(self, tokens: Tensor, keep: Tensor, mode: str) -> Tensor:
         """Logits with each SAE's output hook replaced at the kept positions as `mode` says: by the SAE's
         output (sae), by it plus its error term (sae+error, which must give the clean logits), or by zeros."""
-        options = {"sae": {}, "sae+error": {"error_term": True}, "zero": {"run": _zeros}}[mode]
+        modes: dict[str, dict[str, Any]] = {"sae": {}, "sae+error": {"error_term": True}, "zero": {"run": _zeros}}
+        options = modes[mode]
         with spliced(self.model, self.saes, positions=keep, **options):
             return self.model.logits(tokens)
 
@@ -69,7 +72,8 @@ class SplicedEvaluation:
 
     def result(self) -> dict[str, float]:
         metrics = {
-            name: total / max(self.counts["ce" if name.startswith("ce") else "kl"], 1) for name, total in self.sums.items()
+            name: total / max(self.counts["ce" if name.startswith("ce") else "kl"], 1)
+            for name, total in self.sums.items()
         }
         metrics["ce_loss_increase"] = metrics["ce_loss_with_sae"] - metrics["ce_loss_without_sae"]
         metrics["ce_loss_score"] = recovered_fraction(

@@ -108,6 +108,8 @@ def load_dictionary_learning(path: str | Path, device: str = "cpu") -> SAE:
     expected = {name: tuple(t.shape) for name, t in sae.weights_for_saving().items()}
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:
-            raise FileFormatError(f"{path / WEIGHTS}: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+            raise FileFormatError(
+                f"{path / WEIGHTS}: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}"
+            )
     sae.load_saved_weights({name: t.float().contiguous().to(sae.device) for name, t in state.items()})
     return sae

@@ -53,7 +53,8 @@ def _read_checkpoint(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise FileFormatError(f"{file}: refused or unreadable (only plain tensors are loaded): {str(e).splitlines()[0]}") from None
+        first_line = str(e).splitlines()[0]
+        raise FileFormatError(f"{file}: refused or unreadable (only plain tensors are loaded): {first_line}") from None
     if not isinstance(state, dict):
         raise FileFormatError(f"{file}: expected a state dict of tensors, got {type(state).__name__}")
     return state

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from saelab.saes.base import SAE
 from saelab.core.errors import ConfigError
+from saelab.saes.base import SAE
 
 SITES = ("resid_pre", "resid_post", "attn_out", "z", "mlp_in", "mlp_out")
 """The per-block hook points every model has in saelab (`blocks.{layer}.hook_{site}`)."""

@@ -23,8 +23,10 @@ from torch import Tensor
 
 from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
+from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.config import SAEConfig
 from saelab.saes.files import TRANSCODERS
+from saelab.saes.gated import GatedSAE
 from saelab.saes.registry import make_config, sae_from_config
 
 RENAMES = {"hook_point": "hook_name", "hook_point_layer": "hook_layer", "hook_point_head_index": "hook_head_index",
@@ -47,9 +49,15 @@ SCALING_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
 """Per-latent factors old SAELens versions multiplied latents by before decoding (all ones unless fine-tuned)."""
 
 
+def _nested_metadata(options: dict[str, Any]) -> dict[str, Any]:
+    """The cfg.json's `metadata` mapping (SAELens 6 keeps model and hook there), or an empty one."""
+    nested = options.get("metadata")
+    return nested if isinstance(nested, dict) else {}
+
+
 def is_saelens_config(options: dict[str, Any]) -> bool:
     """Whether a cfg.json was written by SAELens (not by saelab, even after saelab loaded a SAELens file)."""
-    nested = options.get("metadata") if isinstance(options.get("metadata"), dict) else {}
+    nested = _nested_metadata(options)
     if nested.get("source_format") == "saelens":  # saelab re-saved it under saelab's own keys
         return False
     return bool((SAELENS_ONLY | set(RENAMES)) & (set(options) | set(nested)))
@@ -64,7 +72,7 @@ def from_saelens(options: dict[str, Any]) -> dict[str, Any]:
     if not is_saelens_config(options):
         return options
     options = {RENAMES.get(key, key): value for key, value in options.items()}
-    nested = options.get("metadata") if isinstance(options.get("metadata"), dict) else {}
+    nested = _nested_metadata(options)
     for key in ("model_name", "hook_name", "hook_layer", "hook_name_out"):  # SAELens 6 keeps these in metadata
         if options.get(key) is None and nested.get(key) is not None:
             options[key] = nested[key]
@@ -115,9 +123,9 @@ def fold_decoder_norms(sae: SAE) -> None:
     if not sae.cfg.metadata.get("rescale_acts_by_decoder_norm"):
         return
     norms = sae.W_dec.norm(dim=1)
-    sae.W_enc *= norms
-    sae.b_enc *= norms
-    sae.W_dec /= norms.unsqueeze(1)
+    sae.W_enc.mul_(norms)
+    sae.b_enc.mul_(norms)
+    sae.W_dec.div_(norms.unsqueeze(1))
     sae.cfg.metadata["rescale_acts_by_decoder_norm"] = False  # folded: the weights are plain now
 
 
@@ -135,9 +143,9 @@ def to_saelens(sae: SAE) -> SAE:
                          "divides by the unbiased standard deviation + 1e-5, saelab by sqrt(variance + 1e-5))")
     if cfg.dtype not in SAELENS_DTYPES:
         raise ConfigError(f"{why} in dtype {cfg.dtype}: SAELens reads {', '.join(SAELENS_DTYPES)}")
-    if hasattr(sae, "to_jumprelu"):  # BatchTopK, Matryoshka: a JumpReLU at inference
+    if isinstance(sae, BatchTopKSAE):  # BatchTopK, Matryoshka: a JumpReLU at inference
         return _converted(sae.to_jumprelu(), cfg.architecture)
-    if cfg.architecture == "gated" and cfg.transcoder:
+    if isinstance(sae, GatedSAE) and cfg.transcoder:
         return _converted(gated_to_jumprelu(sae), "gated")
     if cfg.architecture == "topk" and cfg.transcoder and (cfg.skip_connection or cfg.d_out != cfg.d_in):
         sparsify = "; sparsify reads it: saelab convert --to sparsify" if cfg.d_out == cfg.d_in else ""
@@ -150,12 +158,12 @@ def to_saelens(sae: SAE) -> SAE:
 
 
 def _converted(sae: SAE, architecture: str) -> SAE:
-    sae.cfg.metadata = {**sae.cfg.metadata, "converted_from": architecture}
+    sae.cfg.metadata["converted_from"] = architecture  # a new SAE's own metadata (kept a Metadata: attributes work)
     return sae
 
 
 @torch.no_grad()
-def gated_to_jumprelu(sae: SAE) -> SAE:
+def gated_to_jumprelu(sae: GatedSAE) -> SAE:
     """The JumpReLU SAE equal to a gated one. Gated latents are [x.w + b_gate > 0] * relu(x.w e^r + b_mag); with
     h = x.(w e^r) + b_mag the gate condition is h > b_mag - e^r b_gate (e^r > 0), so the JumpReLU with encoder
     W_enc e^r, bias b_mag and that threshold (a threshold <= 0 acts as 0 after the ReLU) computes the same."""

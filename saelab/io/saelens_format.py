@@ -10,8 +10,7 @@ from torch import Tensor
 
 from saelab.core.config import ConfigError
 from saelab.core.files import FileFormatError, read_json, read_safetensors
-from saelab.io.saelens_compat import to_saelens
-from saelab.io.saelens_compat import fold_decoder_norms, from_saelens, saelens_weights
+from saelab.io.saelens_compat import fold_decoder_norms, from_saelens, saelens_weights, to_saelens
 from saelab.saes.base import SAE
 from saelab.saes.files import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, save_sae
 from saelab.saes.registry import make_config, sae_from_config

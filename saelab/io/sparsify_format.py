@@ -20,12 +20,12 @@ from typing import Any
 
 from safetensors.torch import save as safetensors_bytes
 
-from saelab.core.files import atomic_write_bytes, atomic_write_text
-from saelab.core.files import FileFormatError, read_json, read_safetensors
+from saelab.core.errors import ConfigError
+from saelab.core.files import FileFormatError, atomic_write_bytes, atomic_write_text, read_json, read_safetensors
 from saelab.io.locations import site_hook
 from saelab.saes.base import SAE
 from saelab.saes.registry import create_sae
-from saelab.core.errors import ConfigError
+from saelab.saes.topk import TopKConfig
 
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -83,7 +83,8 @@ def load_sparsify(path: str | Path, device: str = "cpu") -> SAE:
     sae = create_sae(
         "topk", d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), d_out=weights["W_dec"].shape[1],
         transcoder=transcode or skip, skip_connection=skip, apply_b_dec_to_input=not transcode,
-        normalize_decoder=bool(cfg.get("normalize_decoder", True)), dtype=str(weights["W_dec"].dtype).removeprefix("torch."),
+        normalize_decoder=bool(cfg.get("normalize_decoder", True)),
+        dtype=str(weights["W_dec"].dtype).removeprefix("torch."),
         device=device, metadata={"source_format": "sparsify", "sparsify_cfg": cfg, "hookpoint": path.name},
         **sparsify_location(path, transcode),
     )
@@ -107,13 +108,16 @@ def save_sparsify(sae: SAE, path: str | Path) -> Path:
         raise ConfigError("sparsify subtracts b_dec from the input exactly when it is not a transcoder")
     if cfg.d_out != cfg.d_in:
         raise ConfigError("sparsify's decoder has the input width")
+    assert isinstance(cfg, TopKConfig)  # the config class of architecture 'topk'
     path = Path(path)
     tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if cfg.skip_connection:
         tensors["W_skip"] = sae.W_skip
-    atomic_write_bytes(path / SPARSIFY_WEIGHTS, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path / SPARSIFY_WEIGHTS, safetensors_bytes(plain))
     sparsify_cfg = {
-        "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "normalize_decoder": sae.normalize_decoder,
+        "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
+        "normalize_decoder": sae.normalize_decoder,
         "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": cfg.skip_connection,
         "transcode": cfg.transcoder, "d_in": cfg.d_in,
     }

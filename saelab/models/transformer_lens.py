@@ -19,12 +19,17 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import replace
+from typing import TYPE_CHECKING, cast
 
 from torch import Tensor, nn
 
+from saelab.core.errors import MissingDependency
 from saelab.models.hook_points import FIRST, HookPoint
 from saelab.models.hooks import HookedModel, _Site
-from saelab.core.errors import MissingDependency
+
+if TYPE_CHECKING:  # an optional dependency: imported where a model is wrapped
+    from transformer_lens.hook_points import HookPoint as TLHookPoint
+    from transformer_lens.model_bridge import TransformerBridge
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _LEVELS = itertools.count(10**6)  # TransformerLens removes hooks by level: one of its own for each site
@@ -35,14 +40,14 @@ def _flat(x: Tensor) -> Tensor:
 
 
 class _Handle:
-    def __init__(self, hook_point: nn.Module, level: int):
+    def __init__(self, hook_point: TLHookPoint, level: int):
         self.hook_point, self.level = hook_point, level
 
     def remove(self) -> None:
         self.hook_point.remove_hooks("fwd", level=self.level)
 
 
-def bridge_hook_points(bridge: nn.Module) -> tuple[dict[str, HookPoint], dict[str, str]]:
+def bridge_hook_points(bridge: TransformerBridge) -> tuple[dict[str, HookPoint], dict[str, str]]:
     """HookPoints for every name of the bridge (each the output of a TransformerLens HookPoint module), with
     resid_mid and hook_z as on the Hugging Face path; and why the resid_mid names it lacks are absent."""
     paths: dict[int, str] = {}
@@ -71,7 +76,9 @@ def bridge_hook_points(bridge: nn.Module) -> tuple[dict[str, HookPoint], dict[st
 class TransformerLensModel(HookedModel):
     """A TransformerLens TransformerBridge with HookedModel's interface and hook mechanics."""
 
-    def __init__(self, bridge: nn.Module, tokenizer=None):  # noqa: D107 - HookedModel's init expects HF blocks
+    model: TransformerBridge
+
+    def __init__(self, bridge: TransformerBridge, tokenizer=None):  # noqa: D107 - HookedModel's init expects HF blocks
         self._adopt(bridge, tokenizer if tokenizer is not None else getattr(bridge, "tokenizer", None))
         bridge.set_use_hook_mlp_in(True)
         self.hook_points, self.unavailable = bridge_hook_points(bridge)
@@ -87,12 +94,13 @@ class TransformerLensModel(HookedModel):
 
     def _install(self, module: str, side: str, site: _Site) -> _Handle:
         """Put `site` on a TransformerLens HookPoint (through TransformerLens, which must know its hooks)."""
-        hook_point, level = self._modules[module], next(_LEVELS)
+        # every module hooked here is one of the bridge's HookPoints (bridge_hook_points made the names)
+        hook_point, level = cast("TLHookPoint", self._modules[module]), next(_LEVELS)
 
-        def hook(x: Tensor, hook=None) -> Tensor | None:
-            flat = _flat(x)
+        def hook(tensor: Tensor, hook: TLHookPoint | None = None) -> Tensor | None:  # TransformerLens's signature
+            flat = _flat(tensor)
             new = site.run(flat)
-            return None if new is flat else new.reshape(x.shape)
+            return None if new is flat else new.reshape(tensor.shape)
 
         hook_point.add_hook(hook, level=level)
         return _Handle(hook_point, level)

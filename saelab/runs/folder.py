@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from saelab.core.config import ConfigError
 from saelab.core.files import atomic_write_text, replacing_directory

@@ -5,19 +5,22 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import yaml
 
-from saelab.runs import folder as run_folder
+from saelab.activations.source import ActivationSource
 from saelab.core.config import PYDANTIC, ConfigError, deep_merge, from_dict, to_dict
-from saelab.data.config import DataConfig
 from saelab.core.files import atomic_write_text
+from saelab.data.config import DataConfig
 from saelab.models.config import ModelConfig
+from saelab.runs import folder as run_folder
 from saelab.runs.folder import RESUMABLE_OPTIONS, RUN_CONFIG_FILE
+from saelab.runs.specs import build_sae, initial_sae, merge_options, sae_specs
 from saelab.saes.base import SAE
 from saelab.splice import hooks_of
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource, feature_recovery
@@ -25,7 +28,6 @@ from saelab.training.config import ObjectiveConfig, TrainConfig
 from saelab.training.distributed import Distributed, init_distributed
 from saelab.training.memory import keep_freed_memory
 from saelab.training.objectives import local_objectives, model_objectives
-from saelab.runs.specs import build_sae, initial_sae, merge_options, sae_specs
 from saelab.training.trainer import WHOLE_MODEL, Trainer
 
 DEFAULT_TOKENS = 1_000_000
@@ -120,8 +122,8 @@ def run_sae_specs(config: RunConfig) -> dict[str, dict[str, Any]]:
     """Name -> options of every SAE the run trains (one called 'sae' unless `saes` or `sweep` say more)."""
     default_hook = config.model.hook_name if config.source == "model" else None
     specs = sae_specs(config.sae, config.saes, config.sweep, default_hook)
-    if config.source == "synthetic" and (hooks := {o.get("hook_name") for o in specs.values()} - {None}):
-        raise ConfigError(f"synthetic activations have no hook points, but SAEs name {', '.join(sorted(hooks))}")
+    if config.source == "synthetic" and (named := {h for o in specs.values() if (h := o.get("hook_name")) is not None}):
+        raise ConfigError(f"synthetic activations have no hook points, but SAEs name {', '.join(sorted(named))}")
     return specs
 
 
@@ -132,8 +134,17 @@ def build_saes(config: RunConfig, d_in: int | dict[str, int], origin: dict[str, 
     saes = {}
     for name, options in run_sae_specs(config).items():
         hook = options.get("hook_name")
-        width = d_in if isinstance(d_in, int) else d_in[hook]
-        where = {**(origin or {}), "hook_name": hook, "hook_layer": (layers or {}).get(hook)} if origin else None
+        if isinstance(d_in, int):
+            width = d_in
+        elif hook is None:  # the model's hook_name fills in a missing one, not a null
+            raise ConfigError(f"SAE '{name}' has hook_name null: name the hook point it reads (or leave it out to "
+                              "read model.hook_name)")
+        else:
+            width = d_in[hook]
+        where = None
+        if origin:
+            layer = None if hook is None else (layers or {}).get(hook)
+            where = {**origin, "hook_name": hook, "hook_layer": layer}
         torch.manual_seed(config.train.seed)  # each SAE starts as it would alone, whatever else is trained
         saes[name] = build_sae(options, width, where)
     return saes
@@ -145,8 +156,9 @@ def _hooks_read(specs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def activation_source(config: RunConfig, dist: Distributed | None = None
-                      ) -> tuple[Any, dict[str, int], dict[str, Any], dict[str, int | None], Any]:
-    """The run's batches, the activation width per hook, where they come from, each hook's layer, and the
+                      ) -> tuple[ActivationSource, int | dict[str, int], dict[str, Any], dict[str, int | None], Any]:
+    """The run's batches, the activation width per hook (one width for synthetic activations, which have no
+    hooks), where they come from, each hook's layer, and the
     model (None when the activations do not come from a live model). End-to-end runs get token contexts.
     Data-parallel ranks each get their own share of the data and of the batch."""
     batch_size, seed = config.train.batch_size, config.train.seed
@@ -161,8 +173,8 @@ def activation_source(config: RunConfig, dist: Distributed | None = None
     if config.source == "synthetic":
         if config.objective.end_to_end:
             raise ConfigError("end-to-end training needs a model (source: model), not synthetic activations")
-        source = SyntheticSource(config.synthetic, batch_size, seed=seed + 1_000_003 * shard[0])
-        return source, {None: config.synthetic.d_in}, {}, {}, None  # type: ignore[dict-item]
+        synthetic = SyntheticSource(config.synthetic, batch_size, seed=seed + 1_000_003 * shard[0])
+        return synthetic, config.synthetic.d_in, {}, {}, None
     from saelab.activations.cache import cached_activations
     from saelab.activations.harvest import model_activations
     from saelab.data.tokens import check_dataset, data_info, model_contexts
@@ -180,6 +192,7 @@ def activation_source(config: RunConfig, dist: Distributed | None = None
         layers = {h: cached.metadata.get("hook_layers", {}).get(h) for h in hooks}
         return cached, {h: cached.widths[h] for h in hooks}, info, layers, None
     model = open_model(config.model, backpropagate=config.objective.end_to_end)
+    source: ActivationSource
     if config.objective.end_to_end:
         source = model_contexts(model.tokenizer, config.data, batch_size, shard)
     else:
@@ -220,7 +233,8 @@ def _check_downstream(model: Any, hooks: list[str], saes: dict[str, SAE]) -> Non
     for hook in hooks:
         layer = model.hook_point(hook).layer
         if layer is not None and layer < first:
-            raise ConfigError(f"objective.downstream_hooks: '{hook}' (layer {layer}) comes before every SAE (layer {first})")
+            raise ConfigError(f"objective.downstream_hooks: '{hook}' (layer {layer}) comes before every SAE "
+                              f"(layer {first})")
 
 
 def make_evaluator(model, config: RunConfig):
@@ -370,4 +384,5 @@ def cache_activations(
         config = load_run_config(config)
     model = open_model(config.model)
     info = data_info(config.model.name, config.data)
-    return write_cache(model, config.data, out_dir, max_tokens, hooks or [config.model.hook_name], dtype, shard_rows, info)
+    hooks = hooks or [config.model.hook_name]
+    return write_cache(model, config.data, out_dir, max_tokens, hooks, dtype, shard_rows, info)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
@@ -60,8 +61,8 @@ def sae_specs(
     for name, entry in entries.items():
         if not isinstance(entry, dict):
             raise ConfigError(f"saes.{name} must be a mapping of SAE options, got {entry!r}")
-        for values in itertools.product(*sweep.values()):
-            combo = dict(zip(sweep, values))
+        for combination in itertools.product(*sweep.values()):
+            combo = dict(zip(sweep, combination, strict=True))
             label = "_".join(f"{k}={_label(v)}" for k, v in combo.items())
             full_name = "_".join(p for p in (name if named or not label else "", label) if p) or name
             options = merge_options(base, entry, combo)
@@ -108,5 +109,6 @@ def initial_sae(path: str, sae: SAE) -> SAE:
         raise ConfigError(f"init_from {path} has tensors {sorted(theirs)}, expected {sorted(own)}")
     for key, value in theirs.items():
         if own[key].shape != value.shape:
-            raise ConfigError(f"init_from {path}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            raise ConfigError(f"init_from {path}: {key} has shape {tuple(value.shape)}, "
+                              f"expected {tuple(own[key].shape)}")
     return start

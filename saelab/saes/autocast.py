@@ -9,8 +9,15 @@ dtype, and the casts' own backward hands float32 gradients to the float32 weight
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # typing names of Python >= 3.11, for the checker only (saelab runs on 3.10)
+    from typing import TypeVarTuple, Unpack
+
+    Ts = TypeVarTuple("Ts")
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -18,10 +25,12 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def to_autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The tensors in the autocast dtype when autocast is on for their device; otherwise unchanged."""
-    device_type = next(t for t in tensors if t is not None).device.type
+def to_autocast(*tensors: Unpack[Ts]) -> tuple[Unpack[Ts]]:
+    """The tensors (each a Tensor or None) in the autocast dtype when autocast is on for their device; otherwise
+    unchanged. Each keeps its type: a Tensor given is a Tensor returned, a None a None."""
+    device_type = next(t for t in tensors if isinstance(t, Tensor)).device.type
     dtype = autocast_dtype(device_type)
     if dtype is None:
         return tensors
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    cast_ = tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    return cast("tuple[Unpack[Ts]]", cast_)

@@ -9,7 +9,9 @@ and, optionally, a linear skip connection `W_skip (d_out, d_in)`.
 from __future__ import annotations
 
 import copy
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +40,14 @@ class SAE(nn.Module):
     hook_z_reshaping_mode: ClassVar[bool] = False
     """SAEBench asks SAELens SAEs this for hook_z: saelab's hook_z SAEs read the heads flattened already."""
 
+    cfg: SAEConfig
+    # Parameters (nn.Module registers them on assignment; declared here so that their type is known)
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter  # gated SAEs have b_gate, r_mag and b_mag instead
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+    W_skip: nn.Parameter  # skip transcoders only
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -50,13 +60,14 @@ class SAE(nn.Module):
         return nn.Parameter(torch.zeros(*shape, dtype=self.cfg.torch_dtype, device=self.cfg.device))
 
     def create_parameters(self) -> None:
-        c = self.cfg
+        c, d_out = self.cfg, self.cfg.d_out
+        assert d_out is not None  # SAEConfig.__post_init__ defaults it to d_in
         self.W_enc = self._empty(c.d_in, c.d_sae)
         self.create_encoder_biases()
-        self.W_dec = self._empty(c.d_sae, c.d_out)
-        self.b_dec = self._empty(c.d_out)
+        self.W_dec = self._empty(c.d_sae, d_out)
+        self.b_dec = self._empty(d_out)
         if c.skip_connection:
-            self.W_skip = self._empty(c.d_out, c.d_in)
+            self.W_skip = self._empty(d_out, c.d_in)
 
     def create_encoder_biases(self) -> None:
         """The per-latent parameters of the encoder; gated replaces b_enc with its gate/magnitude pair."""
@@ -179,7 +190,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder_rows(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def initialize_b_dec(self, sample: Tensor) -> None:
@@ -198,11 +209,11 @@ class SAE(nn.Module):
         those of the scaled input, and dividing the decoder by `out_scale` returns outputs to raw units.
         """
         out_scale = in_scale if out_scale is None else out_scale
-        self.W_enc *= in_scale
-        self.W_dec /= out_scale
-        self.b_dec /= out_scale
+        self.W_enc.mul_(in_scale)
+        self.W_dec.div_(out_scale)
+        self.b_dec.div_(out_scale)
         if self.cfg.skip_connection:
-            self.W_skip *= in_scale / out_scale
+            self.W_skip.mul_(in_scale / out_scale)
         self.fold_extra(in_scale, out_scale)
 
     def fold_extra(self, in_scale: float, out_scale: float) -> None:
@@ -220,13 +231,13 @@ class SAE(nn.Module):
         if not self.per_latent_scaling and not bool((factors == factors[0]).all()):
             raise ValueError(f"a {self.cfg.architecture} SAE selects latents by size: only a uniform scale keeps "
                              "its outputs, got per-latent factors")
-        self.W_enc *= factors
+        self.W_enc.mul_(factors)
         self.scale_encoder_biases(factors)
-        self.W_dec /= factors.unsqueeze(1)
+        self.W_dec.div_(factors.unsqueeze(1))
 
     def scale_encoder_biases(self, factors: Tensor) -> None:
         """The per-latent encoder parameters' part of `scale_latents` (b_enc; architectures add thresholds)."""
-        self.b_enc *= factors
+        self.b_enc.mul_(factors)
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> bool:
@@ -257,14 +268,14 @@ class SAE(nn.Module):
         """Inverse of `weights_for_saving`."""
         self.load_state_dict(weights, strict=True)
 
-    def save(self, path: str, sparsity: Tensor | None = None) -> None:
+    def save(self, path: str | Path, sparsity: Tensor | None = None) -> None:
         """Write `cfg.json`, `sae_weights.safetensors` (and `sparsity.safetensors`) to directory `path`."""
         save_sae(self, path, sparsity=sparsity)
 
-    def clone(self) -> "SAE":
+    def clone(self) -> SAE:
         return copy.deepcopy(self)
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> "SAE":
+    def _apply(self, fn: Callable, recurse: bool = True) -> SAE:
         # Every move or cast (.to, .cuda, .half, .bfloat16, ...) passes here: keep cfg.dtype/cfg.device true,
         # since SAELens/SAEBench code reads them rather than the parameters.
         result = super()._apply(fn, recurse)

@@ -15,9 +15,9 @@ from torch import Tensor
 from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
+from saelab.saes.fused_topk import Selector, batch_topk_flat_indices, select_batch_topk
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import make_config, register, sae_from_config
-from saelab.saes.fused_topk import Selector, batch_topk_flat_indices, select_batch_topk
 from saelab.saes.topk import TopKConfig, TopKSAE
 
 
@@ -45,6 +45,8 @@ class BatchTopKSAE(TopKSAE):
     """TopK's decoder constraint and AuxK, with batch-level selection and a threshold for inference."""
 
     config_class = BatchTopKConfig
+    cfg: BatchTopKConfig
+    topk_threshold: Tensor  # buffer: the running inference threshold
 
     def selector(self) -> Selector:
         return select_batch_topk(self.cfg.k)

@@ -16,13 +16,13 @@ from saelab.saes.autocast import to_autocast
 
 class _CentredLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, shift: Tensor | None, W: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, shift: Tensor | None, W: Tensor, b: Tensor) -> Tensor:
         centred = x if shift is None else x - shift
         ctx.save_for_backward(centred, W)
         return torch.addmm(b, centred, W)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         centred, W = ctx.saved_tensors
         need_x, need_shift, need_w, need_b = ctx.needs_input_grad
         grad_sum = grad.sum(0) if need_b or need_shift else None

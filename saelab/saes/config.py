@@ -41,14 +41,14 @@ class Metadata(dict):
 def _from_metadata(key: str, default: Any, doc: str, fallback: str | None = None) -> property:
     """A config attribute stored in `metadata[key]` (or `metadata[fallback]`), `default` when not recorded."""
 
-    def get(cfg: "SAEConfig") -> Any:
+    def get(cfg: SAEConfig) -> Any:
         if key in cfg.metadata:
             return cfg.metadata[key]
         if fallback is not None and fallback in cfg.metadata:
             return cfg.metadata[fallback]
         return default() if callable(default) else default
 
-    def set_(cfg: "SAEConfig", value: Any) -> None:
+    def set_(cfg: SAEConfig, value: Any) -> None:
         cfg.metadata[key] = value
 
     return property(get, set_, doc=doc)
@@ -128,8 +128,10 @@ class SAEConfig:
         for name in ("d_in", "d_sae", "d_out"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        assert self.d_out is not None  # __post_init__ defaults it to d_in
         if self.d_sae * max(self.d_in, self.d_out) > MAX_MATRIX_ELEMENTS:
-            raise ConfigError(f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory (check d_sae / expansion_factor)")
+            raise ConfigError(f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory "
+                              "(check d_sae / expansion_factor)")
         if self.apply_b_dec_to_input and self.transcoder:
             raise ConfigError("apply_b_dec_to_input needs an SAE, not a transcoder: b_dec lives in output space")
         if self.normalize_activations == "layer_norm" and self.transcoder:

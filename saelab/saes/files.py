@@ -34,7 +34,7 @@ def saelens_architecture(architecture: str, transcoder: bool, skip_connection: b
     return architecture
 
 
-def save_sae(sae: "SAE", path: str | Path, sparsity: Tensor | None = None) -> Path:
+def save_sae(sae: SAE, path: str | Path, sparsity: Tensor | None = None) -> Path:
     """Write an SAE directory as it is (saelab reloads it exactly; SAELens reads it too unless
     `saelab.io.saelens_compat.to_saelens` would convert it). `sparsity` is each latent's log10 firing density."""
     path = Path(path)

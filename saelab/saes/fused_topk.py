@@ -16,7 +16,7 @@ The selected entries are kept as `SparseLatents(cols, offsets, values)` (embeddi
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,6 @@ from torch import Tensor
 
 from saelab.saes.autocast import to_autocast
 from saelab.saes.outputs import SparseLatents
-
 
 Selector = Callable[[Tensor], tuple[Tensor, Tensor]]
 """Pre-activations (batch, d_sae) -> (cols, offsets) of the entries to keep, grouped by token."""
@@ -86,7 +85,7 @@ def select_batch_topk(k: int) -> Selector:
 
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, shift: Tensor | None, select: Selector):  # type: ignore[override]
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, shift: Tensor | None, select: Selector):
         if shift is not None:
             x = x - shift
         pre = torch.addmm(b_enc, x, W_enc)
@@ -99,7 +98,7 @@ class _SparseEncode(torch.autograd.Function):
         return values, cols, offsets, pre
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor | None, _grad_cols, _grad_offsets, grad_pre: Tensor | None):  # type: ignore[override]
+    def backward(ctx, grad_values: Tensor | None, _grad_cols, _grad_offsets, grad_pre: Tensor | None):
         x, W_enc, cols, offsets, rows = ctx.saved_tensors
         need_x, need_w, need_b, need_shift = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_shift = None
@@ -110,7 +109,7 @@ class _SparseEncode(torch.autograd.Function):
             grad_x = dense @ W_enc.T if need_x or need_shift else None
             grad_w = x.T @ dense if need_w else None
             grad_b = dense.sum(0)
-            grad_shift = -grad_x.sum(0) if need_shift else None  # type: ignore[union-attr]
+            grad_shift = -grad_x.sum(0) if need_shift and grad_x is not None else None
             return grad_x if need_x else None, grad_w, grad_b if need_b else None, grad_shift, None
         if grad_values is None:
             return None, None, None, None, None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
@@ -29,6 +29,10 @@ class GatedConfig(SAEConfig):
 @register("gated")
 class GatedSAE(SAE):
     config_class = GatedConfig
+    cfg: GatedConfig
+    b_gate: nn.Parameter
+    r_mag: nn.Parameter
+    b_mag: nn.Parameter
     # As in the gated-SAE paper: unit-norm decoder rows. Measured here on planted features, the unconstrained
     # 0.1-norm start of the standard SAE leaves the gate too weakly penalised (L0 ~ 40 where 3 are planted).
     default_decoder_init_norm = 1.0
@@ -41,8 +45,8 @@ class GatedSAE(SAE):
 
     def scale_encoder_biases(self, factors: Tensor) -> None:
         # W_enc's column scales both paths: the gate's sign is unchanged, the magnitude scales with the latent
-        self.b_gate *= factors
-        self.b_mag *= factors
+        self.b_gate.mul_(factors)
+        self.b_mag.mul_(factors)
 
     def gate_pre_activation(self, sae_in: Tensor) -> Tensor:
         return sae_in @ self.W_enc + self.b_gate

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
@@ -78,6 +78,9 @@ class JumpReLUConfig(SAEConfig):
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
+    cfg: JumpReLUConfig
+    log_threshold: nn.Parameter  # what training moves
+    threshold: Tensor  # a buffer (see create_parameters)
 
     def create_parameters(self) -> None:
         super().create_parameters()
@@ -108,7 +111,7 @@ class JumpReLUSAE(SAE):
     def scale_encoder_biases(self, factors: Tensor) -> None:
         super().scale_encoder_biases(factors)
         self.threshold *= factors  # the latent fires when its scaled pre-activation passes its scaled threshold
-        self.log_threshold += factors.log()
+        self.log_threshold.add_(factors.log())
 
     def weights_for_saving(self) -> dict[str, Tensor]:
         weights = super().weights_for_saving()

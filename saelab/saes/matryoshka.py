@@ -6,17 +6,19 @@ loss. Early latents therefore learn general features and later ones refine them,
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from saelab.core.config import ConfigError
-from saelab.saes.outputs import TrainOutput
-from saelab.saes.registry import register
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.saes.fused_topk import sparse_decode
-from saelab.saes.outputs import SparseLatents
+from saelab.saes.outputs import SparseLatents, TrainOutput
+from saelab.saes.registry import register
 
 
 @dataclass
@@ -43,8 +45,9 @@ class MatryoshkaConfig(BatchTopKConfig):
 @register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
     config_class = MatryoshkaConfig
+    cfg: MatryoshkaConfig
 
-    def _segments(self, out: TrainOutput):
+    def _segments(self, out: TrainOutput) -> Iterator[Tensor]:
         """The decoded contribution of each prefix's new latents [start, width), sparse when possible."""
         start = 0
         if out.sparse is not None:
@@ -52,7 +55,8 @@ class MatryoshkaSAE(BatchTopKSAE):
             for width in self.cfg.prefix_widths:
                 keep = (out.sparse.cols >= start) & (out.sparse.cols < width)
                 counts = torch.bincount(rows[keep], minlength=len(out.sparse.offsets))
-                segment = SparseLatents(out.sparse.cols[keep], torch.cumsum(counts, 0) - counts, out.sparse.values[keep])
+                offsets = torch.cumsum(counts, 0) - counts
+                segment = SparseLatents(out.sparse.cols[keep], offsets, out.sparse.values[keep])
                 yield sparse_decode(segment, self.W_dec).reshape(out.output.shape)
                 start = width
             return
@@ -62,10 +66,10 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def reconstruction_loss(self, out: TrainOutput, target: Tensor) -> Tensor:
         """Sum over prefixes of each prefix's squared error; the last prefix is the whole dictionary."""
-        partial = self.b_dec
-        loss = 0.0
+        partial: Tensor = self.b_dec
+        losses = []
         for segment in self._segments(out):
             partial = partial + segment
             prediction = self.with_skip(self._sae_output(partial), out.skip)
-            loss = loss + (prediction - target).pow(2).sum(dim=-1).mean()
-        return loss  # type: ignore[return-value]
+            losses.append((prediction - target).pow(2).sum(dim=-1).mean())
+        return functools.reduce(operator.add, losses)  # there is always one prefix: the whole dictionary

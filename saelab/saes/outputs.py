@@ -56,7 +56,8 @@ class TrainOutput:
             values = self.sparse.values
             flat = torch.zeros(len(self.sparse.offsets), self.hidden_pre.shape[-1], dtype=values.dtype,
                                device=values.device)
-            self._latents = flat.index_put((self.sparse.rows(), self.sparse.cols), values).reshape(self.hidden_pre.shape)
+            flat = flat.index_put((self.sparse.rows(), self.sparse.cols), values)
+            self._latents = flat.reshape(self.hidden_pre.shape)
         return self._latents
 
     @torch.no_grad()
@@ -67,4 +68,4 @@ class TrainOutput:
             cols, _, values = self.sparse
             return torch.bincount(cols[values > 0], minlength=d_sae).float()
         # float sums run much faster than bool sums on CPU; float32 counts stay exact (bfloat16 ones would not)
-        return (self._latents != 0).reshape(-1, d_sae).float().sum(dim=0)
+        return (self.latents != 0).reshape(-1, d_sae).float().sum(dim=0)

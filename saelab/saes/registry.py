@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from saelab.core.config import ConfigError, from_dict, unknown_key_error
 from saelab.saes.base import SAE

@@ -38,6 +38,7 @@ def decoder_weighted_lp(latents: Tensor, W_dec: Tensor, p: float) -> Tensor:
 @register("standard")
 class StandardSAE(SAE):
     config_class = StandardConfig
+    cfg: StandardConfig
 
     def activate(self, hidden_pre: Tensor) -> Tensor:
         return torch.relu(hidden_pre)

@@ -14,9 +14,9 @@ from torch import Tensor
 from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
+from saelab.saes.fused_topk import Selector, select_topk, sparse_decode, sparse_encode
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
-from saelab.saes.fused_topk import Selector, select_topk, sparse_decode, sparse_encode
 
 
 @dataclass
@@ -67,6 +67,7 @@ def auxk_loss(sae: SAE, out: TrainOutput, target: Tensor, dead_mask: Tensor | No
 @register("topk")
 class TopKSAE(SAE):
     config_class = TopKConfig
+    cfg: TopKConfig
     default_decoder_init_norm = 1.0
     default_normalize_decoder = True
     per_latent_scaling = False  # scaling one latent changes which k are largest

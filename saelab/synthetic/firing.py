@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-FiringProfile = Literal["uniform", "zipfian", "linear", "random"]
 from saelab.core.config import ConfigError
+
+FiringProfile = Literal["uniform", "zipfian", "linear", "random"]
 
 
 def firing_probabilities(

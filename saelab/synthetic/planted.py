@@ -5,8 +5,9 @@ An SAE that works should recover the directions f_i as decoder rows; `feature_re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -68,7 +69,8 @@ class PlantedFeatures:
         self.features = feature_dictionary(self.n_features, self.d_in, self.orthogonalize, generator)
         offset = torch.randn(self.d_in, generator=generator)
         self.offset = offset / offset.norm() * self.offset_scale
-        self.probabilities = firing_probabilities(self.n_features, self.mean_active, self.firing, self.zipf_exponent, self.seed)
+        self.probabilities = firing_probabilities(self.n_features, self.mean_active, self.firing, self.zipf_exponent,
+                                                  self.seed)
         self.factors = (
             correlation_factors(self.n_features, self.correlation_rank, self.correlation_strength, self.seed)
             if self.correlation_rank > 0 else None
@@ -95,7 +97,9 @@ class PlantedFeatures:
         return coefficients @ self.features + self.offset, coefficients
 
 
-def feature_dictionary(n_features: int, d_in: int, orthogonalize: bool, generator: torch.Generator, steps: int = 200) -> Tensor:
+def feature_dictionary(
+    n_features: int, d_in: int, orthogonalize: bool, generator: torch.Generator, steps: int = 200
+) -> Tensor:
     """Unit feature directions `(n_features, d_in)`: random, or orthogonal (QR) when they fit in d_in, or
     spread apart by gradient steps on the squared cosines when they do not."""
     directions = torch.randn(n_features, d_in, generator=generator)

@@ -11,8 +11,8 @@ import torch
 from saelab.core.files import atomic_write_bytes
 from saelab.saes.base import SAE
 from saelab.saes.registry import create_sae
-from saelab.synthetic.recovery import feature_recall, mcc, optimal_matching
 from saelab.synthetic.planted import PlantedFeatures, SyntheticSource
+from saelab.synthetic.recovery import feature_recall, mcc, optimal_matching
 from saelab.training.config import TrainConfig
 from saelab.training.trainer import Trainer
 
@@ -27,9 +27,9 @@ def train_toy_sae(
     seed: int = 0,
     plot: str | Path | None = None,
     **sae_options: Any,
-) -> tuple[SAE, dict[str, float]]:
-    """Train `architecture` on `features` and return it with {mcc, recall, explained_variance, l0}; `plot`
-    saves a PNG of the true-vs-learned cosine matrix under the optimal matching."""
+) -> tuple[SAE, dict[str, float | None]]:
+    """Train `architecture` on `features` and return it with {mcc, recall, explained_variance, l0} (the last two
+    None if no step ran); `plot` saves a PNG of the true-vs-learned cosine matrix under the optimal matching."""
     torch.manual_seed(seed)
     sae = create_sae(architecture, d_in=features.d_in, d_sae=d_sae or features.n_features, **sae_options)
     config = TrainConfig(total_tokens=total_tokens, batch_size=batch_size, lr=lr, seed=seed, progress_bar=False,

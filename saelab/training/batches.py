@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from saelab.activations.source import Batch
-from saelab.saes.base import SAE
 from saelab.core.errors import ConfigError
+from saelab.saes.base import SAE
 
 
 def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
@@ -21,16 +21,21 @@ def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
     names = list(batch)
     x_name = cfg.hook_name if cfg.hook_name is not None or len(names) != 1 else names[0]
     y_name = cfg.hook_name_out if cfg.transcoder else x_name
-    for name in (x_name, y_name):
-        if name not in batch:
-            raise ConfigError(f"SAE reads hook '{name}' but the batch has only: {', '.join(names)}")
-    return batch[x_name], batch[y_name]
+    return _read(batch, x_name), _read(batch, y_name)
+
+
+def _read(batch: dict[str, Tensor], name: str | None) -> Tensor:
+    if name is None or name not in batch:
+        raise ConfigError(f"SAE reads hook '{name}' but the batch has only: {', '.join(batch)}")
+    return batch[name]
 
 
 def check_widths(x: Tensor, target: Tensor, sae: SAE, name: str) -> None:
     """A clear error when the activations do not fit the SAE (wrong model, hook or layer)."""
     where = f" at '{sae.cfg.hook_name}'" if sae.cfg.hook_name else ""
     if x.shape[-1] != sae.cfg.d_in:
-        raise ConfigError(f"SAE '{name}' takes inputs of width {sae.cfg.d_in} but the activations{where} have width {x.shape[-1]}")
+        raise ConfigError(f"SAE '{name}' takes inputs of width {sae.cfg.d_in} but the activations{where} have "
+                          f"width {x.shape[-1]}")
     if target.shape[-1] != sae.cfg.d_out:
-        raise ConfigError(f"SAE '{name}' reconstructs width {sae.cfg.d_out} but its targets have width {target.shape[-1]}")
+        raise ConfigError(f"SAE '{name}' reconstructs width {sae.cfg.d_out} but its targets have width "
+                          f"{target.shape[-1]}")

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.core.config import ConfigError
-from saelab.core.files import atomic_directory, atomic_write_text
-from saelab.core.files import FileFormatError
+from saelab.core.files import FileFormatError, atomic_directory, atomic_write_text
 from saelab.training.state import load_state, save_state
 
 CHECKPOINT_DIR = "checkpoints"

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
 from saelab.core.errors import SaelabError
 
 Mode = Literal["data", "module"]
@@ -100,7 +102,7 @@ class Distributed:
         padded[: rows.shape[0]] = rows
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
         self._run("all-gather of activations", dist.all_gather, gathered, padded)
-        return [g[: int(c.item())] for g, c in zip(gathered, counts)]
+        return [g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)]
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj` (metrics, states of this process's own making), in rank order."""

@@ -8,18 +8,20 @@ Several SAEs are spliced in the same pass, so an SAE downstream of another reads
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.core.errors import ConfigError
 from saelab.evals.metrics import kl_divergence
 from saelab.saes.base import SAE
 from saelab.splice import check_splice, spliced
 from saelab.training.unit import Forward, TrainingUnit
-from saelab.core.errors import ConfigError
+
 
 @dataclass
 class SplicedRun:

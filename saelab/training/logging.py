@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from saelab.core.files import atomic_write_text
 from saelab.core.errors import MissingDependency
+from saelab.core.files import atomic_write_text
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:
@@ -47,7 +47,9 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise MissingDependency("train.wandb_project is set but wandb is not installed: pip install wandb") from None
+                raise MissingDependency(
+                    "train.wandb_project is set but wandb is not installed: pip install wandb"
+                ) from None
             self.wandb = wandb.init(project=wandb_project, config=run_config or {})
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

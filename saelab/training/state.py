@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from saelab.core.files import atomic_write_bytes, atomic_write_text
-from saelab.core.files import FileFormatError, read_json, read_safetensors
+from saelab.core.files import FileFormatError, atomic_write_bytes, atomic_write_text, read_json, read_safetensors
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:

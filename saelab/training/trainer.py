@@ -13,9 +13,10 @@ import json
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from saelab.activations.source import Batch
 from saelab.core.config import ConfigError, to_dict
+from saelab.core.errors import SaelabError
 from saelab.core.files import atomic_write_text, replacing_directory
 from saelab.evals.metrics import log_feature_density
 from saelab.saes.base import SAE
@@ -45,7 +47,6 @@ from saelab.training.memory import keep_freed_memory
 from saelab.training.objectives import ModelObjective, Objective, local_objectives
 from saelab.training.schedules import lr_factor
 from saelab.training.unit import Forward, TrainingUnit
-from saelab.core.errors import SaelabError
 
 WHOLE_MODEL = "model"
 """Name under which metrics of the model with every SAE spliced in are logged (so no SAE may use it)."""
@@ -129,7 +130,7 @@ class Trainer:
             raise ConfigError("the activation source yielded no batches")
         if self.splicer is not None:  # token contexts: read the clean activations the SAEs will replace
             hooks = [hook for u in self.units for hook in hooks_of(u.sae)]
-            batches = [self.splicer.clean_activations(tokens, hooks) for tokens in batches]
+            batches = [self.splicer.clean_activations(_tokens(batch), hooks) for batch in batches]
         for unit in self.units:
             pairs = [select_inputs(b, unit.sae) for b in batches]
             check_widths(*pairs[0], unit.sae, unit.name)
@@ -168,7 +169,8 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == total:
                     bar.set_postfix(self._log())
-                if self.evaluator and self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == total):
+                due = self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == total)
+                if self.evaluator and due:
                     self._evaluate()
                 # the last step too: a finished run can be extended (resumed with a larger total_tokens)
                 if self.cfg.checkpoint_every and (self.step % self.cfg.checkpoint_every == 0 or self.step == total):
@@ -209,12 +211,13 @@ class Trainer:
         """Every SAE's training forward: on its rows of an activation batch, or spliced into the model (end to
         end: the batch is token contexts, and the model's clean and spliced passes come back too)."""
         if self.splicer is not None:
-            return self.splicer.run(batch, self.units)
+            return self.splicer.run(_tokens(batch), self.units)
         return {unit.name: unit.forward_local(batch) for unit in self.units}, None
 
     def _check_finite(self, unit_terms: dict[str, dict[str, Tensor]], model_terms: dict[str, Tensor]) -> None:
         """Stop before any weight changes when a loss term is not finite, naming the SAE and the terms."""
-        for owner, terms in [*(("SAE '" + n + "'", t) for n, t in unit_terms.items()), ("the model-level loss", model_terms)]:
+        owners = [*((f"SAE '{n}'", t) for n, t in unit_terms.items()), ("the model-level loss", model_terms)]
+        for owner, terms in owners:
             if terms and not all(torch.isfinite(t) for t in terms.values()):
                 values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
                 total = float(sum(v.detach() for v in terms.values()))
@@ -351,7 +354,8 @@ class Trainer:
         if self.dist.data_parallel:
             key = f"rank_{self.dist.rank}"
             if not isinstance(self._source_state, dict) or key not in self._source_state:
-                raise ConfigError(f"this checkpoint was not written by a data-parallel run with {self.dist.world_size} ranks")
+                raise ConfigError(f"this checkpoint was not written by a data-parallel run with "
+                                  f"{self.dist.world_size} ranks")
             self._source_state = self._source_state[key]
         for unit in self.units:
             unit.load_state_dict(state["units"][unit.name])
@@ -375,7 +379,10 @@ class Trainer:
         """Load the newest readable complete checkpoint under out_dir; False when there is none. A checkpoint written
         by a differently configured run (other than in RESUMABLE_TRAIN_OPTIONS), or past this run's total_tokens,
         is refused with a ConfigError before anything is loaded."""
-        found = read_newest_checkpoint(Path(out_dir or self.out_dir) / CHECKPOINT_DIR)
+        directory = out_dir or self.out_dir
+        if directory is None:
+            raise ConfigError("resuming needs an out_dir (the run's directory, where its checkpoints are)")
+        found = read_newest_checkpoint(Path(directory) / CHECKPOINT_DIR)
         if found is None:
             return False
         checkpoint, state = found
@@ -395,3 +402,9 @@ class Trainer:
 def _as_tuples(value):
     """random.setstate wants the nested tuples back that JSON turned into lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _tokens(batch: Batch) -> Tensor:
+    """A batch of token contexts, which is what end-to-end training (a splicer) reads."""
+    assert isinstance(batch, Tensor), "end-to-end training reads batches of token ids"
+    return batch
