@@ -281,6 +281,16 @@ def test_feature_statistics_on_a_model_finds_the_real_contexts(tiny, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data_bytes[: len(data_bytes) // 2])
     with pytest.raises(FileFormatError, match="cut.safetensors"):
         FeatureStats.load(tmp_path / "cut.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tmp_path / "stats.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(tmp_path / "stats.safetensors")
+    del tensors["top_tokens"]  # a well-formed file missing one of the statistics
+    save_file(tensors, tmp_path / "partial.safetensors", metadata=metadata)
+    with pytest.raises(FileFormatError, match="partial.safetensors: not a saelab feature-statistics file"):
+        FeatureStats.load(tmp_path / "partial.safetensors")
 
 
 def read_script(path, call):

@@ -117,7 +117,10 @@ class FeatureStats:
             raise FileFormatError(f"{path}: not a saelab feature-statistics file ({error})") from error
         logits = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("logits.")}
         plain: dict[str, Any] = {k: v for k, v in tensors.items() if not k.startswith("logits.")}  # field: value
-        return cls(**plain, logits=logits, **meta)
+        try:
+            return cls(**plain, logits=logits, **meta)
+        except TypeError as error:  # tensors or metadata missing, or not ours
+            raise FileFormatError(f"{path}: not a saelab feature-statistics file ({error})") from None
 
 
 class FeatureStatistics:
