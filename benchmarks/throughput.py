@@ -75,8 +75,9 @@ def run_case(name: str, batch: int, d_in: int, d_sae: int, autocast: bool = Fals
     return {"seconds": seconds, "peak_mib": peak_mib, "gemm": gemm}
 
 
-def harvest_rates(layers: list[int], dtype: str = "float32", contexts: int = 16, context_size: int = 128
-                  ) -> list[tuple[int, float, float]]:
+def harvest_rates(
+    layers: list[int], dtype: str = "float32", contexts: int = 16, context_size: int = 128
+) -> list[tuple[int, float, float]]:
     """(layer, harvest tokens/s, bare forward tokens/s) on the default model."""
     from saelab.activations.harvest import Harvester
     from saelab.models import load_model
@@ -105,8 +106,9 @@ def main() -> None:
     parser.add_argument("--d_sae", type=int, default=4608)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--large", action="store_true", help="also d_in 2304, d_sae 16384 (a 2B model's width)")
-    parser.add_argument("--no-model", action="store_true",
-                        help="skip the harvesting benchmark (needs the default model)")
+    parser.add_argument(
+        "--no-model", action="store_true", help="skip the harvesting benchmark (needs the default model)"
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case in a subprocess
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)  # internal, with --case
     args = parser.parse_args()
@@ -120,17 +122,31 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for b, d, n in shapes:
         gemm, gemm16 = matmul_seconds(b, d, n), matmul_seconds(b, d, n, torch.bfloat16)
-        print(f"\nbatch {b}, d_in {d}, d_sae {n}: one matmul {gemm * 1e3:.1f} ms float32 "
-              f"({2 * b * d * n / gemm / 1e9:.0f} GFLOP/s), {gemm16 * 1e3:.1f} ms bfloat16 "
-              "(each case re-measures its own)")
-        print(f"{'SAE step':<16}{'tokens/s':>10}{'ms/step':>9}{'peak MiB':>10}{'/ dense bound':>15}"
-              f"{'/ sparse bound':>16}{'autocast tok/s':>16}{'speed-up':>10}{'/ bf16 bound':>14}")
+        print(
+            f"\nbatch {b}, d_in {d}, d_sae {n}: one matmul {gemm * 1e3:.1f} ms float32 "
+            f"({2 * b * d * n / gemm / 1e9:.0f} GFLOP/s), {gemm16 * 1e3:.1f} ms bfloat16 "
+            "(each case re-measures its own)"
+        )
+        print(
+            f"{'SAE step':<16}{'tokens/s':>10}{'ms/step':>9}{'peak MiB':>10}{'/ dense bound':>15}"
+            f"{'/ sparse bound':>16}{'autocast tok/s':>16}{'speed-up':>10}{'/ bf16 bound':>14}"
+        )
         speeds = {}
         for name, (_, _, dense) in CASES.items():
             results = {}
             for autocast in (False, True):
-                command = [sys.executable, __file__, "--case", name, "--batch", str(b), "--d_in", str(d),
-                           "--d_sae", str(n)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    name,
+                    "--batch",
+                    str(b),
+                    "--d_in",
+                    str(d),
+                    "--d_sae",
+                    str(n),
+                ]
                 out = subprocess.run(command + ["--autocast"] * autocast, capture_output=True, text=True, check=True)
                 results[autocast] = json.loads(out.stdout.strip().splitlines()[-1])
             fp32, bf16 = results[False], results[True]
@@ -138,16 +154,20 @@ def main() -> None:
             matmuls = 1 if not dense else 5
             dense_ratio = f"{5 * fp32['gemm'] / fp32['seconds']:>15.2f}"
             sparse_ratio = f"{'':>16}" if dense else f"{fp32['gemm'] / fp32['seconds']:>16.2f}"
-            print(f"{name:<16}{b / fp32['seconds']:>10.0f}{fp32['seconds'] * 1e3:>9.1f}{fp32['peak_mib']:>10.0f}"
-                  f"{dense_ratio}{sparse_ratio}{b / bf16['seconds']:>16.0f}{fp32['seconds'] / bf16['seconds']:>9.1f}x"
-                  f"{matmuls * bf16['gemm'] / bf16['seconds']:>14.2f}")
+            print(
+                f"{name:<16}{b / fp32['seconds']:>10.0f}{fp32['seconds'] * 1e3:>9.1f}{fp32['peak_mib']:>10.0f}"
+                f"{dense_ratio}{sparse_ratio}{b / bf16['seconds']:>16.0f}{fp32['seconds'] / bf16['seconds']:>9.1f}x"
+                f"{matmuls * bf16['gemm'] / bf16['seconds']:>14.2f}"
+            )
         print(f"sparse over dense TopK: {speeds['topk'] / speeds['topk (dense)']:.1f}x")
     if not args.no_model:
         for dtype in ("float32", "bfloat16"):
             print(f"\nharvesting SmolLM2-135M in {dtype}, 16 x 128 tokens:")
             for layer, harvest, bare in harvest_rates([5, 15, 29], dtype):
-                print(f"  blocks.{layer}.hook_resid_post: {harvest:,.0f} tokens/s; "
-                      f"bare forward to that block {bare:,.0f}; overhead {100 * (bare / harvest - 1):+.1f}%")
+                print(
+                    f"  blocks.{layer}.hook_resid_post: {harvest:,.0f} tokens/s; "
+                    f"bare forward to that block {bare:,.0f}; overhead {100 * (bare / harvest - 1):+.1f}%"
+                )
 
 
 if __name__ == "__main__":

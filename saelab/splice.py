@@ -73,11 +73,15 @@ def check_fits(model: HookedModel, saes: SAE | Sequence[SAE]) -> None:
         hook_in, hook_out = hooks_of(sae)
         where = f" of {sae.cfg.model_name}" if sae.cfg.model_name else ""
         if widths[hook_in] != sae.cfg.d_in:
-            raise ConfigError(f"the SAE's d_in is {sae.cfg.d_in} but {hook_in}{where} has width {widths[hook_in]} "
-                              "(is it the SAE's model and hook point?)")
+            raise ConfigError(
+                f"the SAE's d_in is {sae.cfg.d_in} but {hook_in}{where} has width {widths[hook_in]} "
+                "(is it the SAE's model and hook point?)"
+            )
         if widths[hook_out] != sae.cfg.d_out:
-            raise ConfigError(f"the transcoder's d_out is {sae.cfg.d_out} but its output hook {hook_out}{where} has "
-                              f"width {widths[hook_out]}")
+            raise ConfigError(
+                f"the transcoder's d_out is {sae.cfg.d_out} but its output hook {hook_out}{where} has "
+                f"width {widths[hook_out]}"
+            )
 
 
 def model_for(sae: SAE, model: HookedModel | None = None) -> HookedModel:
@@ -125,8 +129,11 @@ def spliced(
     for name in [*edit, *sae_reads]:
         if name not in valid:
             hint = closest(name, valid)
-            raise UnknownHookError(f"unknown SAE hook point '{name}'." + (f" Did you mean '{hint}'?" if hint else "")
-                                   + f" Valid names: {', '.join(valid)}")
+            raise UnknownHookError(
+                f"unknown SAE hook point '{name}'."
+                + (f" Did you mean '{hint}'?" if hint else "")
+                + f" Valid names: {', '.join(valid)}"
+            )
     if run is not None and (edit or sae_reads or error_term):
         raise ValueError("an SAE spliced with its own `run` has no SAE hook points, edits or error term")
     inputs = [hook_in for hook_in, hook_out in map(hooks_of, saes) if hook_in != hook_out]
@@ -135,6 +142,7 @@ def spliced(
     # One dict for both: the model's hooks fill it with what is read (transcoder inputs among them), the SAEs
     # add their own hook points.
     with model.hooks(read=[*inputs, *model_reads]) as cache:
+
         def splice(sae: SAE) -> Callable[[Tensor], Tensor]:
             hook_in, hook_out = hooks_of(sae)
             compute = run or _sae_hook_points(hook_out, cache, error_term, edit, sae_reads)
@@ -154,8 +162,9 @@ def spliced(
             yield cache
 
 
-def _sae_hook_points(hook_out: str, cache: dict[str, Tensor], error_term: bool, edit: Mapping[str, Edit],
-                     reads: Sequence[str]) -> Run:
+def _sae_hook_points(
+    hook_out: str, cache: dict[str, Tensor], error_term: bool, edit: Mapping[str, Edit], reads: Sequence[str]
+) -> Run:
     """The default `run`: encode and decode, passing through the SAE hook points (edits, reads, error term)."""
 
     def at(name: str, value: Tensor) -> Tensor:

@@ -81,8 +81,9 @@ def test_zero_ablating_a_latent_moves_the_activation_by_its_decoder_contribution
     _, clean = run_with_cache_and_saes(model, tokens, sae, error_term=True)
     latents = clean[f"{HOOK}.hook_sae_acts_post"]
     latent = int((latents > 0).sum((0, 1)).argmax())  # one that fires somewhere
-    _, ablated = run_with_cache_and_saes(model, tokens, sae, error_term=True,
-                                         edit={f"{HOOK}.hook_sae_acts_post": ablate([latent])})
+    _, ablated = run_with_cache_and_saes(
+        model, tokens, sae, error_term=True, edit={f"{HOOK}.hook_sae_acts_post": ablate([latent])}
+    )
     change = ablated[f"{HOOK}.hook_sae_output"] - clean[f"{HOOK}.hook_sae_output"]
     expected = -latents[..., latent : latent + 1] * sae.W_dec[latent].detach()
     assert torch.allclose(change, expected, atol=1e-5)
@@ -207,8 +208,9 @@ def test_interval_samples_are_uniform_across_batches_and_bin_merges():
     values = [[0.5, 0.6, 0.7, 0.8], [1.1, 1.2, 1.3, 1.4], [2.5, 2.6, 2.7, 2.8]]  # widths double as these arrive
     chosen = torch.zeros(12)
     for seed in range(300):
-        stats = FeatureStatistics(1, top_k=1, window=(0, 0), n_bins=4, quantile_intervals=1, samples_per_interval=2,
-                                  seed=seed)
+        stats = FeatureStatistics(
+            1, top_k=1, window=(0, 0), n_bins=4, quantile_intervals=1, samples_per_interval=2, seed=seed
+        )
         for batch in values:
             stats.add(torch.zeros(1, 4, dtype=torch.long), torch.tensor(batch).reshape(1, 4, 1))
         for value in stats.result().interval_acts[0, 0, :, 0].tolist():
@@ -262,8 +264,16 @@ def test_logit_effects_equal_W_dec_times_the_unembedding_by_hand(tiny):
 def test_feature_statistics_on_a_model_finds_the_real_contexts(tiny, tmp_path):
     model, data, _ = tiny
     sae = random_sae(k=4)
-    stats = feature_statistics(sae, model, data, n_contexts=16, batch_contexts=4, top_k=3, window=(4, 2),
-                               token_sets={"cat": token_set(model.tokenizer, ["cat"])})
+    stats = feature_statistics(
+        sae,
+        model,
+        data,
+        n_contexts=16,
+        batch_contexts=4,
+        top_k=3,
+        window=(4, 2),
+        token_sets={"cat": token_set(model.tokenizer, ["cat"])},
+    )
     contexts = torch.cat(heldout_contexts(model, data, 16, 4))
     latent = int(stats.firing_counts.argmax())
     context, position = int(stats.top_contexts[latent, 0]), int(stats.top_positions[latent, 0])
@@ -331,10 +341,10 @@ def test_dashboard_files_hold_every_latent_and_replace_an_old_dashboard(tiny, tm
 def test_neuronpedia_export_has_their_batch_format(tiny, tmp_path):
     """What Neuronpedia's importer (convert-saedashboard-to-neuronpedia-export) reads, as SAEDashboard writes it."""
     model, data, _ = tiny
-    stats = feature_statistics(random_sae(k=4), model, data, n_contexts=8, batch_contexts=4, top_k=2,
-                               window=(5, 2))
-    out = export_neuronpedia(stats, model.tokenizer, tmp_path / "np", model_id="tiny", sae_set="res-test", layer=1,
-                             features_per_batch=50)
+    stats = feature_statistics(random_sae(k=4), model, data, n_contexts=8, batch_contexts=4, top_k=2, window=(5, 2))
+    out = export_neuronpedia(
+        stats, model.tokenizer, tmp_path / "np", model_id="tiny", sae_set="res-test", layer=1, features_per_batch=50
+    )
     batches = sorted(out.glob("batch-*.json"))
     assert [b.name for b in batches] == ["batch-0.json", "batch-1.json"]
     first = json.loads(batches[0].read_text())
@@ -342,9 +352,22 @@ def test_neuronpedia_export_has_their_batch_format(tiny, tmp_path):
     features = first["features"] + json.loads(batches[1].read_text())["features"]
     assert [f["feature_index"] for f in features] == list(range(64))
     feature = max(features, key=lambda f: len(f["activations"]))
-    for key in ("pos_str", "pos_values", "neg_str", "neg_values", "frac_nonzero", "freq_hist_data_bar_values",
-                "freq_hist_data_bar_heights", "logits_hist_data_bar_values", "logits_hist_data_bar_heights",
-                "n_prompts_total", "n_tokens_in_prompt", "dataset", "neuron_alignment_indices", "decoder_weights_dist"):
+    for key in (
+        "pos_str",
+        "pos_values",
+        "neg_str",
+        "neg_values",
+        "frac_nonzero",
+        "freq_hist_data_bar_values",
+        "freq_hist_data_bar_heights",
+        "logits_hist_data_bar_values",
+        "logits_hist_data_bar_heights",
+        "n_prompts_total",
+        "n_tokens_in_prompt",
+        "dataset",
+        "neuron_alignment_indices",
+        "decoder_weights_dist",
+    ):
         assert key in feature
     assert feature["n_tokens_in_prompt"] == 5 + 1 + 2  # the windows shown, not the 16-token contexts
     latent = feature["feature_index"]
@@ -385,8 +408,22 @@ def test_dashboard_command(tiny, tmp_path, capsys):
     sae.cfg.model_name = str(model.model.name_or_path)
     sae.cfg.metadata.update({"dataset": data.dataset, "context_size": data.context_size})
     sae.save(str(tmp_path / "sae"))
-    code = main(["dashboard", str(tmp_path / "sae"), "--n_contexts", "8", "--batch_contexts", "4", "--top_k", "2",
-                 "--neuronpedia", str(tmp_path / "np"), "--neuronpedia_sae_set", "test"])
+    code = main(
+        [
+            "dashboard",
+            str(tmp_path / "sae"),
+            "--n_contexts",
+            "8",
+            "--batch_contexts",
+            "4",
+            "--top_k",
+            "2",
+            "--neuronpedia",
+            str(tmp_path / "np"),
+            "--neuronpedia_sae_set",
+            "test",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "dashboard ->" in printed and (tmp_path / "sae" / "dashboard" / "index.html").exists()

@@ -38,8 +38,7 @@ def make(case: str):
 
 def one_step(sae, batch, autocast: bool) -> tuple[dict[str, torch.Tensor], TrainOutput]:
     """Gradients of one training step (read before the update changes the weights) and the forward's output."""
-    config = TrainConfig(total_tokens=10**6, batch_size=512, progress_bar=False, autocast=autocast,
-                         max_grad_norm=None)
+    config = TrainConfig(total_tokens=10**6, batch_size=512, progress_bar=False, autocast=autocast, max_grad_norm=None)
     trainer = Trainer(sae, config)
     trainer.prepared = True
     outputs = []
@@ -103,11 +102,39 @@ def test_autocast_in_end_to_end_training_from_the_cli(tmp_path, capsys):
 
     model = save_tiny_model(tmp_path / "model")
     dataset = write_jsonl(tmp_path / "text.jsonl", sentences(300))
-    args = ["train", "--model.name", str(model), "--model.hook_name", "blocks.1.hook_resid_post",
-            "--data.dataset", str(dataset), "--data.context_size", "16", "--data.heldout_contexts", "4",
-            "--train.total_tokens", "1024", "--train.batch_size", "128", "--train.progress_bar", "false",
-            "--train.eval_every", "0", "--train.autocast", "true", "--sae.k", "4", "--sae.expansion_factor", "4",
-            "--objective.kl", "1", "--objective.reconstruction", "0", "--out_dir", str(tmp_path / "run")]
+    args = [
+        "train",
+        "--model.name",
+        str(model),
+        "--model.hook_name",
+        "blocks.1.hook_resid_post",
+        "--data.dataset",
+        str(dataset),
+        "--data.context_size",
+        "16",
+        "--data.heldout_contexts",
+        "4",
+        "--train.total_tokens",
+        "1024",
+        "--train.batch_size",
+        "128",
+        "--train.progress_bar",
+        "false",
+        "--train.eval_every",
+        "0",
+        "--train.autocast",
+        "true",
+        "--sae.k",
+        "4",
+        "--sae.expansion_factor",
+        "4",
+        "--objective.kl",
+        "1",
+        "--objective.reconstruction",
+        "0",
+        "--out_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records and all(math.isfinite(r["model/kl"]) for r in records if "model/kl" in r)

@@ -12,8 +12,20 @@ import yaml
 import saelab
 from saelab.cli import main
 
-SMALL = ["--train.total_tokens", "40960", "--train.batch_size", "512", "--train.progress_bar", "false",
-         "--source", "synthetic", "--synthetic.d_in", "16", "--synthetic.n_features", "32"]
+SMALL = [
+    "--train.total_tokens",
+    "40960",
+    "--train.batch_size",
+    "512",
+    "--train.progress_bar",
+    "false",
+    "--source",
+    "synthetic",
+    "--synthetic.d_in",
+    "16",
+    "--synthetic.n_features",
+    "32",
+]
 
 
 def test_train_writes_sae_metrics_and_summary(tmp_path, capsys):
@@ -42,10 +54,16 @@ def test_yaml_config_with_flag_overrides(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.002
 
 
-@pytest.mark.parametrize("flag, meant", [
-    ("--train.learning_rate", "--train.lr"), ("--sae.num_latents", "--sae.d_sae"), ("--train.k", "--sae.k"),
-    ("--train.l1_coefficient", "--sae.l1_coefficient"), ("--train.expansion_factor", "--sae.expansion_factor"),
-])
+@pytest.mark.parametrize(
+    "flag, meant",
+    [
+        ("--train.learning_rate", "--train.lr"),
+        ("--sae.num_latents", "--sae.d_sae"),
+        ("--train.k", "--sae.k"),
+        ("--train.l1_coefficient", "--sae.l1_coefficient"),
+        ("--train.expansion_factor", "--sae.expansion_factor"),
+    ],
+)
 def test_unknown_flag_suggests_the_close_name(capsys, flag, meant):
     """Names from SAELens and sparsify suggest saelab's (learning_rate is closer in spelling to lr_decay_steps)."""
     with pytest.raises(SystemExit) as exit_info:
@@ -80,7 +98,8 @@ def test_bad_values_give_one_clear_line_and_no_output(tmp_path, capsys):
 
 def same_weights(a, b) -> bool:
     return a.state_dict().keys() == b.state_dict().keys() and all(
-        torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+        torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict()
+    )
 
 
 def files(folder):
@@ -125,8 +144,12 @@ def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it_whole(tmp_p
 
 
 def test_python_api_overwrite(tmp_path):
-    run = {"source": "synthetic", "synthetic": {"d_in": 16, "n_features": 32}, "out_dir": str(tmp_path / "run"),
-           "train": {"total_tokens": 10240, "batch_size": 512, "progress_bar": False, "checkpoint_every": 5}}
+    run = {
+        "source": "synthetic",
+        "synthetic": {"d_in": 16, "n_features": 32},
+        "out_dir": str(tmp_path / "run"),
+        "train": {"total_tokens": 10240, "batch_size": 512, "progress_bar": False, "checkpoint_every": 5},
+    }
     saelab.train(run)
     with pytest.raises(saelab.ConfigError, match="already holds a run"):
         saelab.train({**run, "sae": {"architecture": "standard"}})
@@ -140,8 +163,10 @@ def test_resume_with_more_tokens_extends_a_finished_run_exactly(tmp_path, capsys
     run = [*SMALL, "--sae.k", "4", "--train.checkpoint_every", "30"]
     assert main(["train", *run, "--out_dir", str(tmp_path / "short")]) == 0  # 80 steps
     capsys.readouterr()
-    assert main(["train", "--resume", str(tmp_path / "short"), "--train.total_tokens", "81920",
-                 "--train.log_every", "40"]) == 0
+    assert (
+        main(["train", "--resume", str(tmp_path / "short"), "--train.total_tokens", "81920", "--train.log_every", "40"])
+        == 0
+    )
     assert "resumed from step 80 of 160" in capsys.readouterr().err
     long = [*run, "--train.total_tokens", "81920"]
     assert main(["train", *long, "--out_dir", str(tmp_path / "long")]) == 0
@@ -156,8 +181,12 @@ def test_resume_with_more_tokens_extends_a_finished_run_exactly(tmp_path, capsys
 
 def test_extending_a_run_whose_learning_rate_decays_with_its_length_warns(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *SMALL, "--train.lr_schedule", "cosine", "--train.checkpoint_every", "40", "--out_dir",
-                 str(out)]) == 0
+    assert (
+        main(
+            ["train", *SMALL, "--train.lr_schedule", "cosine", "--train.checkpoint_every", "40", "--out_dir", str(out)]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--train.total_tokens", "81920"]) == 0
     err = capsys.readouterr().err
@@ -212,16 +241,28 @@ def test_every_train_option_has_help(capsys):
     except SystemExit:
         pass
     text = capsys.readouterr().out
-    for flag in ("--train.lr", "--sae.k", "--sae.l1_coefficient", "--sae.matryoshka_widths", "--synthetic.d_in",
-                 "--model.hook_name", "--data.dataset", "--data.shuffle_buffer", "--data.cache"):
+    for flag in (
+        "--train.lr",
+        "--sae.k",
+        "--sae.l1_coefficient",
+        "--sae.matryoshka_widths",
+        "--synthetic.d_in",
+        "--model.hook_name",
+        "--data.dataset",
+        "--data.shuffle_buffer",
+        "--data.cache",
+    ):
         assert flag in text
     assert "Peak Adam learning rate" in text and "Tokens per context fed to the model" in text
 
 
-@pytest.mark.parametrize("command, flags", [
-    ("pretokenize", ["--out", "--max_tokens", "--data.context_size", "--data.separator", "--model.name"]),
-    ("cache-activations", ["--out", "--hooks", "--dtype", "--shard_rows", "--data.seq_start", "--model.hook_name"]),
-])
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("pretokenize", ["--out", "--max_tokens", "--data.context_size", "--data.separator", "--model.name"]),
+        ("cache-activations", ["--out", "--hooks", "--dtype", "--shard_rows", "--data.seq_start", "--model.hook_name"]),
+    ],
+)
 def test_data_commands_document_every_option(capsys, command, flags):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -256,8 +297,22 @@ def test_bad_config_files_give_one_clear_line(tmp_path, capsys):
 
 def test_divergence_is_one_line_and_keeps_the_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", *SMALL, "--train.lr", "1e30", "--train.max_grad_norm", "null",
-                 "--train.checkpoint_every", "1", "--sae.architecture", "standard", "--out_dir", str(out)])
+    code = main(
+        [
+            "train",
+            *SMALL,
+            "--train.lr",
+            "1e30",
+            "--train.max_grad_norm",
+            "null",
+            "--train.checkpoint_every",
+            "1",
+            "--sae.architecture",
+            "standard",
+            "--out_dir",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "training diverged" in err[0] and "at step" in err[0]
     step = int(err[0].split("at step ")[1].split(":")[0])
@@ -266,6 +321,7 @@ def test_divergence_is_one_line_and_keeps_the_checkpoints(tmp_path, capsys):
 
 
 # ----- commands that load an SAE: eval, dashboard, convert, upload ---------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
@@ -279,8 +335,16 @@ def tiny_model(tmp_path_factory):
 
 
 def run_flags(folder):
-    return ["--data.dataset", str(folder / "text.jsonl"), "--data.context_size", "16", "--n_contexts", "4",
-            "--batch_contexts", "4"]
+    return [
+        "--data.dataset",
+        str(folder / "text.jsonl"),
+        "--data.context_size",
+        "16",
+        "--n_contexts",
+        "4",
+        "--batch_contexts",
+        "4",
+    ]
 
 
 def error_line(capsys) -> str:
@@ -298,9 +362,18 @@ def files_under(folder):
 def test_an_sae_of_another_width_than_its_hook_is_one_line_and_writes_nothing(tiny_model, tmp_path, capsys, command):
     model = str(tiny_model / "model")
     saelab.create_sae("topk", d_in=16, d_sae=64, k=4, model_name=model, hook_name="blocks.1.hook_resid_post").save(
-        tmp_path / "narrow")
-    saelab.create_sae("topk", d_in=32, d_sae=64, k=4, d_out=16, model_name=model, hook_name="blocks.1.hook_mlp_in",
-                      hook_name_out="blocks.1.hook_mlp_out").save(tmp_path / "transcoder")
+        tmp_path / "narrow"
+    )
+    saelab.create_sae(
+        "topk",
+        d_in=32,
+        d_sae=64,
+        k=4,
+        d_out=16,
+        model_name=model,
+        hook_name="blocks.1.hook_mlp_in",
+        hook_name_out="blocks.1.hook_mlp_out",
+    ).save(tmp_path / "transcoder")
     before = files_under(tmp_path)
     assert main([command, str(tmp_path / "narrow"), *run_flags(tiny_model)]) == 2
     assert "the SAE's d_in is 16 but blocks.1.hook_resid_post of " in error_line(capsys)
@@ -324,11 +397,19 @@ def test_other_libraries_folders_evaluate_where_their_files_say(tiny_model, tmp_
     assert report["sae"]["hook_name"] == "blocks.1.hook_resid_post"
 
     (tmp_path / "dl").mkdir()
-    weights = {"bias": sae.b_dec, "encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc,
-               "decoder.weight": sae.W_dec.T}
+    weights = {
+        "bias": sae.b_dec,
+        "encoder.weight": sae.W_enc.T,
+        "encoder.bias": sae.b_enc,
+        "decoder.weight": sae.W_dec.T,
+    }
     torch.save(weights, tmp_path / "dl" / "ae.pt")
-    trainer = {"dict_class": "AutoEncoder", "lm_name": str(tiny_model / "model"), "layer": 0,
-               "submodule_name": "resid_post_layer_0"}
+    trainer = {
+        "dict_class": "AutoEncoder",
+        "lm_name": str(tiny_model / "model"),
+        "layer": 0,
+        "submodule_name": "resid_post_layer_0",
+    }
     (tmp_path / "dl" / "config.json").write_text(json.dumps({"trainer": trainer}))
     assert main(["eval", str(tmp_path / "dl"), *run_flags(tiny_model), "--no_spliced"]) == 0
     assert json.loads((tmp_path / "dl" / "eval.json").read_text())["sae"]["hook_name"] == "blocks.0.hook_resid_post"
@@ -337,12 +418,19 @@ def test_other_libraries_folders_evaluate_where_their_files_say(tiny_model, tmp_
 
     folder = tmp_path / "gs" / "layer_1"
     folder.mkdir(parents=True)
-    np.savez(folder / "params.npz", W_enc=sae.W_enc.detach().numpy(), W_dec=sae.W_dec.detach().numpy(),
-             b_enc=sae.b_enc.detach().numpy(), b_dec=sae.b_dec.detach().numpy(), threshold=np.full(64, 0.1, np.float32))
+    np.savez(
+        folder / "params.npz",
+        W_enc=sae.W_enc.detach().numpy(),
+        W_dec=sae.W_dec.detach().numpy(),
+        b_enc=sae.b_enc.detach().numpy(),
+        b_dec=sae.b_dec.detach().numpy(),
+        threshold=np.full(64, 0.1, np.float32),
+    )
     dashboard = ["dashboard", str(folder), *run_flags(tiny_model), "--top_k", "2"]
     assert main(dashboard) == 2
-    assert error_line(capsys).endswith("does not say which model it reads: give --model_name (a Hugging Face model "
-                                       "name or a local folder)")
+    assert error_line(capsys).endswith(
+        "does not say which model it reads: give --model_name (a Hugging Face model name or a local folder)"
+    )
     assert main([*dashboard, "--model_name", str(tiny_model / "model")]) == 2
     assert error_line(capsys).endswith("give --hook_name (e.g. blocks.1.hook_resid_post)")
     assert not (folder / "dashboard").exists()
@@ -353,10 +441,14 @@ def test_other_libraries_folders_evaluate_where_their_files_say(tiny_model, tmp_
 def test_eval_of_a_hub_sae_writes_its_report_in_a_local_folder(tiny_model, tmp_path, monkeypatch):
     import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, revision=None, allow_patterns=None:
-                        str(tmp_path / "snapshot"))
-    saelab.create_sae("topk", d_in=32, d_sae=64, k=4, model_name=str(tiny_model / "model"),
-                      hook_name="blocks.0.hook_resid_post").save(tmp_path / "snapshot" / "layer_0")
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo_id, revision=None, allow_patterns=None: str(tmp_path / "snapshot"),
+    )
+    saelab.create_sae(
+        "topk", d_in=32, d_sae=64, k=4, model_name=str(tiny_model / "model"), hook_name="blocks.0.hook_resid_post"
+    ).save(tmp_path / "snapshot" / "layer_0")
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "someone/saes", "--subfolder", "layer_0", *run_flags(tiny_model), "--no_spliced"]) == 0
     assert (tmp_path / "saes" / "layer_0" / "eval.json").exists()
@@ -365,8 +457,10 @@ def test_eval_of_a_hub_sae_writes_its_report_in_a_local_folder(tiny_model, tmp_p
 
 SOURCES = {
     "hub": (["someone/saes", "--subfolder", "layer_8"], {"subfolder": "layer_8", "sae_id": None}),
-    "release": (["gpt2-small-res-jb", "--sae_id", "blocks.8.hook_resid_pre"],
-                {"subfolder": None, "sae_id": "blocks.8.hook_resid_pre"}),
+    "release": (
+        ["gpt2-small-res-jb", "--sae_id", "blocks.8.hook_resid_pre"],
+        {"subfolder": None, "sae_id": "blocks.8.hook_resid_pre"},
+    ),
 }
 
 
@@ -386,8 +480,19 @@ def test_every_command_reaches_hub_folders_and_releases(monkeypatch, capsys, tmp
     extra = {"convert": [str(tmp_path / "out")], "upload": ["me/copy"]}.get(command, [])
     assert main([command, args[0], *extra, *args[1:], "--hook_name", "blocks.8.hook_resid_pre"]) == 2
     assert error_line(capsys) == "saelab: error: recorded"
-    assert calls == [(args[0], {**expected, "revision": None, "device": "cpu", "model_name": None,
-                                "hook_name": "blocks.8.hook_resid_pre", "hook_layer": None})]
+    assert calls == [
+        (
+            args[0],
+            {
+                **expected,
+                "revision": None,
+                "device": "cpu",
+                "model_name": None,
+                "hook_name": "blocks.8.hook_resid_pre",
+                "hook_layer": None,
+            },
+        )
+    ]
 
 
 def test_loading_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
@@ -446,16 +551,19 @@ def test_the_cli_uses_no_private_argparse_attributes():
     assert not [s for s in sources if "._actions" in s or "_SubParsersAction" in s]
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"train": {"lr": "fast"}}, "config.train.lr must be a number, got 'fast'"),
-    ({"train": {"total_tokens": 1.5}}, "config.train.total_tokens must be an integer, got 1.5"),
-    ({"train": {"progress_bar": 1}}, "config.train.progress_bar must be true or false, got 1"),
-    ({"model": {"hook_name": 5}}, "config.model.hook_name must be a string, got 5"),
-    ({"source": "disk"}, "config.source must be 'model' or 'synthetic', got 'disk'"),
-    ({"saes": {"a": 3}}, "config.saes.a must be a mapping, got 3"),
-    ({"synthetic": {"hierarchy": [{"parent": 0}, 5]}}, r"config.synthetic.hierarchy\[1\] must be a mapping, got 5"),
-    ({"data": {"cntext_size": 8}}, "unknown key 'cntext_size' in config.data. Did you mean 'context_size'"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"train": {"lr": "fast"}}, "config.train.lr must be a number, got 'fast'"),
+        ({"train": {"total_tokens": 1.5}}, "config.train.total_tokens must be an integer, got 1.5"),
+        ({"train": {"progress_bar": 1}}, "config.train.progress_bar must be true or false, got 1"),
+        ({"model": {"hook_name": 5}}, "config.model.hook_name must be a string, got 5"),
+        ({"source": "disk"}, "config.source must be 'model' or 'synthetic', got 'disk'"),
+        ({"saes": {"a": 3}}, "config.saes.a must be a mapping, got 3"),
+        ({"synthetic": {"hierarchy": [{"parent": 0}, 5]}}, r"config.synthetic.hierarchy\[1\] must be a mapping, got 5"),
+        ({"data": {"cntext_size": 8}}, "unknown key 'cntext_size' in config.data. Did you mean 'context_size'"),
+    ],
+)
 def test_config_errors_name_the_dotted_key_and_what_it_must_be(config, message):
     from saelab.runs.runner import load_run_config
 

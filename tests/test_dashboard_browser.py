@@ -43,10 +43,19 @@ class WordTokenizer:
 def browser(*args: str) -> subprocess.CompletedProcess:
     assert BROWSER is not None, "SAELAB_REQUIRE_BROWSER=1 but no chromium found"
     profile = tempfile.mkdtemp(prefix="saelab-chromium-")
-    flags = [f"--user-data-dir={profile}", "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-sync", "--disable-component-update", "--no-first-run",
-             "--allow-file-access-from-files",
-             "--virtual-time-budget=5000", "--window-size=1280,900"]
+    flags = [
+        f"--user-data-dir={profile}",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-sync",
+        "--disable-component-update",
+        "--no-first-run",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=5000",
+        "--window-size=1280,900",
+    ]
     try:
         return subprocess.run([BROWSER, *flags, *args], capture_output=True, text=True, timeout=120)
     finally:
@@ -66,8 +75,12 @@ def dashboard(tmp_path_factory):
     latents[:, :, 3] = torch.rand(20, 12, generator=generator)  # a dense latent
     stats.add(tokens, latents)
     out = tmp_path_factory.mktemp("site") / "dashboard"
-    write_dashboard(stats.result(info={"hook_name": "blocks.5.hook_resid_post", "model_name": "test"}), WordTokenizer(),
-                    out, chunk_size=64)
+    write_dashboard(
+        stats.result(info={"hook_name": "blocks.5.hook_resid_post", "model_name": "test"}),
+        WordTokenizer(),
+        out,
+        chunk_size=64,
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     return out
 

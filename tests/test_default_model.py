@@ -96,5 +96,8 @@ def test_a_missing_model_folder_or_an_unreachable_hub_name_is_one_line(tmp_path,
     with pytest.raises(ConnectionError) as error:
         load_model("saelab-tests/no-such-model")
     message = str(error.value)
-    assert "\n" not in message and "'saelab-tests/no-such-model' is not a local folder nor in the Hugging Face cache" \
-        in message and "cannot be reached" in message
+    assert (
+        "\n" not in message
+        and "'saelab-tests/no-such-model' is not a local folder nor in the Hugging Face cache" in message
+        and "cannot be reached" in message
+    )

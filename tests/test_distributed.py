@@ -58,8 +58,15 @@ def planted(n_rows=4096, d=16, seed=0):
 
 
 def config(**overrides):
-    defaults = dict(total_tokens=4096 * 2, batch_size=GLOBAL_BATCH, lr=3e-3, progress_bar=False,
-                    dead_window_tokens=512, norm_estimate_batches=2, log_every=8)
+    defaults = dict(
+        total_tokens=4096 * 2,
+        batch_size=GLOBAL_BATCH,
+        lr=3e-3,
+        progress_bar=False,
+        dead_window_tokens=512,
+        norm_estimate_batches=2,
+        log_every=8,
+    )
     return TrainConfig(**{**defaults, **overrides})
 
 
@@ -95,13 +102,25 @@ def test_data_parallel_equals_one_process_on_the_same_global_batch(tmp_path, arc
 def tiny_run(folder, out, distributed, checkpoint_every=None):
     model, dataset = str(folder / "model"), str(folder / "text.jsonl")
     return {
-        "model": {"name": model}, "out_dir": str(out),
-        "data": {"dataset": dataset, "context_size": 16, "contexts_per_batch": 4, "shuffle_buffer": 512,
-                 "heldout_contexts": 4},
+        "model": {"name": model},
+        "out_dir": str(out),
+        "data": {
+            "dataset": dataset,
+            "context_size": 16,
+            "contexts_per_batch": 4,
+            "shuffle_buffer": 512,
+            "heldout_contexts": 4,
+        },
         "sae": {"architecture": "topk", "k": 4, "expansion_factor": 4},
         "saes": {"early": {"hook_name": "blocks.0.hook_resid_post"}, "late": {"hook_name": "blocks.2.hook_resid_post"}},
-        "train": {"total_tokens": 2048, "batch_size": 128, "progress_bar": False, "distributed": distributed,
-                  "checkpoint_every": checkpoint_every, "keep_checkpoints": 4},
+        "train": {
+            "total_tokens": 2048,
+            "batch_size": 128,
+            "progress_bar": False,
+            "distributed": distributed,
+            "checkpoint_every": checkpoint_every,
+            "keep_checkpoints": 4,
+        },
     }
 
 
@@ -157,8 +176,13 @@ def resume_worker(rank, out_dir):
 def test_data_parallel_model_run_writes_one_set_of_files(tiny, tmp_path):
     run = tiny_run(tiny, tmp_path / "dp", "data")
     run_ranks(saelab_train_worker, run)
-    assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == ["config.yaml", "early", "late", "metrics.jsonl",
-                                                                    "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == [
+        "config.yaml",
+        "early",
+        "late",
+        "metrics.jsonl",
+        "summary.json",
+    ]
 
 
 def failing_worker(rank, out):
@@ -195,23 +219,29 @@ def test_close_ends_only_a_group_saelab_started(monkeypatch):
     assert calls == ["barrier", "barrier", "destroy"]
 
 
-@pytest.mark.parametrize("devices, gpus, local_rank, local_world, backend", [
-    (["cpu"], 0, 1, 2, "gloo"),
-    (["cpu"], 8, 1, 2, "gloo"),  # a CPU run stays on gloo on a machine with GPUs
-    (["cpu", "cpu"], 1, 3, 4, "gloo"),  # more CPU ranks than GPUs is fine
-    (["cuda"], 2, 1, 2, "cpu:gloo,cuda:nccl"),  # NCCL for the CUDA tensors, gloo for the CPU counters
-    (["cpu", "cuda:0"], 1, 0, 1, "cpu:gloo,cuda:nccl"),  # SAEs on CPU, model on GPU
-    (["cuda"], 4, 1, None, "cpu:gloo,cuda:nccl"),  # LOCAL_WORLD_SIZE unknown: this rank has a GPU
-])
+@pytest.mark.parametrize(
+    "devices, gpus, local_rank, local_world, backend",
+    [
+        (["cpu"], 0, 1, 2, "gloo"),
+        (["cpu"], 8, 1, 2, "gloo"),  # a CPU run stays on gloo on a machine with GPUs
+        (["cpu", "cpu"], 1, 3, 4, "gloo"),  # more CPU ranks than GPUs is fine
+        (["cuda"], 2, 1, 2, "cpu:gloo,cuda:nccl"),  # NCCL for the CUDA tensors, gloo for the CPU counters
+        (["cpu", "cuda:0"], 1, 0, 1, "cpu:gloo,cuda:nccl"),  # SAEs on CPU, model on GPU
+        (["cuda"], 4, 1, None, "cpu:gloo,cuda:nccl"),  # LOCAL_WORLD_SIZE unknown: this rank has a GPU
+    ],
+)
 def test_the_backend_follows_where_the_run_tensors_live(devices, gpus, local_rank, local_world, backend):
     assert choose_backend(devices, gpus, local_rank, local_world) == backend
 
 
-@pytest.mark.parametrize("gpus, local_rank, local_world, message", [
-    (2, 0, 4, "4 ranks on this node but only 2 CUDA device"),  # rank 0 fails too, so no rank waits for the others
-    (2, 2, None, "3 ranks on this node but only 2 CUDA device"),
-    (0, 0, 2, "no CUDA device is visible"),
-])
+@pytest.mark.parametrize(
+    "gpus, local_rank, local_world, message",
+    [
+        (2, 0, 4, "4 ranks on this node but only 2 CUDA device"),  # rank 0 fails too, so no rank waits for the others
+        (2, 2, None, "3 ranks on this node but only 2 CUDA device"),
+        (0, 0, 2, "no CUDA device is visible"),
+    ],
+)
 def test_a_cuda_run_with_more_ranks_than_gpus_is_a_clear_error(gpus, local_rank, local_world, message):
     with pytest.raises(DistributedError, match=message):
         choose_backend(["cuda"], gpus, local_rank, local_world)

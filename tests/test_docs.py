@@ -86,8 +86,10 @@ def parse(path: Path) -> list[Block]:
             language = fence["language"]
             where = f"{_id(path)}:{number}"
             if language not in RUN_LANGUAGES + OTHER_LANGUAGES:
-                raise ValueError(f"{where}: a fence needs one of the languages {RUN_LANGUAGES + OTHER_LANGUAGES} "
-                                 f"(```text for output shown for illustration), got {language!r}")
+                raise ValueError(
+                    f"{where}: a fence needs one of the languages {RUN_LANGUAGES + OTHER_LANGUAGES} "
+                    f"(```text for output shown for illustration), got {language!r}"
+                )
             inside = Block(path, number, language, "")
             for at, body in pending:
                 apply_directive(inside, body, f"{_id(path)}:{at}")
@@ -179,8 +181,14 @@ def doc_environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg",
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        MPLBACKEND="Agg",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
@@ -188,14 +196,27 @@ def run_file(path: Path, folder: Path) -> subprocess.CompletedProcess:
     for name in ("examples", "benchmarks"):
         (folder / name).symlink_to(REPO / name)
     blocks = [
-        {"where": b.where, "path": _id(b.path), "line": b.line, "language": b.language,
-         "code": commands_with_appends(b) if b.language == "bash" else b.code}
-        for b in parse(path) if b.language in RUN_LANGUAGES and b.skip is None
+        {
+            "where": b.where,
+            "path": _id(b.path),
+            "line": b.line,
+            "language": b.language,
+            "code": commands_with_appends(b) if b.language == "bash" else b.code,
+        }
+        for b in parse(path)
+        if b.language in RUN_LANGUAGES and b.skip is None
     ]
     plan = folder.parent / f"{folder.name}-blocks.json"
     plan.write_text(json.dumps(blocks))
-    return subprocess.run([sys.executable, "-c", DRIVER, str(plan)], cwd=folder, env=doc_environment(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, str(plan)],
+        cwd=folder,
+        env=doc_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=_id)
@@ -266,6 +287,7 @@ def test_links_resolve(path):
 
 def test_directives_are_checked(tmp_path):
     """The directive parser refuses what would silently not be tested."""
+
     def blocks_of(text: str) -> list[Block]:
         doc = tmp_path / "probe.md"
         doc.write_text(text)
@@ -277,13 +299,17 @@ def test_directives_are_checked(tmp_path):
         blocks_of("<!-- test: skip -->\n```bash\nsaelab train\n```\n")
     with pytest.raises(ValueError, match="right before"):
         blocks_of("<!-- test: skip (x) -->\n\n```bash\nsaelab train\n```\n")
-    block = blocks_of("<!-- test: append saelab eval: --n_contexts 4 -->\n"
-                      "```bash\nsaelab train --out_dir a   # trains\nsaelab eval a/sae  # evaluates\n```\n")[0]
+    block = blocks_of(
+        "<!-- test: append saelab eval: --n_contexts 4 -->\n"
+        "```bash\nsaelab train --out_dir a   # trains\nsaelab eval a/sae  # evaluates\n```\n"
+    )[0]
     expected = "saelab train --out_dir a   # trains\nsaelab eval a/sae --n_contexts 4  # evaluates\n"
     assert commands_with_appends(block) == expected
     block = blocks_of("<!-- test: append torchrun: --x 1 -->\n```bash\nsaelab train\n```\n")[0]
     with pytest.raises(ValueError, match="matches no command"):
         commands_with_appends(block)
-    block = blocks_of("<!-- test: append --a 1 -->\n```bash\ntorchrun -n 2 $(which saelab) train \\\n    --b 2\n"
-                      "saelab train --help\n```\n")[0]
+    block = blocks_of(
+        "<!-- test: append --a 1 -->\n```bash\ntorchrun -n 2 $(which saelab) train \\\n    --b 2\n"
+        "saelab train --help\n```\n"
+    )[0]
     assert commands_with_appends(block) == "torchrun -n 2 $(which saelab) train --b 2 --a 1\nsaelab train --help\n"

@@ -49,7 +49,11 @@ def test_saelens_layout(tmp_path):
     sae.save(tmp_path / "j", sparsity=torch.full((32,), -2.0))
     weights = load_file(tmp_path / "j" / "sae_weights.safetensors")
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
-        "W_enc": (8, 32), "W_dec": (32, 8), "b_enc": (32,), "b_dec": (8,), "threshold": (32,)
+        "W_enc": (8, 32),
+        "W_dec": (32, 8),
+        "b_enc": (32,),
+        "b_dec": (8,),
+        "threshold": (32,),
     }
     assert load_file(tmp_path / "j" / "sparsity.safetensors")["sparsity"].shape == (32,)
     cfg = json.loads((tmp_path / "j" / "cfg.json").read_text())
@@ -160,8 +164,10 @@ def test_no_temporary_files_left_behind(saved):
 
 def test_state_round_trip(tmp_path):
     state = {
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
-                      "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
+            "param_groups": [{"lr": 0.1, "params": [0]}],
+        },
         "rng": torch.get_rng_state(),
         "python": (3, (1, 2, 3), None),
         "numpy": np.arange(5, dtype=np.uint32),

@@ -46,7 +46,7 @@ def must_fail(kind: str, damaged: bytes, original: bytes, json_file: bool) -> bo
     if kind in MUST_FAIL:
         return True
     if kind == "appended":
-        return not json_file or bool(damaged[len(original):].strip(b" \t\r\n"))
+        return not json_file or bool(damaged[len(original) :].strip(b" \t\r\n"))
     return False
 
 
@@ -124,8 +124,23 @@ def test_random_config_files_and_values_give_config_errors(tmp_path):
     rng = random.Random(2)
     values = [None, True, -1, 0, 3.5, "x", "", [], [1, "a"], {}, {"k": 1}, 1e30, "topk", "blocks.0.hook_resid_post"]
     keys = ["sae", "train", "data", "model", "synthetic", "source", "out_dir", "bogus"]
-    subkeys = ["k", "lr", "batch_size", "total_tokens", "architecture", "d_sae", "expansion_factor", "dataset",
-               "context_size", "hook_name", "shuffle_buffer", "firing", "hierarchy", "bogus", "l1_coefficient"]
+    subkeys = [
+        "k",
+        "lr",
+        "batch_size",
+        "total_tokens",
+        "architecture",
+        "d_sae",
+        "expansion_factor",
+        "dataset",
+        "context_size",
+        "hook_name",
+        "shuffle_buffer",
+        "firing",
+        "hierarchy",
+        "bogus",
+        "l1_coefficient",
+    ]
     built = 0
     for _ in range(1500):
         config = {}
@@ -173,8 +188,13 @@ def test_damaged_cache_metadata_and_shards(tmp_path):
 
     rows = torch.randn(10, 4)
     save_file({"h": rows, "token_ids": torch.zeros(10, dtype=torch.int32)}, str(folder / "acts-00000.safetensors"))
-    metadata = {"format": "saelab-activations", "hooks": {"h": 4}, "dtype": "float32", "rows": 10,
-                "shards": [{"file": "acts-00000.safetensors", "rows": 10}]}
+    metadata = {
+        "format": "saelab-activations",
+        "hooks": {"h": 4},
+        "dtype": "float32",
+        "rows": 10,
+        "shards": [{"file": "acts-00000.safetensors", "rows": 10}],
+    }
     (folder / "metadata.json").write_text(json.dumps(metadata))
     shard = (folder / "acts-00000.safetensors").read_bytes()
 

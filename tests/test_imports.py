@@ -84,7 +84,7 @@ def test_the_import_graph_has_no_cycle():
         stack.append(name)
         for other in sorted(GRAPH[name]):
             if state.get(other) == "open":
-                cycle = stack[stack.index(other):] + [other]
+                cycle = stack[stack.index(other) :] + [other]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if other not in state:
                 visit(other)

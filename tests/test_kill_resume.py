@@ -18,9 +18,24 @@ import torch
 
 import saelab
 
-RUN = ["--source", "synthetic", "--synthetic.d_in", "16", "--synthetic.n_features", "32",
-       "--train.total_tokens", "512000", "--train.batch_size", "256", "--train.checkpoint_every", "5",
-       "--train.keep_checkpoints", "2", "--train.progress_bar", "false"]
+RUN = [
+    "--source",
+    "synthetic",
+    "--synthetic.d_in",
+    "16",
+    "--synthetic.n_features",
+    "32",
+    "--train.total_tokens",
+    "512000",
+    "--train.batch_size",
+    "256",
+    "--train.checkpoint_every",
+    "5",
+    "--train.keep_checkpoints",
+    "2",
+    "--train.progress_bar",
+    "false",
+]
 
 
 def saelab_command(*args: str) -> list[str]:
@@ -64,12 +79,20 @@ def run_with_kills(out: Path, extra: list[str], kills: int, seed: int, run: list
     return interrupted, resumed
 
 
-@pytest.mark.parametrize("extra", [["--sae.k", "4"], ["--sae.architecture", "jumprelu", "--sae.normalize_activations",
-                                                     "expected_average_only_in"]], ids=["topk", "jumprelu"])
+@pytest.mark.parametrize(
+    "extra",
+    [["--sae.k", "4"], ["--sae.architecture", "jumprelu", "--sae.normalize_activations", "expected_average_only_in"]],
+    ids=["topk", "jumprelu"],
+)
 def test_sigkill_and_resume_is_bit_identical(tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(saelab_command("train", *RUN, *extra, "--out_dir", str(tmp_path / "straight")), env=env,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        saelab_command("train", *RUN, *extra, "--out_dir", str(tmp_path / "straight")),
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     interrupted, resumed = run_with_kills(tmp_path / "killed", extra, kills=3, seed=len(extra))
     assert interrupted >= 2 and any(step > 0 for step in resumed), resumed
     straight = saelab.load_sae(tmp_path / "straight" / "sae").state_dict()
@@ -87,16 +110,58 @@ def test_sigkill_and_resume_from_an_activation_cache_is_bit_identical(tmp_path):
     model = str(save_tiny_model(tmp_path / "model"))
     text = str(write_jsonl(tmp_path / "text.jsonl", sentences(400)))
     cache = tmp_path / "cache"
-    assert main(["cache-activations", "--model.name", model, "--model.hook_name", "blocks.1.hook_resid_post",
-                 "--data.dataset", text, "--data.context_size", "16", "--out", str(cache),
-                 "--max_tokens", "4000", "--shard_rows", "900"]) == 0
-    run = ["--data.cache", str(cache), "--model.hook_name", "blocks.1.hook_resid_post", "--data.shuffle_buffer", "1024",
-           "--train.total_tokens", "384000", "--train.batch_size", "256", "--train.checkpoint_every", "5",
-           "--train.keep_checkpoints", "2", "--train.progress_bar", "false", "--sae.k", "4",
-           "--sae.expansion_factor", "4"]
+    assert (
+        main(
+            [
+                "cache-activations",
+                "--model.name",
+                model,
+                "--model.hook_name",
+                "blocks.1.hook_resid_post",
+                "--data.dataset",
+                text,
+                "--data.context_size",
+                "16",
+                "--out",
+                str(cache),
+                "--max_tokens",
+                "4000",
+                "--shard_rows",
+                "900",
+            ]
+        )
+        == 0
+    )
+    run = [
+        "--data.cache",
+        str(cache),
+        "--model.hook_name",
+        "blocks.1.hook_resid_post",
+        "--data.shuffle_buffer",
+        "1024",
+        "--train.total_tokens",
+        "384000",
+        "--train.batch_size",
+        "256",
+        "--train.checkpoint_every",
+        "5",
+        "--train.keep_checkpoints",
+        "2",
+        "--train.progress_bar",
+        "false",
+        "--sae.k",
+        "4",
+        "--sae.expansion_factor",
+        "4",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(saelab_command("train", *run, "--out_dir", str(tmp_path / "straight")), env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        saelab_command("train", *run, "--out_dir", str(tmp_path / "straight")),
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     interrupted, resumed = run_with_kills(tmp_path / "killed", [], kills=3, seed=7, run=run)
     assert interrupted >= 2 and any(step > 0 for step in resumed), resumed
     straight = saelab.load_sae(tmp_path / "straight" / "sae").state_dict()

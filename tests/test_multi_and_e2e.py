@@ -29,8 +29,13 @@ def run_config(tiny, out, **sections):
     model, dataset = tiny
     config = {
         "model": {"name": model, "hook_name": LAYERS["early"]},
-        "data": {"dataset": dataset, "context_size": 16, "contexts_per_batch": 8, "shuffle_buffer": 512,
-                 "heldout_contexts": 8},
+        "data": {
+            "dataset": dataset,
+            "context_size": 16,
+            "contexts_per_batch": 8,
+            "shuffle_buffer": 512,
+            "heldout_contexts": 8,
+        },
         "train": {"total_tokens": 3072, "batch_size": 128, "progress_bar": False, "lr": 3e-3, "eval_every": 0},
         "sae": {"architecture": "topk", "k": 4, "expansion_factor": 4},
         "out_dir": str(out),
@@ -76,13 +81,16 @@ def test_sweep_over_architectures_drops_the_options_of_the_other_one(tiny):
     assert "k" in specs["architecture=topk"] and "k" not in specs["architecture=standard"]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"saes": {"a": {"hok_name": "x"}}}, "hook_name"),
-    ({"sweep": {"k": 4}}, "sweep.k must be a non-empty list"),
-    ({"objective": {"downstream": 1.0}}, "downstream_hooks"),
-    ({"objective": {"kl": 1.0}, "data": {"cache": "somewhere"}}, "cannot read activations from data.cache"),
-    ({"objective": {"reconstruction": 0.0}}, "every objective coefficient is 0"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"saes": {"a": {"hok_name": "x"}}}, "hook_name"),
+        ({"sweep": {"k": 4}}, "sweep.k must be a non-empty list"),
+        ({"objective": {"downstream": 1.0}}, "downstream_hooks"),
+        ({"objective": {"kl": 1.0}, "data": {"cache": "somewhere"}}, "cannot read activations from data.cache"),
+        ({"objective": {"reconstruction": 0.0}}, "every objective coefficient is 0"),
+    ],
+)
 def test_bad_multi_sae_configs_are_refused_clearly(tiny, tmp_path, bad, message):
     with pytest.raises((ConfigError, KeyError, ValueError), match=message):
         saelab.train(run_config(tiny, tmp_path / "x", **bad))
@@ -90,8 +98,12 @@ def test_bad_multi_sae_configs_are_refused_clearly(tiny, tmp_path, bad, message)
 
 
 def e2e_config(tiny, out, **objective):
-    return run_config(tiny, out, objective={"reconstruction": 0.0, "kl": 1.0, **objective},
-                      train={"total_tokens": 4096, "batch_size": 128, "log_every": 4, "lr": 1e-2})
+    return run_config(
+        tiny,
+        out,
+        objective={"reconstruction": 0.0, "kl": 1.0, **objective},
+        train={"total_tokens": 4096, "batch_size": 128, "log_every": 4, "lr": 1e-2},
+    )
 
 
 def test_e2e_training_lowers_kl_and_leaves_the_model_untouched(tiny, tmp_path):
@@ -161,8 +173,9 @@ def test_a_later_sae_reads_the_earlier_ones_output_when_spliced_together(tiny):
     torch.manual_seed(0)
     first = saelab.create_sae("standard", 32, 64, hook_name="blocks.0.hook_resid_post")
     second = saelab.create_sae("standard", 32, 64, hook_name="blocks.1.hook_resid_post")
-    units = [TrainingUnit.create(name, sae, [], 1e-3, TrainConfig())
-             for name, sae in (("first", first), ("second", second))]
+    units = [
+        TrainingUnit.create(name, sae, [], 1e-3, TrainConfig()) for name, sae in (("first", first), ("second", second))
+    ]
     tokens = torch.randint(4, 30, (2, 8))
     forwards, run = SplicedModel(model).run(tokens, units)
     with torch.no_grad(), model.hooks(read=["blocks.1.hook_resid_post"]) as cache:
@@ -187,13 +200,41 @@ def test_e2e_run_from_the_cli_saves_the_sae_and_whole_model_metrics(tiny, tmp_pa
     start = tmp_path / "local"
     saelab.train(run_config(tiny, start))
     out = tmp_path / "e2e"
-    args = ["train", "--model.name", model, "--model.hook_name", LAYERS["early"], "--data.dataset", dataset,
-            "--data.context_size", "16", "--data.heldout_contexts", "8", "--train.total_tokens", "1024",
-            "--train.batch_size", "128", "--train.progress_bar", "false", "--train.eval_every", "4",
-            "--sae.k", "4", "--sae.expansion_factor", "4", "--sae.init_from", str(start / "sae"),
-            "--objective.kl", "1", "--objective.downstream", "0.5",
-            "--objective.downstream_hooks", "[blocks.1.hook_resid_post, blocks.2.hook_resid_post]",
-            "--out_dir", str(out)]
+    args = [
+        "train",
+        "--model.name",
+        model,
+        "--model.hook_name",
+        LAYERS["early"],
+        "--data.dataset",
+        dataset,
+        "--data.context_size",
+        "16",
+        "--data.heldout_contexts",
+        "8",
+        "--train.total_tokens",
+        "1024",
+        "--train.batch_size",
+        "128",
+        "--train.progress_bar",
+        "false",
+        "--train.eval_every",
+        "4",
+        "--sae.k",
+        "4",
+        "--sae.expansion_factor",
+        "4",
+        "--sae.init_from",
+        str(start / "sae"),
+        "--objective.kl",
+        "1",
+        "--objective.downstream",
+        "0.5",
+        "--objective.downstream_hooks",
+        "[blocks.1.hook_resid_post, blocks.2.hook_resid_post]",
+        "--out_dir",
+        str(out),
+    ]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert {"kl", "ce_loss_increase", "top1_agreement", "kl_loss", "downstream_loss"} <= set(summary["model"])
@@ -221,8 +262,9 @@ def test_a_null_hook_name_in_a_model_run_is_a_config_error():
     from saelab.runs.runner import build_saes
 
     specs = {"named": {"hook_name": LAYERS["late"]}, "default": {}, "null": {"hook_name": None}}
-    config = load_run_config({"model": {"hook_name": LAYERS["early"]}, "sae": {"architecture": "topk", "k": 4},
-                              "saes": specs})
+    config = load_run_config(
+        {"model": {"hook_name": LAYERS["early"]}, "sae": {"architecture": "topk", "k": 4}, "saes": specs}
+    )
     with pytest.raises(ConfigError, match="SAE 'null' has hook_name null"):
         build_saes(config, {LAYERS["early"]: 8, LAYERS["late"]: 8})
     del config.saes["null"]

@@ -36,8 +36,12 @@ def x():
 
 
 SAELAB_TO_SAELENS = {
-    "standard": {}, "gated": {}, "jumprelu": {}, "topk": {"k": 4},
-    "batchtopk": {"k": 4}, "matryoshka": {"k": 4, "matryoshka_widths": [8, D_SAE]},
+    "standard": {},
+    "gated": {},
+    "jumprelu": {},
+    "topk": {"k": 4},
+    "batchtopk": {"k": 4},
+    "matryoshka": {"k": 4, "matryoshka_widths": [8, D_SAE]},
     "transcoder": {"architecture": "standard", "d_out": D_OUT},
     "skip_transcoder": {"architecture": "standard", "d_out": D_OUT, "skip_connection": True},
     "jumprelu_transcoder": {"architecture": "jumprelu", "d_out": D_OUT},
@@ -47,18 +51,36 @@ SAELAB_TO_SAELENS = {
     "gated_skip_transcoder": {"architecture": "gated", "d_out": D_OUT, "skip_connection": True},
     "batchtopk_skip_transcoder": {"architecture": "batchtopk", "k": 4, "d_out": D_OUT, "skip_connection": True},
     "matryoshka_transcoder": {"architecture": "matryoshka", "k": 4, "matryoshka_widths": [8, D_SAE], "d_out": D_OUT},
-    "topk_transcoder_same_width": {"architecture": "topk", "k": 4, "transcoder": True,
-                                   "hook_name_out": "blocks.0.hook_mlp_out"},
+    "topk_transcoder_same_width": {
+        "architecture": "topk",
+        "k": 4,
+        "transcoder": True,
+        "hook_name_out": "blocks.0.hook_mlp_out",
+    },
 }
-CONVERTED = {"batchtopk", "matryoshka", "gated_transcoder", "gated_skip_transcoder", "batchtopk_skip_transcoder",
-             "matryoshka_transcoder"}
+CONVERTED = {
+    "batchtopk",
+    "matryoshka",
+    "gated_transcoder",
+    "gated_skip_transcoder",
+    "batchtopk_skip_transcoder",
+    "matryoshka_transcoder",
+}
 
 
 def saelab_sae(name):
     """A trained-looking saelab SAE of SAELAB_TO_SAELENS[name] (BatchTopK ones with a running threshold)."""
     options = dict(SAELAB_TO_SAELENS[name])
-    sae = perturbed(saelab.create_sae(options.pop("architecture", name), D_IN, D_SAE, hook_name="blocks.0.hook_mlp_in",
-                                      model_name="gpt2", **options))
+    sae = perturbed(
+        saelab.create_sae(
+            options.pop("architecture", name),
+            D_IN,
+            D_SAE,
+            hook_name="blocks.0.hook_mlp_in",
+            model_name="gpt2",
+            **options,
+        )
+    )
     if hasattr(sae, "topk_threshold"):
         with torch.no_grad():
             sae.topk_threshold.fill_(0.2)
@@ -121,8 +143,12 @@ def test_what_saelab_uploads_loads_in_saelens(tmp_path, x, hub_uploads, name):
     (tmp_path / "sae" / "eval.json").write_text("{}")
     assert main(["upload", str(tmp_path / "sae"), "me/saes", "--path_in_repo", "layer0"]) == 0
     uploaded = hub_uploads / "me/saes/layer0"
-    assert sorted(p.name for p in uploaded.iterdir()) == ["cfg.json", "eval.json", "sae_weights.safetensors",
-                                                          "sparsity.safetensors"]
+    assert sorted(p.name for p in uploaded.iterdir()) == [
+        "cfg.json",
+        "eval.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ]
     theirs = sae_lens.SAE.load_from_disk(uploaded)
     with torch.no_grad():
         assert torch.allclose(theirs(x), sae(x), atol=1e-5)
@@ -135,9 +161,13 @@ def test_saelens_and_saelab_read_a_saelens_2_cfg_the_same(tmp_path, x):
     from test_formats import saelens_2_cfg
 
     g = torch.Generator().manual_seed(3)
-    weights = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.randn(D_SAE, generator=g),
-               "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g),
-               "scaling_factor": torch.ones(D_SAE)}
+    weights = {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g),
+        "b_enc": torch.randn(D_SAE, generator=g),
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+        "scaling_factor": torch.ones(D_SAE),
+    }
     (tmp_path / "old").mkdir()
     save_file(weights, str(tmp_path / "old" / "sae_weights.safetensors"))
     (tmp_path / "old" / "cfg.json").write_text(json.dumps(saelens_2_cfg(D_IN, D_SAE)))
@@ -148,7 +178,10 @@ def test_saelens_and_saelab_read_a_saelens_2_cfg_the_same(tmp_path, x):
 
 
 SAELENS_TO_SAELAB = {
-    "StandardSAE": {}, "GatedSAE": {}, "JumpReLUSAE": {}, "TopKSAE": {"k": 4},
+    "StandardSAE": {},
+    "GatedSAE": {},
+    "JumpReLUSAE": {},
+    "TopKSAE": {"k": 4},
     "TopKSAE-rescaled": {"k": 4, "rescale_acts_by_decoder_norm": True},
     "Transcoder": {"d_out": D_OUT, "apply_b_dec_to_input": False},
     "SkipTranscoder": {"d_out": D_OUT, "apply_b_dec_to_input": False},
@@ -173,8 +206,13 @@ def test_saelab_loads_files_saelens_writes_and_computes_the_same(tmp_path, x, na
 @pytest.mark.parametrize("transcode, skip", [(False, False), (True, False), (True, True)])
 def test_sparsify_and_saelab_read_each_others_files(tmp_path, x, transcode, skip):
     sparsify = pytest.importorskip("sparsify", reason="EleutherAI sparsify not installed (pip install -e '.[interop]')")
-    coder = perturbed(sparsify.SparseCoder(D_IN, sparsify.SparseCoderConfig(num_latents=D_SAE, k=4, transcode=transcode,
-                                                                            skip_connection=skip), device="cpu"))
+    coder = perturbed(
+        sparsify.SparseCoder(
+            D_IN,
+            sparsify.SparseCoderConfig(num_latents=D_SAE, k=4, transcode=transcode, skip_connection=skip),
+            device="cpu",
+        )
+    )
     coder.save_to_disk(tmp_path / "theirs")
     ours = saelab.load_sae(tmp_path / "theirs").eval()
     with torch.no_grad():
@@ -185,17 +223,21 @@ def test_sparsify_and_saelab_read_each_others_files(tmp_path, x, transcode, skip
         assert torch.allclose(again(x).sae_out, coder(x).sae_out, atol=1e-5)
 
 
-@pytest.mark.parametrize("dict_class", ["AutoEncoder", "GatedAutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK",
-                                        "BatchTopKSAE"])
+@pytest.mark.parametrize(
+    "dict_class", ["AutoEncoder", "GatedAutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK", "BatchTopKSAE"]
+)
 def test_saelab_loads_dictionary_learning_checkpoints_and_computes_the_same(tmp_path, x, dict_class):
-    pytest.importorskip("dictionary_learning.dictionary",
-                        reason="dictionary_learning not installed (pip install --no-deps dictionary-learning)")
+    pytest.importorskip(
+        "dictionary_learning.dictionary",
+        reason="dictionary_learning not installed (pip install --no-deps dictionary-learning)",
+    )
     from dictionary_learning.dictionary import AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
-    classes = {c.__name__: c
-               for c in (AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE)}
+    classes = {
+        c.__name__: c for c in (AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE)
+    }
     theirs = perturbed(classes[dict_class](D_IN, D_SAE, *((4,) if "TopK" in dict_class else ())))
     if dict_class in ("JumpReluAutoEncoder", "BatchTopKSAE"):  # thresholds that matter
         with torch.no_grad():

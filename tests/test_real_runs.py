@@ -21,12 +21,34 @@ def tiny(tmp_path_factory):
 
 
 def flags(model: str, dataset: str) -> list[str]:
-    return ["--model.name", model, "--model.hook_name", HOOK, "--data.dataset", dataset,
-            "--data.context_size", "16", "--data.contexts_per_batch", "8", "--data.shuffle_buffer", "512"]
+    return [
+        "--model.name",
+        model,
+        "--model.hook_name",
+        HOOK,
+        "--data.dataset",
+        dataset,
+        "--data.context_size",
+        "16",
+        "--data.contexts_per_batch",
+        "8",
+        "--data.shuffle_buffer",
+        "512",
+    ]
 
 
-TRAIN = ["--train.total_tokens", "8192", "--train.batch_size", "128", "--train.progress_bar", "false",
-         "--sae.k", "4", "--sae.expansion_factor", "4"]
+TRAIN = [
+    "--train.total_tokens",
+    "8192",
+    "--train.batch_size",
+    "128",
+    "--train.progress_bar",
+    "false",
+    "--sae.k",
+    "4",
+    "--sae.expansion_factor",
+    "4",
+]
 
 
 def test_train_on_a_model_records_where_the_activations_came_from(tiny, tmp_path, capsys):
@@ -46,8 +68,21 @@ def test_pretokenized_and_cached_data_feed_training(tiny, tmp_path, capsys):
     model, dataset = tiny
     tokens, cache = tmp_path / "tokens", tmp_path / "cache"
     assert main(["pretokenize", *flags(model, dataset), "--out", str(tokens)]) == 0
-    assert main(["cache-activations", *flags(model, str(tokens)), "--out", str(cache), "--max_tokens", "3000",
-                 "--shard_rows", "1000"]) == 0
+    assert (
+        main(
+            [
+                "cache-activations",
+                *flags(model, str(tokens)),
+                "--out",
+                str(cache),
+                "--max_tokens",
+                "3000",
+                "--shard_rows",
+                "1000",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "contexts of 16 tokens" in printed and "3000 activation rows" in printed
     metadata = json.loads((cache / "metadata.json").read_text())
@@ -58,12 +93,15 @@ def test_pretokenized_and_cached_data_feed_training(tiny, tmp_path, capsys):
     assert sae.cfg.hook_name == HOOK and sae.cfg.model_name == model and sae.cfg.metadata["dataset"] == str(tokens)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--model.hook_name", "blocks.1.hook_resid_pots"], "Did you mean 'blocks.1.hook_resid_post'?"),
-    (["--data.text_column", "body"], "no text column 'body' (columns: text)"),
-    (["--sae.d_in", "48"], "sae.d_in is 48 but the activations have width 32"),
-    (["--data.dataset", "missing-folder/none.jsonl"], "dataset file not found: missing-folder/none.jsonl"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--model.hook_name", "blocks.1.hook_resid_pots"], "Did you mean 'blocks.1.hook_resid_post'?"),
+        (["--data.text_column", "body"], "no text column 'body' (columns: text)"),
+        (["--sae.d_in", "48"], "sae.d_in is 48 but the activations have width 32"),
+        (["--data.dataset", "missing-folder/none.jsonl"], "dataset file not found: missing-folder/none.jsonl"),
+    ],
+)
 def test_bad_input_is_one_clear_line_and_writes_nothing(tiny, tmp_path, capsys, bad, message):
     model, dataset = tiny
     out = tmp_path / "run"
@@ -77,16 +115,42 @@ def test_cache_without_the_hook_is_refused(tiny, tmp_path, capsys):
     model, dataset = tiny
     cache = tmp_path / "cache"
     assert main(["cache-activations", *flags(model, dataset), "--out", str(cache), "--max_tokens", "500"]) == 0
-    code = main(["train", "--data.cache", str(cache), "--model.hook_name", "blocks.0.hook_resid_post", *TRAIN,
-                 "--out_dir", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--data.cache",
+            str(cache),
+            "--model.hook_name",
+            "blocks.0.hook_resid_post",
+            *TRAIN,
+            "--out_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2 and f"holds {HOOK}, not 'blocks.0.hook_resid_post'" in capsys.readouterr().err
 
 
 def test_eval_prints_the_table_and_writes_the_report(tiny, tmp_path, capsys):
     model, dataset = tiny
     out = tmp_path / "run"
-    assert main(["train", *flags(model, dataset), *TRAIN, "--data.heldout_contexts", "16", "--out_dir", str(out),
-                 "--train.eval_every", "32", "--train.eval_contexts", "4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *flags(model, dataset),
+                *TRAIN,
+                "--data.heldout_contexts",
+                "16",
+                "--out_dir",
+                str(out),
+                "--train.eval_every",
+                "32",
+                "--train.eval_contexts",
+                "4",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/ce_loss_score" in r]
     assert [r["step"] for r in evals] == [32, 64] and all(math.isfinite(r["eval/kl_div_with_sae"]) for r in evals)
@@ -111,12 +175,20 @@ def test_resume_mid_run_gives_the_same_sae(tiny, tmp_path, source):
     data_flags = flags(model, dataset)
     if source == "cache":
         cache = tmp_path / "cache"
-        assert main(["cache-activations", *data_flags, "--out", str(cache), "--max_tokens", "3000",
-                     "--shard_rows", "700"]) == 0
+        assert (
+            main(["cache-activations", *data_flags, "--out", str(cache), "--max_tokens", "3000", "--shard_rows", "700"])
+            == 0
+        )
         data_flags = ["--data.cache", str(cache), "--model.hook_name", HOOK, "--data.shuffle_buffer", "512"]
     if source == "e2e":  # token contexts spliced through the model: the context position is the state
-        data_flags += ["--objective.kl", "1", "--objective.downstream", "1", "--objective.downstream_hooks",
-                       "[blocks.2.hook_resid_post]"]
+        data_flags += [
+            "--objective.kl",
+            "1",
+            "--objective.downstream",
+            "1",
+            "--objective.downstream_hooks",
+            "[blocks.2.hook_resid_post]",
+        ]
     if source == "two_hooks":
         data_flags += ["--saes", "{a: {}, b: {hook_name: blocks.0.hook_mlp_out, architecture: standard}}"]
     run = [*data_flags, *TRAIN, "--train.checkpoint_every", "16", "--train.keep_checkpoints", "4"]
@@ -141,8 +213,18 @@ def test_metrics_hold_each_step_once_after_a_resume(tiny, tmp_path):
 
     model, dataset = tiny
     out = tmp_path / "run"
-    run = [*flags(model, dataset), *TRAIN, "--train.checkpoint_every", "16", "--train.keep_checkpoints", "4",
-           "--train.log_every", "8", "--out_dir", str(out)]
+    run = [
+        *flags(model, dataset),
+        *TRAIN,
+        "--train.checkpoint_every",
+        "16",
+        "--train.keep_checkpoints",
+        "4",
+        "--train.log_every",
+        "8",
+        "--out_dir",
+        str(out),
+    ]
     assert main(["train", *run]) == 0
     for later in sorted((out / "checkpoints").iterdir())[1:]:
         shutil.rmtree(later)

@@ -138,9 +138,7 @@ def test_matryoshka_sums_prefix_reconstructions():
     sae = randomised(saelab.create_sae("matryoshka", 8, 16, k=4, matryoshka_widths=[4, 8])).train()
     x = torch.randn(10, 8)
     out = sae.training_forward(x)
-    by_hand = sum(
-        (out.latents[:, :w] @ sae.W_dec[:w] + sae.b_dec - x).pow(2).sum(-1).mean() for w in (4, 8, 16)
-    )
+    by_hand = sum((out.latents[:, :w] @ sae.W_dec[:w] + sae.b_dec - x).pow(2).sum(-1).mean() for w in (4, 8, 16))
     assert torch.allclose(sae.reconstruction_loss(out, x), by_hand)
     with pytest.raises(saelab.ConfigError, match="increase"):
         saelab.create_sae("matryoshka", 8, 16, k=4, matryoshka_widths=[8, 4])
@@ -222,8 +220,9 @@ def test_sparse_topk_training_matches_the_dense_computation(with_dead, centre, a
     """The sparse kernels give the dense forward's outputs and gradients (AuxK's dense route included)."""
     torch.manual_seed(0)
     options = {"matryoshka_widths": [10, 40]} if architecture == "matryoshka" else {}
-    sparse = saelab.create_sae(architecture, d_in=24, d_sae=96, k=5, dtype="float64", apply_b_dec_to_input=centre,
-                               **options)
+    sparse = saelab.create_sae(
+        architecture, d_in=24, d_sae=96, k=5, dtype="float64", apply_b_dec_to_input=centre, **options
+    )
     with torch.no_grad():
         sparse.b_dec.normal_()
         sparse.b_enc.normal_()
@@ -260,8 +259,10 @@ def test_centred_linear_gives_autograds_gradients(shift, input_grad):
     b = torch.randn(9, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(3, 10, 9, dtype=torch.float64)
     grads = []
-    for fn in (lambda: centred_linear(x, b_dec if shift else None, W, b),
-               lambda: ((x - b_dec) if shift else x) @ W + b):
+    for fn in (
+        lambda: centred_linear(x, b_dec if shift else None, W, b),
+        lambda: ((x - b_dec) if shift else x) @ W + b,
+    ):
         out = fn()
         inputs = [t for t in (x, b_dec, W, b) if t.requires_grad and (shift or t is not b_dec)]
         grads.append((out, torch.autograd.grad(out, inputs, upstream)))
@@ -286,8 +287,12 @@ def test_batch_topk_selection_equals_a_full_topk_even_when_one_row_dominates():
     torch.manual_seed(0)
     dominant = (torch.arange(512) == 7).unsqueeze(1) * 50.0
     shifted_columns = torch.arange(1000.0) % 8 == 0  # a strided sample that hit only these would mislead
-    for pre in (torch.randn(512, 1000), torch.randn(512, 1000) + dominant, torch.randn(512, 1000) + 3 * shifted_columns,
-                torch.randn(64, 300)):
+    for pre in (
+        torch.randn(512, 1000),
+        torch.randn(512, 1000) + dominant,
+        torch.randn(512, 1000) + 3 * shifted_columns,
+        torch.randn(64, 300),
+    ):
         for k in (8, 32):
             expected = pre.reshape(-1).topk(pre.shape[0] * k).indices.sort().values
             assert torch.equal(batch_topk_flat_indices(pre, k), expected)

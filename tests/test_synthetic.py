@@ -36,8 +36,9 @@ def test_probabilities_are_capped_at_one_and_keep_the_mean():
 
 def test_correlated_firing_keeps_marginals_and_correlates():
     independent = draw(PlantedFeatures(d_in=16, n_features=20, mean_active=4)).float()
-    correlated_features = PlantedFeatures(d_in=16, n_features=20, mean_active=4, correlation_rank=1,
-                                          correlation_strength=0.8)
+    correlated_features = PlantedFeatures(
+        d_in=16, n_features=20, mean_active=4, correlation_rank=1, correlation_strength=0.8
+    )
     correlated = draw(correlated_features).float()
     p = correlated_features.probabilities
     assert ((correlated.mean(0) - p).abs() <= 4 * (p * (1 - p) / N).sqrt()).all()
@@ -88,8 +89,9 @@ def test_mcc_by_hand():
 
 def test_topk_recovers_easy_features_and_a_narrow_one_cannot(tmp_path):
     easy = PlantedFeatures(d_in=32, n_features=32, mean_active=3, orthogonalize=True, seed=3)
-    _, good = train_toy_sae(easy, "topk", d_sae=32, k=3, total_tokens=300_000, batch_size=512,
-                            plot=tmp_path / "matching.png")
+    _, good = train_toy_sae(
+        easy, "topk", d_sae=32, k=3, total_tokens=300_000, batch_size=512, plot=tmp_path / "matching.png"
+    )
     _, narrow = train_toy_sae(easy, "topk", d_sae=16, k=3, total_tokens=300_000, batch_size=512)
     assert good["mcc"] >= 0.95 and good["recall"] >= 0.9
     assert narrow["mcc"] < good["mcc"] - 0.3

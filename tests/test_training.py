@@ -43,7 +43,11 @@ def test_recovers_planted_features(architecture):
     """Each architecture explains >= 90% of the variance and finds the planted directions (mean max cos >= 0.9)."""
     torch.manual_seed(0)
     sae = saelab.create_sae(
-        architecture, 32, 128, b_dec_init="geometric_median", normalize_activations="expected_average_only_in",
+        architecture,
+        32,
+        128,
+        b_dec_init="geometric_median",
+        normalize_activations="expected_average_only_in",
         **ARCHITECTURE_OPTIONS[architecture],
     )
     trained = Trainer(sae, quick_config()).fit(SyntheticSource(PLANTED, 256))["sae"]
@@ -223,6 +227,7 @@ def test_a_checkpoint_of_another_configuration_is_refused_before_loading(tmp_pat
 
 def test_several_saes_train_side_by_side_as_if_alone():
     """Two SAEs in one trainer see the same batches and end as each would alone."""
+
     def make(k):
         torch.manual_seed(k)
         return saelab.create_sae("topk", 32, 64, k=k)

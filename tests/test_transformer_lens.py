@@ -79,6 +79,7 @@ def test_analysis_splices_steers_and_reads_logit_effects_on_transformer_lens_mod
 # Name by name against TransformerLens on the same weights: the bridge (the `tl:` path) and the classic
 # HookedTransformer (whose names SAELens SAEs' hook_name values use), for a Llama-style and a GPT-2-style model.
 
+
 def hooked_transformer(hf_model):
     """TransformerLens's HookedTransformer with the weights of `hf_model`, unprocessed (as SAELens loads models)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -88,25 +89,54 @@ def hooked_transformer(hf_model):
     c = hf_model.config
     if c.model_type == "gpt2":
         cfg = HookedTransformerConfig(
-            n_layers=c.n_layer, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=4 * c.n_embd,
-            d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn=c.activation_function, normalization_type="LN",
-            eps=c.layer_norm_epsilon, original_architecture="GPT2LMHeadModel", default_prepend_bos=False)
+            n_layers=c.n_layer,
+            d_model=c.n_embd,
+            d_head=c.n_embd // c.n_head,
+            n_heads=c.n_head,
+            d_mlp=4 * c.n_embd,
+            d_vocab=c.vocab_size,
+            n_ctx=c.n_positions,
+            act_fn=c.activation_function,
+            normalization_type="LN",
+            eps=c.layer_norm_epsilon,
+            original_architecture="GPT2LMHeadModel",
+            default_prepend_bos=False,
+        )
         convert = convert_gpt2_weights
     else:
         d_head = c.hidden_size // c.num_attention_heads
         cfg = HookedTransformerConfig(
-            n_layers=c.num_hidden_layers, d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads,
-            d_mlp=c.intermediate_size, d_vocab=c.vocab_size, n_ctx=c.max_position_embeddings, act_fn=c.hidden_act,
-            n_key_value_heads=c.num_key_value_heads, normalization_type="RMS", eps=c.rms_norm_eps, final_rms=True,
-            gated_mlp=True, positional_embedding_type="rotary", rotary_dim=d_head, rotary_adjacent_pairs=False,
-            rotary_base=c.rope_parameters["rope_theta"], original_architecture="LlamaForCausalLM",
-            default_prepend_bos=False)
+            n_layers=c.num_hidden_layers,
+            d_model=c.hidden_size,
+            d_head=d_head,
+            n_heads=c.num_attention_heads,
+            d_mlp=c.intermediate_size,
+            d_vocab=c.vocab_size,
+            n_ctx=c.max_position_embeddings,
+            act_fn=c.hidden_act,
+            n_key_value_heads=c.num_key_value_heads,
+            normalization_type="RMS",
+            eps=c.rms_norm_eps,
+            final_rms=True,
+            gated_mlp=True,
+            positional_embedding_type="rotary",
+            rotary_dim=d_head,
+            rotary_adjacent_pairs=False,
+            rotary_base=c.rope_parameters["rope_theta"],
+            original_architecture="LlamaForCausalLM",
+            default_prepend_bos=False,
+        )
         convert = convert_llama_weights
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg)
-    model.load_and_process_state_dict(convert(hf_model, cfg), fold_ln=False, center_writing_weights=False,
-                                      center_unembed=False, fold_value_biases=False)
+    model.load_and_process_state_dict(
+        convert(hf_model, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
     model.set_use_hook_mlp_in(True)
     return model.eval()
 
@@ -152,9 +182,19 @@ def test_every_name_reads_the_same_values_as_transformer_lens(three):
             assert torch.allclose(ours[name], flat(classic[name]), atol=1e-5), name
 
 
-WRITTEN = ["blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out",
-           "blocks.0.hook_resid_mid", "blocks.0.hook_mlp_in", "blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_post",
-           "blocks.0.hook_mlp_out", "blocks.1.hook_resid_post", "ln_final.hook_normalized"]
+WRITTEN = [
+    "blocks.0.hook_resid_pre",
+    "blocks.0.ln1.hook_normalized",
+    "blocks.0.attn.hook_z",
+    "blocks.0.hook_attn_out",
+    "blocks.0.hook_resid_mid",
+    "blocks.0.hook_mlp_in",
+    "blocks.0.ln2.hook_normalized",
+    "blocks.0.mlp.hook_post",
+    "blocks.0.hook_mlp_out",
+    "blocks.1.hook_resid_post",
+    "ln_final.hook_normalized",
+]
 
 
 @pytest.mark.parametrize("name", WRITTEN)
@@ -176,7 +216,8 @@ def test_a_transcoder_splices_the_same_on_both_paths(three):
 
     hf, tl, _ = three
     torch.manual_seed(0)
-    transcoder = saelab.create_sae("topk", d_in=32, d_sae=64, k=4, hook_name="blocks.0.ln2.hook_normalized",
-                                   hook_name_out="blocks.0.hook_mlp_out")
+    transcoder = saelab.create_sae(
+        "topk", d_in=32, d_sae=64, k=4, hook_name="blocks.0.ln2.hook_normalized", hook_name_out="blocks.0.hook_mlp_out"
+    )
     ours, theirs = run_with_saes(hf, TOKENS, transcoder), run_with_saes(tl, TOKENS, transcoder)
     assert torch.allclose(ours, theirs, atol=1e-4) and not torch.allclose(ours, hf.logits(TOKENS), atol=1e-3)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("the a cat dog sat ran on under mat box red blue big small and then it was very quiet "
-         "model layer sparse feature read write token text").split()
+WORDS = (
+    "the a cat dog sat ran on under mat box red blue big small and then it was very quiet "
+    "model layer sparse feature read write token text"
+).split()
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -38,9 +40,18 @@ def save_tiny_model(folder: Path, n_layers: int = 3, hidden_size: int = 32) -> P
     tokenizer = word_tokenizer()
     vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -99,8 +99,9 @@ def read_cache_metadata(folder: str | Path) -> dict[str, Any]:
     """The metadata of a cache folder, checked to be one."""
     folder = Path(folder)
     if not (folder / METADATA_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not an activation cache (no {METADATA_FILE}); "
-                                "make one with saelab cache-activations")
+        raise FileNotFoundError(
+            f"{folder} is not an activation cache (no {METADATA_FILE}); make one with saelab cache-activations"
+        )
     metadata = read_json(folder / METADATA_FILE)
     if metadata.get("format") != CACHE_FORMAT:
         raise FileFormatError(f"{folder / METADATA_FILE} does not describe a saelab activation cache")
@@ -114,8 +115,15 @@ class CachedActivations:
     (seed, epoch, shard); the state (epoch, shard, row offset, the buffer) resumes exactly.
     """
 
-    def __init__(self, folder: str | Path, batch_size: int, buffer_size: int, seed: int = 0, loop: bool = True,
-                 shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        folder: str | Path,
+        batch_size: int,
+        buffer_size: int,
+        seed: int = 0,
+        loop: bool = True,
+        shard: tuple[int, int] = (0, 1),
+    ):
         """`shard` = (index, count): read only every count-th shard file of each epoch's order, starting at
         index (data-parallel ranks read disjoint files; the order is common to all of them)."""
         self.folder = Path(folder)
@@ -124,8 +132,10 @@ class CachedActivations:
         self.seed, self.loop = seed, loop
         self.shard = shard
         if len(self.metadata["shards"]) < shard[1]:
-            raise FileFormatError(f"{folder} has {len(self.metadata['shards'])} shard files, fewer than the {shard[1]} "
-                             "data-parallel ranks that each need their own")
+            raise FileFormatError(
+                f"{folder} has {len(self.metadata['shards'])} shard files, fewer than the {shard[1]} "
+                "data-parallel ranks that each need their own"
+            )
         self.buffer = ShuffleBuffer(buffer_size, batch_size, seed=seed + 1_000_003 * shard[0])
         self.epoch, self.shards_done, self.offset = 0, 0, 0
 
@@ -166,8 +176,12 @@ class CachedActivations:
             yield split_hooks(block, self.widths)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "shards_done": self.shards_done, "offset": self.offset,
-                "buffer": self.buffer.state_dict()}
+        return {
+            "epoch": self.epoch,
+            "shards_done": self.shards_done,
+            "offset": self.offset,
+            "buffer": self.buffer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.shards_done, self.offset = int(state["epoch"]), int(state["shards_done"]), int(state["offset"])

@@ -32,8 +32,9 @@ class ShuffleBuffer:
         if self.store is None:
             self.store = torch.empty(self.capacity, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
         if rows.shape[1:] != self.store.shape[1:]:
-            raise ConfigError(f"rows of shape {tuple(rows.shape[1:])} pushed into a buffer of "
-                              f"{tuple(self.store.shape[1:])}")
+            raise ConfigError(
+                f"rows of shape {tuple(rows.shape[1:])} pushed into a buffer of {tuple(self.store.shape[1:])}"
+            )
         take = min(self.capacity - self.size, rows.shape[0])
         self.store[self.size : self.size + take] = rows[:take]
         self.size += take

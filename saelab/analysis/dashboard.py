@@ -67,12 +67,14 @@ def latent_record(stats: FeatureStats, latent: int, text: TokenText, n_logits: i
             break
         ids = stats.top_tokens[latent, place]
         valid = ids >= 0
-        contexts.append({
-            "value": float(f"{value:.4g}"),
-            "tokens": [text(int(i)) for i in ids[valid]],
-            "acts": _round(stats.top_acts[latent, place][valid], 3),
-            "at": int(valid[: stats.window_left].sum()),
-        })
+        contexts.append(
+            {
+                "value": float(f"{value:.4g}"),
+                "tokens": [text(int(i)) for i in ids[valid]],
+                "acts": _round(stats.top_acts[latent, place][valid], 3),
+                "at": int(valid[: stats.window_left].sum()),
+            }
+        )
     record: dict[str, Any] = {
         "id": latent,
         "density": float(stats.density[latent]),
@@ -82,9 +84,11 @@ def latent_record(stats: FeatureStats, latent: int, text: TokenText, n_logits: i
         "histogram": stats.histogram[latent].tolist(),
         "bin_width": float(stats.bin_widths[latent]),
         "contexts": contexts,
-        "promoted": [], "suppressed": [],
-        "enrichment": sorted(([name, float(stats.enrichment(name)[latent])] for name in stats.token_set_names),
-                             key=lambda pair: -pair[1]),
+        "promoted": [],
+        "suppressed": [],
+        "enrichment": sorted(
+            ([name, float(stats.enrichment(name)[latent])] for name in stats.token_set_names), key=lambda pair: -pair[1]
+        ),
     }
     if stats.logits:
         for key, side in (("promoted", "top"), ("suppressed", "bottom")):
@@ -98,8 +102,9 @@ def _script(call: str, payload: Any) -> str:
     return f"{call}({json.dumps(payload, ensure_ascii=False, separators=(',', ':'))});\n"
 
 
-def write_dashboard(stats: FeatureStats, tokenizer, out_dir: str | Path, title: str | None = None,
-                    chunk_size: int = 64) -> Path:
+def write_dashboard(
+    stats: FeatureStats, tokenizer, out_dir: str | Path, title: str | None = None, chunk_size: int = 64
+) -> Path:
     """Write the dashboard of `stats` into `out_dir`; returns its index.html. The folder appears whole; an earlier
     dashboard there is replaced only once the new one is complete (anything else there is refused)."""
     text = TokenText(tokenizer)
@@ -110,17 +115,29 @@ def write_dashboard(stats: FeatureStats, tokenizer, out_dir: str | Path, title: 
         promoted = []
         if stats.logits:
             promoted = [text(int(i)).strip() for i in stats.logits["top_ids"][latent, :n_logits]]
-        index_rows.append({
-            "id": latent, "density": float(f"{float(stats.density[latent]):.4g}"),
-            "max": float(f"{float(stats.max_activations[latent]):.4g}"),
-            "mean": float(f"{float(stats.mean_activations[latent]):.4g}"),
-            "top": _top_token_summary(stats, latent, text), "logits": " · ".join(promoted),
-        })
+        index_rows.append(
+            {
+                "id": latent,
+                "density": float(f"{float(stats.density[latent]):.4g}"),
+                "max": float(f"{float(stats.max_activations[latent]):.4g}"),
+                "mean": float(f"{float(stats.mean_activations[latent]):.4g}"),
+                "top": _top_token_summary(stats, latent, text),
+                "logits": " · ".join(promoted),
+            }
+        )
     never = int((stats.firing_counts == 0).sum())
-    summary = (f"{stats.info.get('model_name') or 'model'} · {stats.info.get('hook_name') or ''} · "
-               f"{stats.n_tokens:,} tokens of {stats.info.get('dataset') or 'text'} · {never:,} latents never fired")
-    index = {"title": title, "summary": summary, "d_sae": stats.d_sae, "n_tokens": stats.n_tokens,
-             "chunk_size": chunk_size, "latents": index_rows}
+    summary = (
+        f"{stats.info.get('model_name') or 'model'} · {stats.info.get('hook_name') or ''} · "
+        f"{stats.n_tokens:,} tokens of {stats.info.get('dataset') or 'text'} · {never:,} latents never fired"
+    )
+    index = {
+        "title": title,
+        "summary": summary,
+        "d_sae": stats.d_sae,
+        "n_tokens": stats.n_tokens,
+        "chunk_size": chunk_size,
+        "latents": index_rows,
+    }
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "data" / "index.js").exists():
         raise FileExistsError(f"{out_dir} exists and is not a saelab dashboard: choose another folder")

@@ -1,7 +1,7 @@
 """Studying what latents mean: a corpus pass for `FeatureStats`, logit effects, token sets.
 
-    stats = feature_statistics(sae, n_contexts=512)   # model and data default to the SAE's own
-    stats.top_tokens[17], stats.logits["top_ids"][17], stats.enrichment("digits")
+stats = feature_statistics(sae, n_contexts=512)   # model and data default to the SAE's own
+stats.top_tokens[17], stats.logits["top_ids"][17], stats.enrichment("digits")
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def logit_effects(sae: SAE, model: HookedModel, n: int = 10, n_bins: int = 32, c
     W_dec = sae.W_dec.detach().cpu()
     if W_dec.shape[1] != W_U.shape[1]:
         return {}
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values",
-                                                      "histogram", "histogram_range")}
+    parts: dict[str, list[Tensor]] = {
+        k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values", "histogram", "histogram_range")
+    }
     for start in range(0, len(W_dec), chunk):
         effects = W_dec[start : start + chunk] @ W_U.T
         top = effects.topk(n, dim=1)
@@ -61,9 +62,14 @@ def logit_effects(sae: SAE, model: HookedModel, n: int = 10, n_bins: int = 32, c
         low, high = effects.min(1).values, effects.max(1).values
         bins = ((effects - low[:, None]) / (high - low).clamp_min(1e-12)[:, None] * n_bins).long().clamp_(0, n_bins - 1)
         histogram = torch.zeros(len(effects), n_bins, dtype=torch.long).scatter_add_(1, bins, torch.ones_like(bins))
-        for key, value in (("top_ids", top.indices), ("top_values", top.values), ("bottom_ids", bottom.indices),
-                           ("bottom_values", -bottom.values), ("histogram", histogram),
-                           ("histogram_range", torch.stack([low, high], 1))):
+        for key, value in (
+            ("top_ids", top.indices),
+            ("top_values", top.values),
+            ("bottom_ids", bottom.indices),
+            ("bottom_values", -bottom.values),
+            ("histogram", histogram),
+            ("histogram_range", torch.stack([low, high], 1)),
+        ):
             parts[key].append(value)
     return {key: torch.cat(values) for key, values in parts.items()}
 
@@ -87,8 +93,10 @@ def default_token_sets(tokenizer) -> dict[str, Tensor]:
         "capitalised words": lambda s: s[:1].isupper() and s.isalpha(),
         "lower-case words": lambda s: s.islower() and s.isalpha(),
     }
-    return {name: torch.tensor(sorted(i for i, s in text.items() if rule(s)), dtype=torch.long)
-            for name, rule in rules.items()}
+    return {
+        name: torch.tensor(sorted(i for i, s in text.items() if rule(s)), dtype=torch.long)
+        for name, rule in rules.items()
+    }
 
 
 @torch.no_grad()
@@ -127,6 +135,12 @@ def feature_statistics(
         latents = sae.encode(x.to(sae.device, sae.dtype))
         stats.add(tokens, latents, keep=~torch.isin(tokens, excluded))
     layer = sae.cfg.hook_layer if sae.cfg.hook_layer is not None else model.hook_point(hook_in).layer
-    info: dict[str, Any] = {"model_name": sae.cfg.model_name, "hook_name": hook_in, "hook_layer": layer,
-                            "dataset": data.dataset, "context_size": data.context_size, "n_contexts": stats.n_contexts}
+    info: dict[str, Any] = {
+        "model_name": sae.cfg.model_name,
+        "hook_name": hook_in,
+        "hook_layer": layer,
+        "dataset": data.dataset,
+        "context_size": data.context_size,
+        "n_contexts": stats.n_contexts,
+    }
     return stats.result(logits=logit_effects(sae, model, n_logits), info=info)

@@ -14,7 +14,10 @@ from saelab.splice import Edit, hooks_of, sae_hook_names, spliced
 
 
 def run_with_saes(
-    model: HookedModel, tokens: Tensor, saes: SAE | Sequence[SAE], error_term: bool = False,
+    model: HookedModel,
+    tokens: Tensor,
+    saes: SAE | Sequence[SAE],
+    error_term: bool = False,
     edit: Mapping[str, Edit] | None = None,
 ) -> Tensor:
     """Logits of `tokens` with `saes` spliced in (and `edit` applied)."""
@@ -23,8 +26,12 @@ def run_with_saes(
 
 
 def run_with_cache_and_saes(
-    model: HookedModel, tokens: Tensor, saes: SAE | Sequence[SAE], names: Sequence[str] | None = None,
-    error_term: bool = False, edit: Mapping[str, Edit] | None = None,
+    model: HookedModel,
+    tokens: Tensor,
+    saes: SAE | Sequence[SAE],
+    names: Sequence[str] | None = None,
+    error_term: bool = False,
+    edit: Mapping[str, Edit] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(logits, cache) with `saes` spliced in; `names` defaults to every SAE hook point."""
     names = sae_hook_names(saes) if names is None else list(names)

@@ -30,32 +30,50 @@ from saelab.analysis.statistics import FeatureStats
 from saelab.core.errors import ConfigError
 from saelab.core.files import atomic_directory
 
-EMPTY_FIELDS = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
-                "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
-                "correlated_features_indices", "correlated_features_l1", "correlated_features_pearson",
-                "decoder_weights_dist")
+EMPTY_FIELDS = (
+    "neuron_alignment_indices",
+    "neuron_alignment_values",
+    "neuron_alignment_l1",
+    "correlated_neurons_indices",
+    "correlated_neurons_l1",
+    "correlated_neurons_pearson",
+    "correlated_features_indices",
+    "correlated_features_l1",
+    "correlated_features_pearson",
+    "decoder_weights_dist",
+)
 
 
 def _rounded(values) -> list[float]:
     return [round(float(v), 3) for v in values]
 
 
-def _activation(tokens: Tensor, acts: Tensor, window_left: int, text: TokenText, bin_min: float, bin_max: float,
-                bin_contains: float) -> dict[str, Any]:
+def _activation(
+    tokens: Tensor, acts: Tensor, window_left: int, text: TokenText, bin_min: float, bin_max: float, bin_contains: float
+) -> dict[str, Any]:
     """One shown context: the window's real tokens (padding beyond the context dropped), and where in them the
     token that qualified it sits."""
     valid = tokens >= 0
-    return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
-            "tokens": [text(int(i)) for i in tokens[valid]], "values": _rounded(acts[valid]),
-            "qualifying_token_index": int(valid[:window_left].sum())}
+    return {
+        "bin_min": bin_min,
+        "bin_max": bin_max,
+        "bin_contains": bin_contains,
+        "tokens": [text(int(i)) for i in tokens[valid]],
+        "values": _rounded(acts[valid]),
+        "qualifying_token_index": int(valid[:window_left].sum()),
+    }
 
 
 def _activations(stats: FeatureStats, latent: int, text: TokenText) -> list[dict[str, Any]]:
     """Top contexts, then the samples of each activation interval from the highest down."""
     top = round(float(stats.top_values[latent, 0]), 3)
-    records = [_activation(stats.top_tokens[latent, place], stats.top_acts[latent, place], stats.window_left, text,
-                           -1, top, -1)
-               for place in range(stats.top_values.shape[1]) if stats.top_values[latent, place] > 0]
+    records = [
+        _activation(
+            stats.top_tokens[latent, place], stats.top_acts[latent, place], stats.window_left, text, -1, top, -1
+        )
+        for place in range(stats.top_values.shape[1])
+        if stats.top_values[latent, place] > 0
+    ]
     if stats.interval_tokens is None or stats.interval_acts is None:  # saved before intervals were sampled
         return records
     width, counts = float(stats.interval_width[latent]), stats.interval_counts[latent].tolist()
@@ -67,8 +85,11 @@ def _activations(stats: FeatureStats, latent: int, text: TokenText) -> list[dict
             tokens = stats.interval_tokens[latent, interval, sample]
             if tokens[stats.window_left] < 0:  # fewer tokens fell in this interval than there are samples
                 break
-            records.append(_activation(tokens, stats.interval_acts[latent, interval, sample], stats.window_left, text,
-                                       low, high, contains))
+            records.append(
+                _activation(
+                    tokens, stats.interval_acts[latent, interval, sample], stats.window_left, text, low, high, contains
+                )
+            )
     return records
 
 
@@ -77,16 +98,22 @@ def neuronpedia_feature(stats: FeatureStats, latent: int, text: TokenText) -> di
     heights = stats.histogram[latent].tolist()
     width = float(stats.bin_widths[latent])
     feature: dict[str, Any] = {"feature_index": latent, **{name: [] for name in EMPTY_FIELDS}}
-    feature.update({
-        "frac_nonzero": float(stats.density[latent]),
-        "freq_hist_data_bar_values": _rounded((i + 0.5) * width for i in range(len(heights))),
-        "freq_hist_data_bar_heights": heights,
-        "pos_str": [], "pos_values": [], "neg_str": [], "neg_values": [],
-        "logits_hist_data_bar_values": [], "logits_hist_data_bar_heights": [],
-        "n_prompts_total": int(stats.info.get("n_contexts", 0)),
-        "n_tokens_in_prompt": int(stats.top_tokens.shape[-1]),  # the window shown, not the context read
-        "dataset": str(stats.info.get("dataset", "")),
-    })
+    feature.update(
+        {
+            "frac_nonzero": float(stats.density[latent]),
+            "freq_hist_data_bar_values": _rounded((i + 0.5) * width for i in range(len(heights))),
+            "freq_hist_data_bar_heights": heights,
+            "pos_str": [],
+            "pos_values": [],
+            "neg_str": [],
+            "neg_values": [],
+            "logits_hist_data_bar_values": [],
+            "logits_hist_data_bar_heights": [],
+            "n_prompts_total": int(stats.info.get("n_contexts", 0)),
+            "n_tokens_in_prompt": int(stats.top_tokens.shape[-1]),  # the window shown, not the context read
+            "dataset": str(stats.info.get("dataset", "")),
+        }
+    )
     if stats.logits:
         feature["pos_str"] = [text(int(i)) for i in stats.logits["top_ids"][latent]]
         feature["pos_values"] = _rounded(stats.logits["top_values"][latent])
@@ -101,8 +128,16 @@ def neuronpedia_feature(stats: FeatureStats, latent: int, text: TokenText) -> di
     return feature
 
 
-def export_neuronpedia(stats: FeatureStats, tokenizer, out_dir: str | Path, model_id: str, sae_set: str,
-                       layer: int | None = None, features_per_batch: int = 128, sae_id_suffix: str = "") -> Path:
+def export_neuronpedia(
+    stats: FeatureStats,
+    tokenizer,
+    out_dir: str | Path,
+    model_id: str,
+    sae_set: str,
+    layer: int | None = None,
+    features_per_batch: int = 128,
+    sae_id_suffix: str = "",
+) -> Path:
     """Write Neuronpedia batch files for every latent into `out_dir` (which must not exist or be empty).
 
     `layer` is the model layer of the SAE's hook (Neuronpedia files the features under it); None takes
@@ -110,19 +145,35 @@ def export_neuronpedia(stats: FeatureStats, tokenizer, out_dir: str | Path, mode
     if layer is None:
         layer = stats.info.get("hook_layer")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ConfigError(f"Neuronpedia files features under their model layer, and the layer of this SAE's hook "
-                         f"({stats.info.get('hook_name', 'unknown hook')}) is not known (got {layer!r}): pass layer=N "
-                         "(or set hook_layer in the SAE's cfg.json)")
+        raise ConfigError(
+            f"Neuronpedia files features under their model layer, and the layer of this SAE's hook "
+            f"({stats.info.get('hook_name', 'unknown hook')}) is not known (got {layer!r}): pass layer=N "
+            "(or set hook_layer in the SAE's cfg.json)"
+        )
     text = TokenText(tokenizer)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
         for batch, start in enumerate(range(0, stats.d_sae, features_per_batch)):
-            features = [neuronpedia_feature(stats, latent, text)
-                        for latent in range(start, min(start + features_per_batch, stats.d_sae))]
-            payload = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "sae_id_suffix": sae_id_suffix,
-                       "features": features}
+            features = [
+                neuronpedia_feature(stats, latent, text)
+                for latent in range(start, min(start + features_per_batch, stats.d_sae))
+            ]
+            payload = {
+                "model_id": model_id,
+                "layer": layer,
+                "sae_set": sae_set,
+                "sae_id_suffix": sae_id_suffix,
+                "features": features,
+            }
             (staging / f"batch-{batch}.json").write_text(json.dumps(payload, ensure_ascii=False))
-        settings = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "n_features": stats.d_sae,
-                    "features_per_batch": features_per_batch, "n_tokens": stats.n_tokens, **stats.info}
+        settings = {
+            "model_id": model_id,
+            "layer": layer,
+            "sae_set": sae_set,
+            "n_features": stats.d_sae,
+            "features_per_batch": features_per_batch,
+            "n_tokens": stats.n_tokens,
+            **stats.info,
+        }
         (staging / "run_settings.json").write_text(json.dumps(settings, indent=2))
     return out_dir

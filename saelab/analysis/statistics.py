@@ -99,8 +99,12 @@ class FeatureStats:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         tensors = {name: value.contiguous() for name, value in values.items() if isinstance(value, Tensor)}
         tensors.update({f"logits.{k}": v.contiguous() for k, v in self.logits.items()})
-        meta = {"n_tokens": self.n_tokens, "window_left": self.window_left, "token_set_names": self.token_set_names,
-                "info": self.info}
+        meta = {
+            "n_tokens": self.n_tokens,
+            "window_left": self.window_left,
+            "token_set_names": self.token_set_names,
+            "info": self.info,
+        }
         atomic_write_bytes(path, save(tensors, metadata={"saelab_feature_stats": json.dumps(meta)}))
 
     @classmethod
@@ -126,9 +130,17 @@ class FeatureStats:
 class FeatureStatistics:
     """Streaming accumulator of `FeatureStats`; see the module docstring."""
 
-    def __init__(self, d_sae: int, top_k: int = 16, window: tuple[int, int] = (24, 8), n_bins: int = 32,
-                 token_sets: Mapping[str, Tensor] | None = None, quantile_intervals: int = 8,
-                 samples_per_interval: int = 4, seed: int = 0):
+    def __init__(
+        self,
+        d_sae: int,
+        top_k: int = 16,
+        window: tuple[int, int] = (24, 8),
+        n_bins: int = 32,
+        token_sets: Mapping[str, Tensor] | None = None,
+        quantile_intervals: int = 8,
+        samples_per_interval: int = 4,
+        seed: int = 0,
+    ):
         if n_bins % 2:
             raise ValueError("n_bins must be even (bins merge in pairs)")
         if quantile_intervals < 1 or n_bins % quantile_intervals:
@@ -163,8 +175,9 @@ class FeatureStatistics:
         positions count (`keep`, e.g. not special tokens; default all)."""
         tokens, latents = tokens.cpu(), latents.detach().float().cpu()
         if latents.shape[:2] != tokens.shape or latents.shape[-1] != self.d_sae:
-            raise ValueError(f"latents {tuple(latents.shape)} do not match tokens {tuple(tokens.shape)} "
-                             f"x d_sae {self.d_sae}")
+            raise ValueError(
+                f"latents {tuple(latents.shape)} do not match tokens {tuple(tokens.shape)} x d_sae {self.d_sae}"
+            )
         keep = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep.cpu()
         latents = latents * keep.unsqueeze(-1)
         self.n_tokens += int(keep.sum())
@@ -217,11 +230,13 @@ class FeatureStatistics:
             acts = torch.cat([acts, torch.zeros_like(acts[:, :1])], 1)
         m, pairs, width = len(keys), keys.shape[1] // 2, tokens.shape[-1]
         keys, tokens, acts = self._keep_smallest_keys(
-            keys.reshape(m, pairs, -1), tokens.reshape(m, pairs, -1, width), acts.reshape(m, pairs, -1, width))
+            keys.reshape(m, pairs, -1), tokens.reshape(m, pairs, -1, width), acts.reshape(m, pairs, -1, width)
+        )
         empty = self.n_intervals - pairs
         self.sample_keys[latents] = torch.cat([keys, torch.full((m, empty, self.n_samples), math.inf)], 1)
-        self.sample_tokens[latents] = torch.cat([tokens, torch.full((m, empty, self.n_samples, width), -1,
-                                                                    dtype=tokens.dtype)], 1)
+        self.sample_tokens[latents] = torch.cat(
+            [tokens, torch.full((m, empty, self.n_samples, width), -1, dtype=tokens.dtype)], 1
+        )
         self.sample_acts[latents] = torch.cat([acts, torch.zeros(m, empty, self.n_samples, width)], 1)
 
     def _add_samples(self, tokens: Tensor, latents: Tensor, rows: Tensor, cols: Tensor, bins: Tensor) -> None:
@@ -253,9 +268,11 @@ class FeatureStatistics:
         flat_keys = self.sample_keys.view(-1, self.n_samples)
         flat_tokens = self.sample_tokens.view(-1, self.n_samples, span.shape[1])
         flat_acts = self.sample_acts.view(-1, self.n_samples, span.shape[1])
-        merged = self._keep_smallest_keys(torch.cat([flat_keys[touched], new_keys], 1),
-                                          torch.cat([flat_tokens[touched], new_tokens], 1),
-                                          torch.cat([flat_acts[touched], new_acts], 1))
+        merged = self._keep_smallest_keys(
+            torch.cat([flat_keys[touched], new_keys], 1),
+            torch.cat([flat_tokens[touched], new_tokens], 1),
+            torch.cat([flat_acts[touched], new_acts], 1),
+        )
         flat_keys[touched], flat_tokens[touched], flat_acts[touched] = merged
 
     def _add_top_contexts(self, tokens: Tensor, latents: Tensor) -> None:
@@ -286,11 +303,23 @@ class FeatureStatistics:
 
     def result(self, logits: Mapping[str, Tensor] | None = None, info: Mapping[str, Any] | None = None) -> FeatureStats:
         return FeatureStats(
-            n_tokens=self.n_tokens, firing_counts=self.firing_counts, activation_sums=self.activation_sums,
-            max_activations=self.max_activations, histogram=self.histogram, bin_widths=self.bin_widths,
-            top_values=self.top_values, top_contexts=self.top_contexts, top_positions=self.top_positions,
-            top_tokens=self.top_tokens, top_acts=self.top_acts, window_left=self.left,
-            token_set_names=list(self.token_sets), token_set_firings=self.token_set_firings,
-            token_set_tokens=self.token_set_tokens, logits=dict(logits or {}), info=dict(info or {}),
-            interval_tokens=self.sample_tokens, interval_acts=self.sample_acts,
+            n_tokens=self.n_tokens,
+            firing_counts=self.firing_counts,
+            activation_sums=self.activation_sums,
+            max_activations=self.max_activations,
+            histogram=self.histogram,
+            bin_widths=self.bin_widths,
+            top_values=self.top_values,
+            top_contexts=self.top_contexts,
+            top_positions=self.top_positions,
+            top_tokens=self.top_tokens,
+            top_acts=self.top_acts,
+            window_left=self.left,
+            token_set_names=list(self.token_sets),
+            token_set_firings=self.token_set_firings,
+            token_set_tokens=self.token_set_tokens,
+            logits=dict(logits or {}),
+            info=dict(info or {}),
+            interval_tokens=self.sample_tokens,
+            interval_acts=self.sample_acts,
         )

@@ -122,23 +122,32 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     from saelab.runs.runner import RunConfig
 
     parser = _ExactParser(prog="saelab", description="Train and study sparse autoencoders.")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of any error (by default a user error is one line)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of any error (by default a user error is one line)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     flag_names: dict[str, list[str]] = {}
 
     train = commands.add_parser(
         "train",
         help="train SAEs (with no flags: a TopK SAE on the residual stream of SmolLM2-135M-Instruct (Q4_1 GGUF, "
-             "run in float32) and the built-in text)",
+        "run in float32) and the built-in text)",
         description="Train SAEs. Settings come from the defaults, then --config FILE (YAML), then --section.key flags.",
     )
     train.add_argument("--config", metavar="FILE", help="YAML run config (see examples/)")
-    train.add_argument("--resume", metavar="OUT_DIR",
-                       help="continue the run in OUT_DIR from its newest checkpoint; only --train.total_tokens (to "
-                       "extend it) and the logging, evaluation and checkpoint options may be given with it")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the run already in --out_dir (by default a folder holding a run is refused)")
+    train.add_argument(
+        "--resume",
+        metavar="OUT_DIR",
+        help="continue the run in OUT_DIR from its newest checkpoint; only --train.total_tokens (to "
+        "extend it) and the logging, evaluation and checkpoint options may be given with it",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out_dir (by default a folder holding a run is refused)",
+    )
     flags = _config_flags(RunConfig()) + _sae_flags()
     _add_config_flags(train, flags)
     flag_names["train"] = [name for name, _ in flags]
@@ -159,8 +168,12 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     pretokenize.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens (default: all)")
     cache.add_argument("--max_tokens", type=int, default=1_000_000, help="activation rows to store (default: 1000000)")
     cache.add_argument("--hooks", metavar="NAMES", help="comma-separated hook points (default: model.hook_name)")
-    cache.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                       help="storage dtype of the activations (default: float32)")
+    cache.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="storage dtype of the activations (default: float32)",
+    )
     cache.add_argument("--shard_rows", type=int, default=65536, help="activation rows per shard file (default: 65536)")
     evaluate = commands.add_parser(
         "eval",
@@ -169,8 +182,9 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
         "--hook_name, --model.* and --data.* override them), print a table, write eval.json and PNG plots.",
     )
     evaluate.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
-    evaluate.add_argument("--out", metavar="DIR", default=None,
-                          help=f"folder for eval.json and the plots ({REPORT_DEFAULT})")
+    evaluate.add_argument(
+        "--out", metavar="DIR", default=None, help=f"folder for eval.json and the plots ({REPORT_DEFAULT})"
+    )
     evaluate.add_argument("--n_contexts", type=int, default=32, help="held-out contexts evaluated (default: 32)")
     evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
@@ -183,23 +197,32 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
         "that opens from disk.",
     )
     dashboard.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
-    dashboard.add_argument("--out", metavar="DIR", default=None,
-                           help="dashboard folder (default: dashboard/ beside feature_stats.safetensors, which goes in "
-                           f"the folder eval writes to: {REPORT_DEFAULT})")
+    dashboard.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="dashboard folder (default: dashboard/ beside feature_stats.safetensors, which goes in "
+        f"the folder eval writes to: {REPORT_DEFAULT})",
+    )
     dashboard.add_argument("--n_contexts", type=int, default=256, help="contexts run through the model (default: 256)")
     dashboard.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
-    dashboard.add_argument("--top_k", type=int, default=16,
-                           help="top-activating contexts kept per latent (default: 16)")
-    dashboard.add_argument("--window_left", type=int, default=24,
-                           help="tokens shown before a context's maximum (default: 24)")
+    dashboard.add_argument(
+        "--top_k", type=int, default=16, help="top-activating contexts kept per latent (default: 16)"
+    )
+    dashboard.add_argument(
+        "--window_left", type=int, default=24, help="tokens shown before a context's maximum (default: 24)"
+    )
     dashboard.add_argument("--window_right", type=int, default=8, help="tokens shown after it (default: 8)")
     dashboard.add_argument("--chunk_size", type=int, default=64, help="latents per data file of the site (default: 64)")
-    dashboard.add_argument("--neuronpedia", metavar="DIR", default=None,
-                           help="also write Neuronpedia upload batch files into DIR")
-    dashboard.add_argument("--neuronpedia_model_id", default=None,
-                           help="Neuronpedia model id (default: the SAE's model_name)")
-    dashboard.add_argument("--neuronpedia_sae_set", default=None,
-                           help="Neuronpedia SAE set name (default: the hook name)")
+    dashboard.add_argument(
+        "--neuronpedia", metavar="DIR", default=None, help="also write Neuronpedia upload batch files into DIR"
+    )
+    dashboard.add_argument(
+        "--neuronpedia_model_id", default=None, help="Neuronpedia model id (default: the SAE's model_name)"
+    )
+    dashboard.add_argument(
+        "--neuronpedia_sae_set", default=None, help="Neuronpedia SAE set name (default: the hook name)"
+    )
     upload = commands.add_parser(
         "upload",
         help="upload a saved SAE folder to the Hugging Face hub",
@@ -220,18 +243,30 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     )
     convert.add_argument("source", metavar="SOURCE", help=SAE_SOURCE_HELP)
     convert.add_argument("out", metavar="OUT", help="output folder")
-    convert.add_argument("--to", choices=["saelens", "sparsify"], default="saelens",
-                         help="layout written (default: saelens)")
+    convert.add_argument(
+        "--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)"
+    )
     for command in (evaluate, dashboard, upload, convert):
         add_sae_source_options(command, with_model=command in (evaluate, dashboard))
     flags = _data_flags()
     flag_names["upload"] = flag_names["convert"] = []
-    for command, name in ((pretokenize, "pretokenize"), (cache, "cache-activations"), (evaluate, "eval"),
-                          (dashboard, "dashboard")):
+    for command, name in (
+        (pretokenize, "pretokenize"),
+        (cache, "cache-activations"),
+        (evaluate, "eval"),
+        (dashboard, "dashboard"),
+    ):
         _add_config_flags(command, flags)
         flag_names[name] = [n for n, _ in flags]
-    subparsers = {"train": train, "pretokenize": pretokenize, "cache-activations": cache, "eval": evaluate,
-                  "dashboard": dashboard, "upload": upload, "convert": convert}
+    subparsers = {
+        "train": train,
+        "pretokenize": pretokenize,
+        "cache-activations": cache,
+        "eval": evaluate,
+        "dashboard": dashboard,
+        "upload": upload,
+        "convert": convert,
+    }
     return parser, subparsers, flag_names
 
 
@@ -253,8 +288,10 @@ def run_pretokenize(args: argparse.Namespace, flag_names: list[str]) -> None:
 
     out = pretokenize(args.out, _run_config(args, flag_names), args.max_tokens)
     metadata = json.loads((out / "metadata.json").read_text())
-    print(f"{metadata['n_contexts']} contexts of {metadata['context_size']} tokens in {len(metadata['shards'])} "
-          f"shard(s) -> {out}/ (train on it with --data.dataset {out})")
+    print(
+        f"{metadata['n_contexts']} contexts of {metadata['context_size']} tokens in {len(metadata['shards'])} "
+        f"shard(s) -> {out}/ (train on it with --data.dataset {out})"
+    )
 
 
 def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> None:
@@ -264,8 +301,10 @@ def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> No
     config = _run_config(args, flag_names)
     out = cache_activations(args.out, config, args.max_tokens, hooks, args.dtype, args.shard_rows)
     metadata = json.loads((out / "metadata.json").read_text())
-    print(f"{metadata['rows']} activation rows of {metadata['hooks']} in {len(metadata['shards'])} shard(s) -> {out}/ "
-          f"(train on it with --data.cache {out})")
+    print(
+        f"{metadata['rows']} activation rows of {metadata['hooks']} in {len(metadata['shards'])} shard(s) -> {out}/ "
+        f"(train on it with --data.cache {out})"
+    )
 
 
 def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
@@ -274,8 +313,10 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
 
     if args.resume:
         if args.config or args.overwrite:
-            raise ConfigError(f"--resume continues the run as configured in {Path(args.resume) / RUN_CONFIG_FILE}: "
-                              f"it cannot be combined with {'--config' if args.config else '--overwrite'}")
+            raise ConfigError(
+                f"--resume continues the run as configured in {Path(args.resume) / RUN_CONFIG_FILE}: "
+                f"it cannot be combined with {'--config' if args.config else '--overwrite'}"
+            )
         trained = resume(args.resume, **_overrides(args, flag_names))
         out_dir = Path(args.resume)
     else:
@@ -300,10 +341,17 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
             f"   L0 {row['l0']:.1f}   dead latents {100 * row['dead_fraction']:.1f}%{spliced}   -> {out_dir / name}/"
         )
     whole = summary.get(WHOLE_MODEL, {})
-    parts = [f"{label} {whole[key]:{fmt}}" for key, label, fmt in (
-        ("kl", "KL", ".4f"), ("ce_loss_increase", "CE increase", "+.4f"), ("top1_agreement", "top-1 agreement", ".3f"),
-        ("eval/kl_div_with_sae", "held-out KL", ".4f"), ("eval/ce_loss_increase", "held-out CE increase", "+.4f"),
-    ) if key in whole]
+    parts = [
+        f"{label} {whole[key]:{fmt}}"
+        for key, label, fmt in (
+            ("kl", "KL", ".4f"),
+            ("ce_loss_increase", "CE increase", "+.4f"),
+            ("top1_agreement", "top-1 agreement", ".3f"),
+            ("eval/kl_div_with_sae", "held-out KL", ".4f"),
+            ("eval/ce_loss_increase", "held-out CE increase", "+.4f"),
+        )
+        if key in whole
+    ]
     if parts:
         print(f"  model with every SAE spliced in (last window): {'   '.join(parts)}")
 
@@ -313,10 +361,20 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
 
     sae, model, data = sae_model_and_data(args, _overrides(args, flag_names))
     if args.n_contexts > data.heldout_contexts:
-        print(f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
-              f"held out of training", file=sys.stderr)
-    result = evaluate(sae, model, data, args.n_contexts, args.batch_contexts,
-                      error_term=not args.no_error_term, spliced=not args.no_spliced)
+        print(
+            f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
+            f"held out of training",
+            file=sys.stderr,
+        )
+    result = evaluate(
+        sae,
+        model,
+        data,
+        args.n_contexts,
+        args.batch_contexts,
+        error_term=not args.no_error_term,
+        spliced=not args.no_spliced,
+    )
     files = write_report(result, args.out or report_folder(args))
     width = max(len(name) for name, _ in summary_rows(result))
     for name, value in summary_rows(result):
@@ -328,8 +386,16 @@ def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.analysis import export_neuronpedia, feature_statistics, write_dashboard
 
     sae, model, data = sae_model_and_data(args, _overrides(args, flag_names))
-    stats = feature_statistics(sae, model, data, args.n_contexts, args.batch_contexts, args.top_k,
-                               (args.window_left, args.window_right), progress=True)
+    stats = feature_statistics(
+        sae,
+        model,
+        data,
+        args.n_contexts,
+        args.batch_contexts,
+        args.top_k,
+        (args.window_left, args.window_right),
+        progress=True,
+    )
     folder = report_folder(args)
     stats_file = folder / "feature_stats.safetensors"
     stats.save(stats_file)
@@ -352,8 +418,13 @@ def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
     if local.exists() and all(option is None for option in chosen):
         url = upload_sae_folder(local, args.repo_id, args.path_in_repo, args.private, commit_message=args.message)
     else:  # from the hub, one SAE of a folder, or with new metadata: uploaded in the SAELens layout
-        url = push_to_hub(load_sae_from_args(args, args.sae_dir), args.repo_id, args.path_in_repo, args.private,
-                          commit_message=args.message)
+        url = push_to_hub(
+            load_sae_from_args(args, args.sae_dir),
+            args.repo_id,
+            args.path_in_repo,
+            args.private,
+            commit_message=args.message,
+        )
     print(f"uploaded {args.sae_dir} -> {args.repo_id}{'/' + args.path_in_repo if args.path_in_repo else ''} ({url})")
 
 
@@ -383,8 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         message = _suggest_unknown(unknown, subparsers[args.command].long_options, args.command)
         parser.exit(2, f"saelab: error: {message}\n")
-    commands = {"train": run_train, "pretokenize": run_pretokenize, "cache-activations": run_cache_activations,
-                "eval": run_eval, "dashboard": run_dashboard, "upload": run_upload, "convert": run_convert}
+    commands = {
+        "train": run_train,
+        "pretokenize": run_pretokenize,
+        "cache-activations": run_cache_activations,
+        "eval": run_eval,
+        "dashboard": run_dashboard,
+        "upload": run_upload,
+        "convert": run_convert,
+    }
     try:
         commands[args.command](args, names)
     except (SaelabError, OSError) as e:  # what the user can fix; anything else is a bug: its traceback shows

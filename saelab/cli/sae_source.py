@@ -10,8 +10,10 @@ from typing import Any
 from saelab.core.config import ConfigError, unknown_key_error
 from saelab.splice import check_fits
 
-SAE_SOURCE_HELP = ("an SAE folder of any format saelab reads, a Hugging Face repo id owner/name (with --subfolder) "
-                   "or a release name (with --sae_id)")
+SAE_SOURCE_HELP = (
+    "an SAE folder of any format saelab reads, a Hugging Face repo id owner/name (with --subfolder) "
+    "or a release name (with --sae_id)"
+)
 REPORT_DEFAULT = "default: the SAE's folder; for an SAE from the hub, ./<repo or release>/<subfolder or sae_id>"
 
 
@@ -19,26 +21,43 @@ def add_sae_source_options(parser: argparse.ArgumentParser, with_model: bool) ->
     """The options of every command that loads an SAE: where it is, which device it goes to, and where it
     belongs when its files do not say (Gemma Scope, sparsify, dictionary_learning folders often do not)."""
     group = parser.add_argument_group("where the SAE comes from and where it belongs")
-    group.add_argument("--subfolder", default=None,
-                       help="the SAE's folder inside a hub repo (or inside a local folder)")
-    group.add_argument("--sae_id", default=None,
-                       help="which SAE of a release (gpt2-small-res-jb --sae_id blocks.8.hook_resid_pre) or of an "
-                       "e2e_sae run folder (its hook position)")
+    group.add_argument(
+        "--subfolder", default=None, help="the SAE's folder inside a hub repo (or inside a local folder)"
+    )
+    group.add_argument(
+        "--sae_id",
+        default=None,
+        help="which SAE of a release (gpt2-small-res-jb --sae_id blocks.8.hook_resid_pre) or of an "
+        "e2e_sae run folder (its hook position)",
+    )
     group.add_argument("--revision", default=None, help="hub branch, tag or commit (default: the main branch)")
-    group.add_argument("--device", default=None,
-                       help="device the SAE is loaded on" + (" and the model runs on (--model.device alone also sets "
-                       "both; give both to split them)" if with_model else "")
-                       + " (default: cpu; the device recorded in the SAE's files is never used)")
+    group.add_argument(
+        "--device",
+        default=None,
+        help="device the SAE is loaded on"
+        + (
+            " and the model runs on (--model.device alone also sets both; give both to split them)"
+            if with_model
+            else ""
+        )
+        + " (default: cpu; the device recorded in the SAE's files is never used)",
+    )
     also = " (same as --model.name)" if with_model else ""
-    group.add_argument("--model_name", default=None,
-                       help=f"the model the SAE reads, a Hugging Face name or local folder{also}; replaces what its "
-                       "files say")
+    group.add_argument(
+        "--model_name",
+        default=None,
+        help=f"the model the SAE reads, a Hugging Face name or local folder{also}; replaces what its files say",
+    )
     also = " (same as --model.hook_name)" if with_model else ""
-    group.add_argument("--hook_name", default=None,
-                       help=f"the hook point it reads, e.g. blocks.6.hook_resid_post{also}; replaces what its files "
-                       "say and sets the layer it names")
-    group.add_argument("--hook_layer", type=int, default=None,
-                       help="the hook's layer, when the hook name does not say it")
+    group.add_argument(
+        "--hook_name",
+        default=None,
+        help=f"the hook point it reads, e.g. blocks.6.hook_resid_post{also}; replaces what its files "
+        "say and sets the layer it names",
+    )
+    group.add_argument(
+        "--hook_layer", type=int, default=None, help="the hook's layer, when the hook name does not say it"
+    )
 
 
 def load_sae_from_args(args: argparse.Namespace, source: str, **location: Any):
@@ -46,8 +65,13 @@ def load_sae_from_args(args: argparse.Namespace, source: str, **location: Any):
     --model_name, --hook_name, --hook_layer); `location` gives values decided by the command instead."""
     from saelab.io.load import load_sae
 
-    options = {"device": args.device or "cpu", "model_name": args.model_name, "hook_name": args.hook_name,
-               "hook_layer": args.hook_layer, **location}
+    options = {
+        "device": args.device or "cpu",
+        "model_name": args.model_name,
+        "hook_name": args.hook_name,
+        "hook_layer": args.hook_layer,
+        **location,
+    }
     return load_sae(source, subfolder=args.subfolder, revision=args.revision, sae_id=args.sae_id, **options)
 
 
@@ -87,12 +111,16 @@ def sae_model_and_data(args: argparse.Namespace, overrides: dict[str, Any]):
     model_options.setdefault("device", device)
     sae = load_sae_from_args(args, args.sae_dir, device=device, model_name=model_name, hook_name=hook_name)
     if sae.cfg.model_name is None:
-        raise ConfigError(f"{args.sae_dir} does not say which model it reads: give --model_name (a Hugging Face "
-                          "model name or a local folder)")
+        raise ConfigError(
+            f"{args.sae_dir} does not say which model it reads: give --model_name (a Hugging Face "
+            "model name or a local folder)"
+        )
     if sae.cfg.hook_name is None:
         layer = sae.cfg.hook_layer if sae.cfg.hook_layer is not None else "N"
-        raise ConfigError(f"{args.sae_dir} does not say which hook point it reads: give --hook_name "
-                          f"(e.g. blocks.{layer}.hook_resid_post)")
+        raise ConfigError(
+            f"{args.sae_dir} does not say which hook point it reads: give --hook_name "
+            f"(e.g. blocks.{layer}.hook_resid_post)"
+        )
     model_options.update(name=sae.cfg.model_name, hook_name=sae.cfg.hook_name)
     config = from_dict(ModelConfig, model_options, "model")
     check_device(config.device)

@@ -90,8 +90,9 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if dataclasses.is_dataclass(klass):
             properties = _adapter(klass).json_schema(mode="serialization").get("properties", {})
-            docs.update({name: " ".join(p["description"].split()) for name, p in properties.items()
-                         if "description" in p})
+            docs.update(
+                {name: " ".join(p["description"].split()) for name, p in properties.items() if "description" in p}
+            )
     return docs
 
 
@@ -114,8 +115,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
 
 
 _EXPECTED = {
-    "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "list": "a list",
-    "dict": "a mapping", "tuple": "a list",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "tuple": "a list",
 }
 
 

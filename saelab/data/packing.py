@@ -44,4 +44,3 @@ def pack_tokens(
         while len(buffer) >= body:
             yield torch.tensor(prefix + buffer[:body], dtype=torch.long)
             buffer = buffer[body:]
-

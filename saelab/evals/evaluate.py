@@ -78,8 +78,13 @@ def evaluate(
     geometry = M.decoder_geometry(sae.W_dec.detach())
     density = M.log_feature_density(fire_counts, n)
     result: dict[str, Any] = {
-        "sae": {"architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
-                "hook_name": hook_in, "model_name": sae.cfg.model_name},
+        "sae": {
+            "architecture": sae.cfg.architecture,
+            "d_in": sae.cfg.d_in,
+            "d_sae": sae.cfg.d_sae,
+            "hook_name": hook_in,
+            "model_name": sae.cfg.model_name,
+        },
         "tokens": n,
         "reconstruction": {
             "mse": M.mse(y, prediction),
@@ -142,9 +147,19 @@ def write_report(result: dict[str, Any], folder: str | Path) -> list[Path]:
     ax.set_title(f"Feature density ({result['sparsity']['dead_latents']} never fired in {result['tokens']} tokens)")
     save(fig, "eval_density.png")
 
-    bars = {k: v for k, v in {**result["reconstruction"], **result.get("downstream", {})}.items()
-            if k in ("explained_variance", "cosine_similarity", "l2_norm_ratio", "relative_reconstruction_bias",
-                     "ce_loss_score", "kl_div_score")}
+    bars = {
+        k: v
+        for k, v in {**result["reconstruction"], **result.get("downstream", {})}.items()
+        if k
+        in (
+            "explained_variance",
+            "cosine_similarity",
+            "l2_norm_ratio",
+            "relative_reconstruction_bias",
+            "ce_loss_score",
+            "kl_div_score",
+        )
+    }
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.barh(list(bars), list(bars.values()))
     ax.axvline(1.0, color="gray", linewidth=0.8)

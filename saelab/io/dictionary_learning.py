@@ -29,24 +29,52 @@ CONFIG = "config.json"
 
 
 def _standard(w: dict[str, Tensor]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
-    return "standard", {"apply_b_dec_to_input": True}, {
-        "W_enc": w["encoder.weight"].T, "b_enc": w["encoder.bias"], "W_dec": w["decoder.weight"].T, "b_dec": w["bias"]}
+    return (
+        "standard",
+        {"apply_b_dec_to_input": True},
+        {
+            "W_enc": w["encoder.weight"].T,
+            "b_enc": w["encoder.bias"],
+            "W_dec": w["decoder.weight"].T,
+            "b_dec": w["bias"],
+        },
+    )
 
 
 def _gated(w: dict[str, Tensor]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
-    return "gated", {"apply_b_dec_to_input": True}, {
-        "W_enc": w["encoder.weight"].T, "b_gate": w["gate_bias"], "r_mag": w["r_mag"], "b_mag": w["mag_bias"],
-        "W_dec": w["decoder.weight"].T, "b_dec": w["decoder_bias"]}
+    return (
+        "gated",
+        {"apply_b_dec_to_input": True},
+        {
+            "W_enc": w["encoder.weight"].T,
+            "b_gate": w["gate_bias"],
+            "r_mag": w["r_mag"],
+            "b_mag": w["mag_bias"],
+            "W_dec": w["decoder.weight"].T,
+            "b_dec": w["decoder_bias"],
+        },
+    )
 
 
 def _jumprelu(w: dict[str, Tensor]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
-    return "jumprelu", {"apply_b_dec_to_input": False}, {
-        name: w[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    return (
+        "jumprelu",
+        {"apply_b_dec_to_input": False},
+        {name: w[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")},
+    )
 
 
 def _topk(w: dict[str, Tensor]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
-    return "topk", {"apply_b_dec_to_input": True, "k": int(w["k"])}, {
-        "W_enc": w["encoder.weight"].T, "b_enc": w["encoder.bias"], "W_dec": w["decoder.weight"].T, "b_dec": w["b_dec"]}
+    return (
+        "topk",
+        {"apply_b_dec_to_input": True, "k": int(w["k"])},
+        {
+            "W_enc": w["encoder.weight"].T,
+            "b_enc": w["encoder.bias"],
+            "W_dec": w["decoder.weight"].T,
+            "b_dec": w["b_dec"],
+        },
+    )
 
 
 def _batchtopk(w: dict[str, Tensor]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
@@ -88,8 +116,9 @@ def load_dictionary_learning(path: str | Path, device: str = "cpu") -> SAE:
     try:
         weights = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise FileFormatError(f"{path / WEIGHTS}: refused or unreadable (only plain tensors are loaded): "
-                              f"{str(e).splitlines()[0]}") from None
+        raise FileFormatError(
+            f"{path / WEIGHTS}: refused or unreadable (only plain tensors are loaded): {str(e).splitlines()[0]}"
+        ) from None
     trainer = read_json(path / CONFIG).get("trainer", {}) if (path / CONFIG).exists() else {}
     if not isinstance(trainer, dict):
         raise FileFormatError(f"{path / CONFIG}: 'trainer' must be an object, got {type(trainer).__name__}")
@@ -101,10 +130,21 @@ def load_dictionary_learning(path: str | Path, device: str = "cpu") -> SAE:
     except KeyError as e:
         raise FileFormatError(f"{path / WEIGHTS}: no tensor {e} for a {dict_class}") from None
     d_in, d_sae = state["W_enc"].shape
-    metadata = {"source_format": "dictionary_learning", "dict_class": dict_class,
-                "layer": trainer.get("layer"), "submodule_name": trainer.get("submodule_name")}
-    sae = create_sae(architecture, d_in=d_in, d_sae=d_sae, device=device, metadata=metadata,
-                     **dictionary_learning_location(trainer), **options)
+    metadata = {
+        "source_format": "dictionary_learning",
+        "dict_class": dict_class,
+        "layer": trainer.get("layer"),
+        "submodule_name": trainer.get("submodule_name"),
+    }
+    sae = create_sae(
+        architecture,
+        d_in=d_in,
+        d_sae=d_sae,
+        device=device,
+        metadata=metadata,
+        **dictionary_learning_location(trainer),
+        **options,
+    )
     expected = {name: tuple(t.shape) for name, t in sae.weights_for_saving().items()}
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:

@@ -97,12 +97,22 @@ def load_e2e_sae(path: str | Path, position: str | None = None, device: str = "c
     config = _read_config(path)
     model_name = config.get("tlens_model_name")
     sae = create_sae(
-        "standard", d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, hook_name=position,
-        hook_layer=layer_of(position), model_name=model_name if isinstance(model_name, str) else None,
+        "standard",
+        d_in=d_in,
+        d_sae=d_sae,
+        apply_b_dec_to_input=False,
+        hook_name=position,
+        hook_layer=layer_of(position),
+        model_name=model_name if isinstance(model_name, str) else None,
         device=device,
         metadata={"source_format": "e2e_sae", "checkpoint": file.name, "loss": config.get("loss")},
     )
-    sae.load_saved_weights({
-        "W_enc": w1.T.contiguous(), "b_enc": b1, "W_dec": F.normalize(w2, dim=0).T.contiguous(), "b_dec": b2,
-    })
+    sae.load_saved_weights(
+        {
+            "W_enc": w1.T.contiguous(),
+            "b_enc": b1,
+            "W_dec": F.normalize(w2, dim=0).T.contiguous(),
+            "b_dec": b2,
+        }
+    )
     return sae.to(sae.device)

@@ -66,7 +66,8 @@ def load_gemma_scope(path: str | Path, device: str = "cpu") -> SAE:
         if tuple(arrays[name].shape) != shape:
             raise FileFormatError(f"{file}: {name} has shape {tuple(arrays[name].shape)}, W_enc implies {shape}")
     location, metadata = gemma_scope_location(file.parent)
-    sae = create_sae("jumprelu", d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, device=device,
-                     metadata=metadata, **location)
+    sae = create_sae(
+        "jumprelu", d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, device=device, metadata=metadata, **location
+    )
     sae.load_saved_weights({k: v.to(sae.device) for k, v in arrays.items()})
     return sae

@@ -21,9 +21,15 @@ from saelab.saes.base import SAE
 
 
 def load_sae(
-    path: str | Path, device: str = "cpu", dtype: str | None = None, subfolder: str | None = None,
-    revision: str | None = None, sae_id: str | None = None, model_name: str | None = None,
-    hook_name: str | None = None, hook_layer: int | None = None,
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    sae_id: str | None = None,
+    model_name: str | None = None,
+    hook_name: str | None = None,
+    hook_layer: int | None = None,
 ) -> SAE:
     """Load an SAE onto `device` (default CPU, whatever device its files name).
 
@@ -51,8 +57,9 @@ def load_sae(
     return locate(sae, model_name or release_model, hook_name, hook_layer).eval()
 
 
-def sae_folder(path: str | Path, subfolder: str | None = None, revision: str | None = None,
-               sae_id: str | None = None) -> tuple[Path, str | None]:
+def sae_folder(
+    path: str | Path, subfolder: str | None = None, revision: str | None = None, sae_id: str | None = None
+) -> tuple[Path, str | None]:
     """The local folder (or file) an SAE source names, downloading a hub folder into the hub cache when needed,
     and the model_name of a named release (None otherwise)."""
     text = str(path)

@@ -33,8 +33,7 @@ def layer_of(hook_name: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def locate(sae: SAE, model_name: str | None = None, hook_name: str | None = None,
-           hook_layer: int | None = None) -> SAE:
+def locate(sae: SAE, model_name: str | None = None, hook_name: str | None = None, hook_layer: int | None = None) -> SAE:
     """`sae` with the given model name, hook name and layer replacing what its files said (None keeps those).
     A new hook name without a layer takes the layer it names, so the pair never disagrees."""
     if model_name is not None:

@@ -26,10 +26,15 @@ def resolve_release(release: str, sae_id: str | None) -> tuple[str, str, str | N
     releases = pretrained_releases()
     if release not in releases:
         hint = closest(release, releases)
-        raise FileFormatError(f"unknown release '{release}'" + (f"; did you mean '{hint}'?" if hint else "")
-                              + f" Known releases: {', '.join(releases)}")
+        raise FileFormatError(
+            f"unknown release '{release}'"
+            + (f"; did you mean '{hint}'?" if hint else "")
+            + f" Known releases: {', '.join(releases)}"
+        )
     entry = releases[release]
     if sae_id is None or not re.fullmatch(entry["sae_id_pattern"], sae_id):
-        raise FileFormatError(f"release '{release}' needs an sae_id like '{entry['example_sae_id']}' "
-                              f"(pattern {entry['sae_id_pattern']}), got {sae_id!r}")
+        raise FileFormatError(
+            f"release '{release}' needs an sae_id like '{entry['example_sae_id']}' "
+            f"(pattern {entry['sae_id_pattern']}), got {sae_id!r}"
+        )
     return entry["repo_id"], sae_id, entry.get("model_name")

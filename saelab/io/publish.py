@@ -13,8 +13,14 @@ from saelab.saes.base import SAE
 from saelab.saes.files import CFG_FILE, WEIGHTS_FILE, save_sae
 
 
-def push_to_hub(sae: SAE, repo_id: str, path_in_repo: str | None = None, private: bool = False,
-                token: str | None = None, commit_message: str = "Upload SAE with saelab") -> str:
+def push_to_hub(
+    sae: SAE,
+    repo_id: str,
+    path_in_repo: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload SAE with saelab",
+) -> str:
     """Upload an SAE to `repo_id[/path_in_repo]` in a form SAELens loads (`save_saelens`: BatchTopK and
     Matryoshka as JumpReLU, ...), creating the repo if needed; returns the commit URL. An SAE SAELens has no
     equivalent of is refused (ValueError) before anything is uploaded."""
@@ -23,8 +29,14 @@ def push_to_hub(sae: SAE, repo_id: str, path_in_repo: str | None = None, private
         return _upload(folder, repo_id, path_in_repo, private, token, commit_message)
 
 
-def upload_sae_folder(path: str | Path, repo_id: str, path_in_repo: str | None = None, private: bool = False,
-                      token: str | None = None, commit_message: str = "Upload SAE with saelab") -> str:
+def upload_sae_folder(
+    path: str | Path,
+    repo_id: str,
+    path_in_repo: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload SAE with saelab",
+) -> str:
     """Upload a saved SAE folder (`saelab upload`) in a form SAELens loads. A saelab/SAELens folder goes with its
     other files (sparsity, eval report, plots): as it is when SAELens reads it directly, else with its SAE
     converted (`to_saelens`). Any other format saelab reads is converted to the SAELens layout."""

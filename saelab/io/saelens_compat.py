@@ -29,21 +29,59 @@ from saelab.saes.files import TRANSCODERS
 from saelab.saes.gated import GatedSAE
 from saelab.saes.registry import make_config, sae_from_config
 
-RENAMES = {"hook_point": "hook_name", "hook_point_layer": "hook_layer", "hook_point_head_index": "hook_head_index",
-           "activation_fn": "activation_fn_str"}
+RENAMES = {
+    "hook_point": "hook_name",
+    "hook_point_layer": "hook_layer",
+    "hook_point_head_index": "hook_head_index",
+    "activation_fn": "activation_fn_str",
+}
 SAELENS_ONLY = {
-    "hook_head_index", "activation_fn_str", "activation_fn_kwargs", "finetuning_scaling_factor", "context_size",
-    "prepend_bos", "dataset_path", "dataset_trust_remote_code", "sae_lens_training_version", "sae_lens_version",
-    "neuronpedia_id", "model_from_pretrained_kwargs", "seqpos_slice", "model_class_name", "reshape_activations",
-    "exclude_special_tokens", "rescale_acts_by_decoder_norm", "expansion_factor",
+    "hook_head_index",
+    "activation_fn_str",
+    "activation_fn_kwargs",
+    "finetuning_scaling_factor",
+    "context_size",
+    "prepend_bos",
+    "dataset_path",
+    "dataset_trust_remote_code",
+    "sae_lens_training_version",
+    "sae_lens_version",
+    "neuronpedia_id",
+    "model_from_pretrained_kwargs",
+    "seqpos_slice",
+    "model_class_name",
+    "reshape_activations",
+    "exclude_special_tokens",
+    "rescale_acts_by_decoder_norm",
+    "expansion_factor",
 }
 """Keys only SAELens writes: a cfg.json holding any of them (or an old name in RENAMES) is SAELens's."""
-INFERENCE_KEYS = {"architecture", "d_in", "d_sae", "d_out", "k", "apply_b_dec_to_input", "normalize_activations",
-                  "dtype", "model_name", "hook_name", "hook_layer", "hook_name_out", "metadata", "transcoder",
-                  "skip_connection"}
+INFERENCE_KEYS = {
+    "architecture",
+    "d_in",
+    "d_sae",
+    "d_out",
+    "k",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "dtype",
+    "model_name",
+    "hook_name",
+    "hook_layer",
+    "hook_name_out",
+    "metadata",
+    "transcoder",
+    "skip_connection",
+}
 """What saelab takes from a SAELens cfg.json; its other fields (training, dataset, device) go into metadata."""
-NORMALIZATION = {None: "none", False: "none", "none": "none", True: "expected_average_only_in",
-                 "expected_average_only_in": "expected_average_only_in", "layer_norm": "layer_norm"}
+NORMALIZATION = {
+    None: "none",
+    False: "none",
+    "none": "none",
+    True: "expected_average_only_in",
+    "expected_average_only_in": "expected_average_only_in",
+    "layer_norm": "layer_norm",
+}
 SAELENS_DTYPES = ("float32", "float64", "float16", "bfloat16")
 SCALING_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
 """Per-latent factors old SAELens versions multiplied latents by before decoding (all ones unless fine-tuned)."""
@@ -139,8 +177,10 @@ def to_saelens(sae: SAE) -> SAE:
     cfg = sae.cfg
     why = f"a {cfg.architecture} {'transcoder' if cfg.transcoder else 'SAE'} cannot be written for SAELens"
     if cfg.normalize_activations == "layer_norm":
-        raise ConfigError(f"{why}: with normalize_activations 'layer_norm' SAELens would compute other outputs (it "
-                         "divides by the unbiased standard deviation + 1e-5, saelab by sqrt(variance + 1e-5))")
+        raise ConfigError(
+            f"{why}: with normalize_activations 'layer_norm' SAELens would compute other outputs (it "
+            "divides by the unbiased standard deviation + 1e-5, saelab by sqrt(variance + 1e-5))"
+        )
     if cfg.dtype not in SAELENS_DTYPES:
         raise ConfigError(f"{why} in dtype {cfg.dtype}: SAELens reads {', '.join(SAELENS_DTYPES)}")
     if isinstance(sae, BatchTopKSAE):  # BatchTopK, Matryoshka: a JumpReLU at inference

@@ -30,8 +30,14 @@ from saelab.saes.topk import TopKConfig
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 HOOKPOINT = re.compile(r"(?:.*\.)?(?:layers|h|blocks)\.(\d+)(?:\.([\w.]+))?")
-MODULE_SITES = {None: ("resid_pre", "resid_post"), "mlp": ("mlp_in", "mlp_out"), "feed_forward": ("mlp_in", "mlp_out"),
-                "self_attn": (None, "attn_out"), "attn": (None, "attn_out"), "attention": (None, "attn_out")}
+MODULE_SITES = {
+    None: ("resid_pre", "resid_post"),
+    "mlp": ("mlp_in", "mlp_out"),
+    "feed_forward": ("mlp_in", "mlp_out"),
+    "self_attn": (None, "attn_out"),
+    "attn": (None, "attn_out"),
+    "attention": (None, "attn_out"),
+}
 """Module under a block -> the saelab sites of its (input, output)."""
 
 
@@ -76,20 +82,33 @@ def load_sparsify(path: str | Path, device: str = "cpu") -> SAE:
         raise FileFormatError(f"{path}: sparsify activation '{cfg['activation']}' is not supported (only topk)")
     d_sae, d_in = weights["encoder.weight"].shape
     if d_in != cfg["d_in"] or weights["W_dec"].shape[0] != d_sae:
-        raise FileFormatError(f"{path}: weight shapes {tuple(weights['encoder.weight'].shape)} and "
-                              f"{tuple(weights['W_dec'].shape)} disagree with d_in {cfg['d_in']}")
+        raise FileFormatError(
+            f"{path}: weight shapes {tuple(weights['encoder.weight'].shape)} and "
+            f"{tuple(weights['W_dec'].shape)} disagree with d_in {cfg['d_in']}"
+        )
     transcode = bool(cfg.get("transcode", False))
     skip = "W_skip" in weights
     sae = create_sae(
-        "topk", d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), d_out=weights["W_dec"].shape[1],
-        transcoder=transcode or skip, skip_connection=skip, apply_b_dec_to_input=not transcode,
+        "topk",
+        d_in=d_in,
+        d_sae=d_sae,
+        k=int(cfg["k"]),
+        d_out=weights["W_dec"].shape[1],
+        transcoder=transcode or skip,
+        skip_connection=skip,
+        apply_b_dec_to_input=not transcode,
         normalize_decoder=bool(cfg.get("normalize_decoder", True)),
         dtype=str(weights["W_dec"].dtype).removeprefix("torch."),
-        device=device, metadata={"source_format": "sparsify", "sparsify_cfg": cfg, "hookpoint": path.name},
+        device=device,
+        metadata={"source_format": "sparsify", "sparsify_cfg": cfg, "hookpoint": path.name},
         **sparsify_location(path, transcode),
     )
-    state = {"W_enc": weights["encoder.weight"].T, "b_enc": weights["encoder.bias"], "W_dec": weights["W_dec"],
-             "b_dec": weights["b_dec"]}
+    state = {
+        "W_enc": weights["encoder.weight"].T,
+        "b_enc": weights["encoder.bias"],
+        "W_dec": weights["W_dec"],
+        "b_dec": weights["b_dec"],
+    }
     if skip:
         state["W_skip"] = weights["W_skip"]
     sae.load_saved_weights({name: t.contiguous().to(sae.device) for name, t in state.items()})
@@ -100,8 +119,10 @@ def save_sparsify(sae: SAE, path: str | Path) -> Path:
     """Write a TopK SAE in sparsify's layout (loadable with sparsify's SparseCoder.load_from_disk)."""
     cfg = sae.cfg
     if cfg.architecture != "topk":
-        raise ConfigError(f"sparsify holds TopK SAEs only; this one is {cfg.architecture} (saelab convert --to "
-                          "saelens writes it for SAELens)")
+        raise ConfigError(
+            f"sparsify holds TopK SAEs only; this one is {cfg.architecture} (saelab convert --to "
+            "saelens writes it for SAELens)"
+        )
     if cfg.normalize_activations != "none":
         raise ConfigError("sparsify holds SAEs on raw activations; fold the normalisation first (trained SAEs are)")
     if cfg.apply_b_dec_to_input == cfg.transcoder:
@@ -116,10 +137,15 @@ def save_sparsify(sae: SAE, path: str | Path) -> Path:
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path / SPARSIFY_WEIGHTS, safetensors_bytes(plain))
     sparsify_cfg = {
-        "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
+        "activation": "topk",
+        "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
         "normalize_decoder": sae.normalize_decoder,
-        "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": cfg.skip_connection,
-        "transcode": cfg.transcoder, "d_in": cfg.d_in,
+        "num_latents": cfg.d_sae,
+        "k": cfg.k,
+        "multi_topk": False,
+        "skip_connection": cfg.skip_connection,
+        "transcode": cfg.transcoder,
+        "d_in": cfg.d_in,
     }
     atomic_write_text(path / SPARSIFY_CFG, json.dumps(sparsify_cfg, indent=2))
     return path

@@ -105,6 +105,7 @@ def is_norm(module: nn.Module) -> bool:
 def _block_points(i: int, path: str, block: nn.Module) -> tuple[list[HookPoint], str | None, str | None]:
     """Block i's hook points but resid_mid; the module whose input begins its MLP branch (or None); and why
     there is none, when there is none."""
+
     def point(name: str, module: str = "", side: Side = "output", order: int = DEFAULT) -> HookPoint:
         return HookPoint(f"blocks.{i}.{name}", f"{path}.{module}".rstrip("."), side, i, order)
 
@@ -129,9 +130,15 @@ def _block_points(i: int, path: str, block: nn.Module) -> tuple[list[HookPoint],
             points.append(point(f"{name}.hook_normalized", norm, "normalized"))
     entry = ln2 or (mlp if post_norms and not ln1 else None)
     if entry is None:
-        return points, None, (f"saelab finds no norm of block {i}'s own in front of its MLP (attention and MLP "
-                              "share one, in a parallel block, or it has an unfamiliar name), so it cannot place "
-                              f"this name; module paths ('{path}.{mlp or 'mlp'}:input') still work")
+        return (
+            points,
+            None,
+            (
+                f"saelab finds no norm of block {i}'s own in front of its MLP (attention and MLP "
+                "share one, in a parallel block, or it has an unfamiliar name), so it cannot place "
+                f"this name; module paths ('{path}.{mlp or 'mlp'}:input') still work"
+            ),
+        )
     points.append(point("hook_mlp_in", entry, "input"))
     return points, f"{path}.{entry}", None
 
@@ -161,8 +168,10 @@ def discover(model: nn.Module) -> tuple[dict[str, HookPoint], dict[str, str]]:
         if isinstance(parallel, str):
             missing[name] = f"saelab could not run the model to see if block {i} has parallel attention: {parallel}"
         elif i in parallel:
-            missing[name] = (f"block {i} is a parallel-attention block: attention and MLP both read the block's input, "
-                             f"so no residual stream runs between them (blocks.{i}.hook_mlp_in is the MLP's input)")
+            missing[name] = (
+                f"block {i} is a parallel-attention block: attention and MLP both read the block's input, "
+                f"so no residual stream runs between them (blocks.{i}.hook_mlp_in is the MLP's input)"
+            )
         else:
             points[name] = HookPoint(name, entry, "input", i, FIRST, residual=f"{blocks_path}.{i}")
     parent = blocks_path.rpartition(".")[0]

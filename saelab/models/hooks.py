@@ -89,14 +89,17 @@ def norm_affine(norm: nn.Module, n: Tensor, output: Tensor, name: str) -> Callab
     gains = [None] if weight is None else [weight.float(), 1.0 + weight.float()]
     tolerance = 1e-4 if output.dtype in (torch.float32, torch.float64) else 2e-2
     for gain in gains:
+
         def affine(values: Tensor, gain=gain) -> Tensor:
             out = values.float() if gain is None else values.float() * gain
             return (out if bias is None else out + bias.float()).to(output.dtype)
 
         if torch.allclose(affine(n), output, rtol=tolerance, atol=tolerance):
             return affine
-    raise ConfigError(f"{name}: saelab cannot reproduce what {type(norm).__name__} outputs from its normalised input "
-                     "(an unfamiliar normalisation); read or replace its output (the module path) instead")
+    raise ConfigError(
+        f"{name}: saelab cannot reproduce what {type(norm).__name__} outputs from its normalised input "
+        "(an unfamiliar normalisation); read or replace its output (the module path) instead"
+    )
 
 
 class HookedModel:
@@ -147,6 +150,7 @@ class HookedModel:
         """Put `site` on a side of a module with one torch hook; returns its handle."""
         target = self._modules[module]
         if side == "input":
+
             def on_input(_m, args, kwargs):
                 x = first_input(args, kwargs)
                 new = site.run(x)
@@ -156,12 +160,15 @@ class HookedModel:
                     return (new, *args[1:]), kwargs
                 key = next(iter(kwargs))  # e.g. hidden_states passed by keyword
                 return args, {**kwargs, key: new}
+
             return target.register_forward_pre_hook(on_input, with_kwargs=True)
         if side == "output":
+
             def on_output(_m, _args, output):
                 y = _first(output)
                 new = site.run(y)
                 return None if new is y else _with_first(output, new)
+
             return target.register_forward_hook(on_output)
 
         def on_normalized(_m, args, kwargs, output):
@@ -171,6 +178,7 @@ class HookedModel:
             start = n.to(x.dtype)
             new = site.run(start)
             return None if new is start else _with_first(output, affine(new))
+
         # before any hook on the norm's output, which the normalised values come before
         return target.register_forward_hook(on_normalized, with_kwargs=True, prepend=True)
 
@@ -212,8 +220,10 @@ class HookedModel:
             moved, change[0] = (None if change[0] is None else value + change[0]), None
             return moved
 
-        return [self._attach(point.module, point.side, point.order, replace),
-                self._attach(point.residual, "output", FIRST, move)]
+        return [
+            self._attach(point.module, point.side, point.order, replace),
+            self._attach(point.residual, "output", FIRST, move),
+        ]
 
     def _stop_point(self, layer: int) -> HookPoint:
         """The hook point after which nothing of block `layer` remains to run."""
@@ -236,13 +246,17 @@ class HookedModel:
                 detach += self._add(self.hook_point(name), fn, writes=True)
             points = [self.hook_point(name) for name in read]
             for point in points:
+
                 def capture(x: Tensor, name: str = point.name) -> None:
                     cache[name] = x
+
                 detach += self._add(point, capture, writes=False)
             layers = [p.layer for p in points if p.layer is not None]
             if stop_after_last_read and points and len(layers) == len(points):
+
                 def stop(_value):
                     raise _StopForward
+
                 last = self._stop_point(max(layers))
                 detach.append(self._attach(last.module, last.side, LAST + 1, stop))
             yield cache
@@ -271,7 +285,9 @@ class HookedModel:
         return {name: value.shape[-1] for name, value in acts.items()}
 
     def logits(
-        self, input_ids: Tensor, write: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+        self,
+        input_ids: Tensor,
+        write: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits of a full forward pass, with activations replaced at the `write` hook points."""

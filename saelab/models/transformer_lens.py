@@ -68,8 +68,10 @@ def bridge_hook_points(bridge: TransformerBridge) -> tuple[dict[str, HookPoint],
         if mid in points:  # read where hook_mlp_in is read, before it, as HookedTransformer computes one from the other
             points[mid] = replace(mlp_in, name=mid, order=FIRST, residual=points[block + "hook_resid_post"].module)
         else:
-            missing[mid] = (f"block {i} is a parallel-attention block: attention and MLP both read the block's input, "
-                            f"so no residual stream runs between them ({block}hook_mlp_in is the MLP's input)")
+            missing[mid] = (
+                f"block {i} is a parallel-attention block: attention and MLP both read the block's input, "
+                f"so no residual stream runs between them ({block}hook_mlp_in is the MLP's input)"
+            )
     return points, missing
 
 

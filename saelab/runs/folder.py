@@ -62,11 +62,15 @@ def check_new_run(out_dir: Path, overwrite: bool) -> None:
         raise ConfigError(f"out_dir {out_dir} is a file, not a folder")
     ours, others = folder_entries(out_dir)
     if ours and not overwrite:
-        raise ConfigError(f"{out_dir} already holds a run ({_listed(ours)}): continue it with --resume {out_dir} "
-                          "(saelab.resume), or replace it with --overwrite (overwrite=True), or choose another out_dir")
+        raise ConfigError(
+            f"{out_dir} already holds a run ({_listed(ours)}): continue it with --resume {out_dir} "
+            "(saelab.resume), or replace it with --overwrite (overwrite=True), or choose another out_dir"
+        )
     if ours and others:
-        raise ConfigError(f"--overwrite would also delete {_listed(others)} in {out_dir}, which no saelab run wrote: "
-                          "move them out first, or choose another out_dir")
+        raise ConfigError(
+            f"--overwrite would also delete {_listed(others)} in {out_dir}, which no saelab run wrote: "
+            "move them out first, or choose another out_dir"
+        )
 
 
 def start_new_run(out_dir: Path, config_text: str, overwrite: bool) -> None:
@@ -113,10 +117,14 @@ def dotted_names(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
 def no_checkpoint_message(out_dir: Path) -> str:
     """Why the run in out_dir cannot be continued: it wrote no complete checkpoint."""
     if (out_dir / "summary.json").exists():
-        return (f"the run in {out_dir} finished without checkpoints (train.checkpoint_every was not set), so it cannot "
-                f"be continued; start a new run from its weights with --sae.init_from {out_dir}/<sae folder>")
-    return (f"no complete checkpoint under {out_dir / CHECKPOINT_DIR} to resume from (the run stopped before writing "
-            "one): start it again with --overwrite")
+        return (
+            f"the run in {out_dir} finished without checkpoints (train.checkpoint_every was not set), so it cannot "
+            f"be continued; start a new run from its weights with --sae.init_from {out_dir}/<sae folder>"
+        )
+    return (
+        f"no complete checkpoint under {out_dir / CHECKPOINT_DIR} to resume from (the run stopped before writing "
+        "one): start it again with --overwrite"
+    )
 
 
 def report_resume(trainer: Any, before: TrainConfig, now: TrainConfig) -> None:
@@ -129,5 +137,7 @@ def report_resume(trainer: Any, before: TrainConfig, now: TrainConfig) -> None:
     if before.total_steps != now.total_steps:
         changed = next((s for s in range(step) if lr_factor(s, before) != lr_factor(s, now)), None)
     if changed is not None:
-        say(f"warning: with lr_schedule {now.lr_schedule}, the learning rate depends on train.total_tokens: steps "
-            f"{changed}..{step - 1} used the old length's, so this run will not equal one trained to the new length")
+        say(
+            f"warning: with lr_schedule {now.lr_schedule}, the learning rate depends on train.total_tokens: steps "
+            f"{changed}..{step - 1} used the old length's, so this run will not equal one trained to the new length"
+        )

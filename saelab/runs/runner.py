@@ -127,8 +127,12 @@ def run_sae_specs(config: RunConfig) -> dict[str, dict[str, Any]]:
     return specs
 
 
-def build_saes(config: RunConfig, d_in: int | dict[str, int], origin: dict[str, Any] | None = None,
-               layers: dict[str, int | None] | None = None) -> dict[str, SAE]:
+def build_saes(
+    config: RunConfig,
+    d_in: int | dict[str, int],
+    origin: dict[str, Any] | None = None,
+    layers: dict[str, int | None] | None = None,
+) -> dict[str, SAE]:
     """The run's SAEs by name. `d_in` is the activation width (per hook name when the SAEs read several);
     `origin` (model, data settings) and each hook's layer are recorded in the SAEs' configs."""
     saes = {}
@@ -137,8 +141,10 @@ def build_saes(config: RunConfig, d_in: int | dict[str, int], origin: dict[str, 
         if isinstance(d_in, int):
             width = d_in
         elif hook is None:  # the model's hook_name fills in a missing one, not a null
-            raise ConfigError(f"SAE '{name}' has hook_name null: name the hook point it reads (or leave it out to "
-                              "read model.hook_name)")
+            raise ConfigError(
+                f"SAE '{name}' has hook_name null: name the hook point it reads (or leave it out to "
+                "read model.hook_name)"
+            )
         else:
             width = d_in[hook]
         where = None
@@ -155,8 +161,9 @@ def _hooks_read(specs: dict[str, dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(hooks))
 
 
-def activation_source(config: RunConfig, dist: Distributed | None = None
-                      ) -> tuple[ActivationSource, int | dict[str, int], dict[str, Any], dict[str, int | None], Any]:
+def activation_source(
+    config: RunConfig, dist: Distributed | None = None
+) -> tuple[ActivationSource, int | dict[str, int], dict[str, Any], dict[str, int | None], Any]:
     """The run's batches, the activation width per hook (one width for synthetic activations, which have no
     hooks), where they come from, each hook's layer, and the
     model (None when the activations do not come from a live model). End-to-end runs get token contexts.
@@ -202,8 +209,9 @@ def activation_source(config: RunConfig, dist: Distributed | None = None
     return source, model.hook_widths(hooks), data_info(config.model.name, config.data), layers, model
 
 
-def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: Path | None,
-                 dist: Distributed | None = None) -> Trainer:
+def make_trainer(
+    config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: Path | None, dist: Distributed | None = None
+) -> Trainer:
     """The trainer for the run's SAEs: objectives, per-SAE learning rates and starting points, evaluation."""
     from saelab.data.tokens import excluded_token_ids
     from saelab.training.e2e import SplicedModel
@@ -220,7 +228,14 @@ def make_trainer(config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: P
     evaluates = model is not None and config.train.eval_every and (dist.module_parallel or dist.is_main)
     evaluator = make_evaluator(model, config) if evaluates else None
     return Trainer(
-        saes, config.train, out_dir=out_dir, evaluator=evaluator, splicer=splicer, lrs=lrs, initial=initial, dist=dist,
+        saes,
+        config.train,
+        out_dir=out_dir,
+        evaluator=evaluator,
+        splicer=splicer,
+        lrs=lrs,
+        initial=initial,
+        dist=dist,
         objectives=local_objectives(config.train.sparsity_warmup_steps, objective.reconstruction),
         model_objectives=model_objectives(objective),
         run_identity={k: v for k, v in to_dict(config).items() if k not in ("train", "out_dir")},
@@ -233,8 +248,9 @@ def _check_downstream(model: Any, hooks: list[str], saes: dict[str, SAE]) -> Non
     for hook in hooks:
         layer = model.hook_point(hook).layer
         if layer is not None and layer < first:
-            raise ConfigError(f"objective.downstream_hooks: '{hook}' (layer {layer}) comes before every SAE "
-                              f"(layer {first})")
+            raise ConfigError(
+                f"objective.downstream_hooks: '{hook}' (layer {layer}) comes before every SAE (layer {first})"
+            )
 
 
 def make_evaluator(model, config: RunConfig):
@@ -249,8 +265,14 @@ def make_evaluator(model, config: RunConfig):
         raise ConfigError("train.eval_every needs held-out contexts: set data.heldout_contexts >= 1")
     batches = heldout_contexts(model, config.data, count, batch_contexts=count)
     excluded = excluded_token_ids(model.tokenizer, config.data.exclude_special_tokens)
-    keep = ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "kl_div_with_sae", "ce_loss_increase",
-            "top1_agreement_with_sae")
+    keep = (
+        "ce_loss_score",
+        "kl_div_score",
+        "ce_loss_with_sae",
+        "kl_div_with_sae",
+        "ce_loss_increase",
+        "top1_agreement_with_sae",
+    )
 
     def run(saes) -> dict[str, float]:
         evaluation = SplicedEvaluation(model, saes, excluded, error_term=False)
@@ -300,8 +322,10 @@ def resume(out_dir: str | Path, **overrides: Mapping[str, Any]) -> dict[str, SAE
     stored = read_config_file(out_dir / RUN_CONFIG_FILE)
     refused = [name for name in run_folder.dotted_names(overrides) if name not in RESUMABLE_OPTIONS]
     if refused:
-        raise ConfigError(f"a resumed run keeps the configuration in {out_dir / RUN_CONFIG_FILE}: it cannot change "
-                          f"{', '.join(refused)} (it can change {', '.join(RESUMABLE_OPTIONS)})")
+        raise ConfigError(
+            f"a resumed run keeps the configuration in {out_dir / RUN_CONFIG_FILE}: it cannot change "
+            f"{', '.join(refused)} (it can change {', '.join(RESUMABLE_OPTIONS)})"
+        )
     before = load_run_config(copy.deepcopy(stored))
     config = load_run_config(deep_merge(stored, overrides))
     config.out_dir = str(out_dir)
@@ -351,8 +375,9 @@ def _run(config: RunConfig, overwrite: bool = False, resuming: RunConfig | None 
     return saes
 
 
-def pretokenize(out_dir: str | Path, config: RunConfig | Mapping[str, Any] | str | Path | None = None,
-                max_tokens: int | None = None) -> Path:
+def pretokenize(
+    out_dir: str | Path, config: RunConfig | Mapping[str, Any] | str | Path | None = None, max_tokens: int | None = None
+) -> Path:
     """Tokenise and pack the config's dataset with its model's tokenizer into token shards (`saelab pretokenize`)."""
     from transformers import AutoTokenizer
 

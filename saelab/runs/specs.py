@@ -109,6 +109,7 @@ def initial_sae(path: str, sae: SAE) -> SAE:
         raise ConfigError(f"init_from {path} has tensors {sorted(theirs)}, expected {sorted(own)}")
     for key, value in theirs.items():
         if own[key].shape != value.shape:
-            raise ConfigError(f"init_from {path}: {key} has shape {tuple(value.shape)}, "
-                              f"expected {tuple(own[key].shape)}")
+            raise ConfigError(
+                f"init_from {path}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+            )
     return start

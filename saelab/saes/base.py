@@ -229,8 +229,10 @@ class SAE(nn.Module):
         """
         factors = factors.to(self.W_dec)
         if not self.per_latent_scaling and not bool((factors == factors[0]).all()):
-            raise ValueError(f"a {self.cfg.architecture} SAE selects latents by size: only a uniform scale keeps "
-                             "its outputs, got per-latent factors")
+            raise ValueError(
+                f"a {self.cfg.architecture} SAE selects latents by size: only a uniform scale keeps "
+                "its outputs, got per-latent factors"
+            )
         self.W_enc.mul_(factors)
         self.scale_encoder_biases(factors)
         self.W_dec.div_(factors.unsqueeze(1))
@@ -287,8 +289,9 @@ class SAE(nn.Module):
         """SAEBench's switch for SAELens hook_z SAEs; saelab SAEs never reshape, so there is nothing to switch."""
 
     def turn_on_forward_pass_hook_z_reshaping(self) -> None:
-        raise NotImplementedError("saelab SAEs read hook_z with the heads flattened (n_heads * d_head); they do not "
-                                  "reshape it themselves")
+        raise NotImplementedError(
+            "saelab SAEs read hook_z with the heads flattened (n_heads * d_head); they do not reshape it themselves"
+        )
 
     @property
     def device(self) -> torch.device:

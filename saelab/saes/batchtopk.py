@@ -85,4 +85,3 @@ class BatchTopKSAE(TopKSAE):
         weights["threshold"] = self.topk_threshold.expand(self.cfg.d_sae).clone()
         jump.load_saved_weights(weights)
         return jump.eval()
-

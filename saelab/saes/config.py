@@ -102,22 +102,24 @@ class SAEConfig:
     # SAELens / SAEBench attribute names, answered from metadata (not fields: cfg.json keeps them in metadata)
     context_size = _from_metadata("context_size", None, "Tokens per context the SAE was trained on.")
     prepend_bos = _from_metadata("prepend_bos", True, "Whether contexts started with the BOS token.")
-    dataset_path = _from_metadata("dataset_path", None, "Dataset trained on (saelab records it as 'dataset').",
-                                  fallback="dataset")
+    dataset_path = _from_metadata(
+        "dataset_path", None, "Dataset trained on (saelab records it as 'dataset').", fallback="dataset"
+    )
     dataset_trust_remote_code = _from_metadata("dataset_trust_remote_code", False, "SAELens's dataset flag.")
-    exclude_special_tokens = _from_metadata("exclude_special_tokens", False,
-                                            "Whether activations at BOS/EOS/PAD positions were left out.")
-    hook_head_index = _from_metadata("hook_head_index", None,
-                                     "Attention head read at hook_name (None: saelab reads whole hooks).")
-    model_from_pretrained_kwargs = _from_metadata("model_from_pretrained_kwargs", dict,
-                                                  "Options for loading the model (SAELens's name).")
+    exclude_special_tokens = _from_metadata(
+        "exclude_special_tokens", False, "Whether activations at BOS/EOS/PAD positions were left out."
+    )
+    hook_head_index = _from_metadata(
+        "hook_head_index", None, "Attention head read at hook_name (None: saelab reads whole hooks)."
+    )
+    model_from_pretrained_kwargs = _from_metadata(
+        "model_from_pretrained_kwargs", dict, "Options for loading the model (SAELens's name)."
+    )
 
     def __post_init__(self) -> None:
         if self.d_out is None:
             self.d_out = self.d_in
-        self.transcoder = bool(
-            self.transcoder or self.d_out != self.d_in or self.skip_connection or self.hook_name_out
-        )
+        self.transcoder = bool(self.transcoder or self.d_out != self.d_in or self.skip_connection or self.hook_name_out)
         if self.apply_b_dec_to_input is None:
             self.apply_b_dec_to_input = not self.transcoder
         self.metadata = Metadata(self.metadata)
@@ -130,8 +132,9 @@ class SAEConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         assert self.d_out is not None  # __post_init__ defaults it to d_in
         if self.d_sae * max(self.d_in, self.d_out) > MAX_MATRIX_ELEMENTS:
-            raise ConfigError(f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory "
-                              "(check d_sae / expansion_factor)")
+            raise ConfigError(
+                f"d_sae {self.d_sae} x d_in {self.d_in} is beyond any machine's memory (check d_sae / expansion_factor)"
+            )
         if self.apply_b_dec_to_input and self.transcoder:
             raise ConfigError("apply_b_dec_to_input needs an SAE, not a transcoder: b_dec lives in output space")
         if self.normalize_activations == "layer_norm" and self.transcoder:

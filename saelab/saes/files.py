@@ -20,8 +20,12 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 
-TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
-               "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
+TRANSCODERS = {
+    "transcoder": ("standard", False),
+    "skip_transcoder": ("standard", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
 """SAELens's transcoder architecture names: (saelab architecture, skip connection). saelab writes transcoders
 under them, so that SAELens reads them."""
 

@@ -134,8 +134,9 @@ def _scatter_rows(cols: Tensor, offsets: Tensor, weights: Tensor, rows: Tensor, 
     return grad
 
 
-def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Selector, shift: Tensor | None = None
-                  ) -> tuple[SparseLatents, Tensor]:
+def sparse_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Selector, shift: Tensor | None = None
+) -> tuple[SparseLatents, Tensor]:
     """(the selected pre-activations as `SparseLatents`, all pre-activations) of `(x - shift) @ W_enc + b_enc` for
     inputs `(batch, d_in)`; `shift` is b_dec when the SAE centres its input. Values are not yet ReLU'd."""
     x, W_enc, b_enc, shift = to_autocast(x, W_enc, b_enc, shift)

@@ -54,8 +54,9 @@ class TrainOutput:
         if self._latents is None:
             assert self.sparse is not None
             values = self.sparse.values
-            flat = torch.zeros(len(self.sparse.offsets), self.hidden_pre.shape[-1], dtype=values.dtype,
-                               device=values.device)
+            flat = torch.zeros(
+                len(self.sparse.offsets), self.hidden_pre.shape[-1], dtype=values.dtype, device=values.device
+            )
             flat = flat.index_put((self.sparse.rows(), self.sparse.cols), values)
             self._latents = flat.reshape(self.hidden_pre.shape)
         return self._latents

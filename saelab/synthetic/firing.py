@@ -94,9 +94,7 @@ def sample_firing(
     return z < torch.special.ndtri(probabilities.double().clamp(1e-12, 1 - 1e-12)).float()
 
 
-def apply_hierarchy(
-    active: Tensor, groups: Sequence[dict], generator: torch.Generator
-) -> Tensor:
+def apply_hierarchy(active: Tensor, groups: Sequence[dict], generator: torch.Generator) -> Tensor:
     """Children fire only where their parent fires; within an `exclusive` group at most one child fires
     (a random one of those that would have). Groups: {"parent": i, "children": [j, ...], "exclusive": bool},
     applied in order, so list parents before the groups of their children for deeper trees."""

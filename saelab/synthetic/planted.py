@@ -69,16 +69,20 @@ class PlantedFeatures:
         self.features = feature_dictionary(self.n_features, self.d_in, self.orthogonalize, generator)
         offset = torch.randn(self.d_in, generator=generator)
         self.offset = offset / offset.norm() * self.offset_scale
-        self.probabilities = firing_probabilities(self.n_features, self.mean_active, self.firing, self.zipf_exponent,
-                                                  self.seed)
+        self.probabilities = firing_probabilities(
+            self.n_features, self.mean_active, self.firing, self.zipf_exponent, self.seed
+        )
         self.factors = (
             correlation_factors(self.n_features, self.correlation_rank, self.correlation_strength, self.seed)
-            if self.correlation_rank > 0 else None
+            if self.correlation_rank > 0
+            else None
         )
         self.cholesky = correlation_cholesky(self.correlation_matrix) if self.correlation_matrix is not None else None
         if self.cholesky is not None and self.cholesky.shape[0] != self.n_features:
-            raise ConfigError(f"correlation_matrix is {self.cholesky.shape[0]}x{self.cholesky.shape[0]}, "
-                             f"n_features is {self.n_features}")
+            raise ConfigError(
+                f"correlation_matrix is {self.cholesky.shape[0]}x{self.cholesky.shape[0]}, "
+                f"n_features is {self.n_features}"
+            )
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """`n` activation vectors and their true feature coefficients `(n, n_features)`."""

@@ -32,8 +32,14 @@ def train_toy_sae(
     None if no step ran); `plot` saves a PNG of the true-vs-learned cosine matrix under the optimal matching."""
     torch.manual_seed(seed)
     sae = create_sae(architecture, d_in=features.d_in, d_sae=d_sae or features.n_features, **sae_options)
-    config = TrainConfig(total_tokens=total_tokens, batch_size=batch_size, lr=lr, seed=seed, progress_bar=False,
-                         dead_window_tokens=min(50_000, total_tokens // 4))
+    config = TrainConfig(
+        total_tokens=total_tokens,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        progress_bar=False,
+        dead_window_tokens=min(50_000, total_tokens // 4),
+    )
     trainer = Trainer(sae, config)
     trained = trainer.fit(SyntheticSource(features, batch_size, seed=seed))["sae"]
     result = {

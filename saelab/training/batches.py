@@ -34,8 +34,10 @@ def check_widths(x: Tensor, target: Tensor, sae: SAE, name: str) -> None:
     """A clear error when the activations do not fit the SAE (wrong model, hook or layer)."""
     where = f" at '{sae.cfg.hook_name}'" if sae.cfg.hook_name else ""
     if x.shape[-1] != sae.cfg.d_in:
-        raise ConfigError(f"SAE '{name}' takes inputs of width {sae.cfg.d_in} but the activations{where} have "
-                          f"width {x.shape[-1]}")
+        raise ConfigError(
+            f"SAE '{name}' takes inputs of width {sae.cfg.d_in} but the activations{where} have width {x.shape[-1]}"
+        )
     if target.shape[-1] != sae.cfg.d_out:
-        raise ConfigError(f"SAE '{name}' reconstructs width {sae.cfg.d_out} but its targets have width "
-                          f"{target.shape[-1]}")
+        raise ConfigError(
+            f"SAE '{name}' reconstructs width {sae.cfg.d_out} but its targets have width {target.shape[-1]}"
+        )

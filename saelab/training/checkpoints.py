@@ -22,8 +22,17 @@ from saelab.training.state import load_state, save_state
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
-RESUMABLE_TRAIN_OPTIONS = ("total_tokens", "log_every", "eval_every", "eval_contexts", "checkpoint_every",
-                           "keep_checkpoints", "progress_bar", "wandb_project", "distributed_timeout")
+RESUMABLE_TRAIN_OPTIONS = (
+    "total_tokens",
+    "log_every",
+    "eval_every",
+    "eval_contexts",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "progress_bar",
+    "wandb_project",
+    "distributed_timeout",
+)
 """TrainConfig fields a resumed run may change: its length and how it logs, evaluates and checkpoints. Every
 other setting decides the weights, so a checkpoint continues only the run configured as the one that wrote it."""
 
@@ -78,19 +87,26 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     def show(flat: dict[str, Any], key: str) -> str:
         return repr(flat[key]) if key in flat else "unset"
 
-    return [f"{key} ({show(saved, key)} there, {show(current, key)} here)" for key in keys
-            if key not in saved or key not in current or saved[key] != current[key]]
+    return [
+        f"{key} ({show(saved, key)} there, {show(current, key)} here)"
+        for key in keys
+        if key not in saved or key not in current or saved[key] != current[key]
+    ]
 
 
-def check_same_run(checkpoint: Path, state: dict[str, Any], identity: dict[str, Any], units: dict[str, Any],
-                   some_units: bool = False) -> None:
+def check_same_run(
+    checkpoint: Path, state: dict[str, Any], identity: dict[str, Any], units: dict[str, Any], some_units: bool = False
+) -> None:
     """One ConfigError line naming what differs when `state` (read from `checkpoint`) was written by a run
     configured otherwise than this one: its `identity` and its SAEs' (`units`, by name; `some_units`: this process
     trains only some of the checkpoint's SAEs). A checkpoint of an older saelab, which records neither, gives a
     warning."""
     if "identity" not in state:
-        warnings.warn(f"{checkpoint} was written by an older saelab and does not record its run's configuration: "
-                      "it cannot be checked against this run", stacklevel=3)
+        warnings.warn(
+            f"{checkpoint} was written by an older saelab and does not record its run's configuration: "
+            "it cannot be checked against this run",
+            stacklevel=3,
+        )
         return
     differing = differences(state["identity"], identity)
     saved = state["units"]
@@ -100,5 +116,7 @@ def check_same_run(checkpoint: Path, state: dict[str, Any], identity: dict[str, 
         differing += [f"SAE '{name}' {d}" for d in differences(saved[name]["identity"], units[name])]
     if differing:
         more = f" (and {len(differing) - 2} more)" if len(differing) > 2 else ""
-        raise ConfigError(f"{checkpoint} was written by a run configured differently: {'; '.join(differing[:2])}"
-                          f"{more}; refusing to resume from it (start a new run with another out_dir, or --overwrite)")
+        raise ConfigError(
+            f"{checkpoint} was written by a run configured differently: {'; '.join(differing[:2])}"
+            f"{more}; refusing to resume from it (start a new run with another out_dir, or --overwrite)"
+        )

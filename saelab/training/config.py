@@ -79,9 +79,7 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.total_tokens < self.batch_size:
-            raise ConfigError(
-                f"train.total_tokens ({self.total_tokens}) is smaller than one batch ({self.batch_size})"
-            )
+            raise ConfigError(f"train.total_tokens ({self.total_tokens}) is smaller than one batch ({self.batch_size})")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"train.checkpoint_every must be positive or null, got {self.checkpoint_every}")
 

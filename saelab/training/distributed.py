@@ -68,8 +68,10 @@ class Distributed:
         try:
             return fn(*args)
         except (RuntimeError, ValueError) as e:
-            raise DistributedError(f"rank {self.rank}: {what} failed ({str(e).splitlines()[0]}); "
-                                   "another rank probably failed first: see its error") from None
+            raise DistributedError(
+                f"rank {self.rank}: {what} failed ({str(e).splitlines()[0]}); "
+                "another rank probably failed first: see its error"
+            ) from None
 
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Mean of every rank's gradients, in one flat all-reduce."""
@@ -123,8 +125,9 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def choose_backend(devices: Iterable[str], cuda_devices: int, local_rank: int,
-                   local_world_size: int | None = None) -> str:
+def choose_backend(
+    devices: Iterable[str], cuda_devices: int, local_rank: int, local_world_size: int | None = None
+) -> str:
     """The torch.distributed backend for a run whose tensors live on `devices` ('cpu', 'cuda', 'cuda:1', ...), on a
     node with `cuda_devices` visible GPUs where this process is `local_rank` of `local_world_size` (torchrun's
     LOCAL_WORLD_SIZE; None when unknown). CPU-only runs use gloo, even where CUDA exists; runs with CUDA tensors use
@@ -134,8 +137,9 @@ def choose_backend(devices: Iterable[str], cuda_devices: int, local_rank: int,
         return "gloo"
     ranks = local_world_size if local_world_size is not None else local_rank + 1
     if cuda_devices < 1:
-        raise DistributedError("the run's tensors are on CUDA (model.device / sae.device) but no CUDA device is "
-                               "visible")
+        raise DistributedError(
+            "the run's tensors are on CUDA (model.device / sae.device) but no CUDA device is visible"
+        )
     if ranks > cuda_devices or local_rank >= cuda_devices:
         raise DistributedError(
             f"{max(ranks, local_rank + 1)} ranks on this node but only {cuda_devices} CUDA device(s) visible: a CUDA "
@@ -145,8 +149,9 @@ def choose_backend(devices: Iterable[str], cuda_devices: int, local_rank: int,
     return "cpu:gloo,cuda:nccl"
 
 
-def init_distributed(mode: Mode = "data", timeout_seconds: float = 600, devices: Iterable[str] = ("cpu",)
-                     ) -> Distributed:
+def init_distributed(
+    mode: Mode = "data", timeout_seconds: float = 600, devices: Iterable[str] = ("cpu",)
+) -> Distributed:
     """Join the process group torchrun describes (WORLD_SIZE > 1), or a single process's `Distributed()`.
     `devices`: where the run's tensors live, which decides the backend (see `choose_backend`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

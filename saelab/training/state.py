@@ -25,8 +25,12 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value):
             return {k: _encode(v, tensors, f"{path}.{k}") for k, v in value.items()}
-        return {"__items__": [[_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{i}")]
-                              for i, (k, v) in enumerate(value.items())]}
+        return {
+            "__items__": [
+                [_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{i}")]
+                for i, (k, v) in enumerate(value.items())
+            ]
+        }
     if isinstance(value, tuple):
         return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(value)]}
     if isinstance(value, list):

@@ -97,8 +97,16 @@ class Trainer:
             raise ConfigError(f"learning rates given for unknown SAEs: {', '.join(sorted(unknown))}")
         if WHOLE_MODEL in saes:
             raise ConfigError(f"'{WHOLE_MODEL}' names the whole model in logs: call the SAE something else")
-        self.units = [TrainingUnit.create(name, sae, objectives or local_objectives(config.sparsity_warmup_steps),
-                                          lrs.get(name, config.lr), config) for name, sae in saes.items()]
+        self.units = [
+            TrainingUnit.create(
+                name,
+                sae,
+                objectives or local_objectives(config.sparsity_warmup_steps),
+                lrs.get(name, config.lr),
+                config,
+            )
+            for name, sae in saes.items()
+        ]
         self.initial = dict(initial or {})
         self.run_identity = plain(dict(run_identity or {}))
         # taken now: what the SAEs were configured as, whatever training later does to them
@@ -152,12 +160,17 @@ class Trainer:
         total = self.cfg.total_steps
         self._clock = (time.perf_counter(), self.tokens)  # throughput counts this session's tokens only
         main = self.dist.is_main
-        self.logger = MetricsLogger(self.out_dir if main else None, self.cfg.wandb_project if main else None,
-                                    {"train": to_dict(self.cfg)}, self.step)
+        self.logger = MetricsLogger(
+            self.out_dir if main else None,
+            self.cfg.wandb_project if main else None,
+            {"train": to_dict(self.cfg)},
+            self.step,
+        )
         if self.resumed_from is not None:
             self.logger.log(self.step, {"resumed_from_step": self.step})
-        bar = tqdm(total=total, initial=self.step, disable=not (self.cfg.progress_bar and main), desc="training",
-                   unit="step")
+        bar = tqdm(
+            total=total, initial=self.step, disable=not (self.cfg.progress_bar and main), desc="training", unit="step"
+        )
         try:
             while self.step < total:
                 try:
@@ -184,8 +197,9 @@ class Trainer:
         """One step of every SAE: forward, losses, one backward, then each SAE's own update and statistics."""
         with torch.autocast(self.units[0].sae.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
             forwards, run = self._forward(batch)
-            unit_terms = {u.name: u.loss_terms(forwards[u.name], self.step, self.cfg.dead_window_tokens)
-                          for u in self.units}
+            unit_terms = {
+                u.name: u.loss_terms(forwards[u.name], self.step, self.cfg.dead_window_tokens) for u in self.units
+            }
             model_terms = {o.name: term for o in self.model_objectives if (term := o(run)) is not None} if run else {}
         self._check_finite(unit_terms, model_terms)
         loss = torch.stack([t.float() for terms in [*unit_terms.values(), model_terms] for t in terms.values()]).sum()
@@ -313,7 +327,7 @@ class Trainer:
             if self.resumed_from is not None:
                 result[unit.name]["resumed_from_step"] = self.resumed_from
         # The whole model with every SAE spliced in (end-to-end runs; evaluations of several SAEs)
-        whole = {k[len("model/"):]: v for k, v in self.last_record.items() if k.startswith("model/")}
+        whole = {k[len("model/") :]: v for k, v in self.last_record.items() if k.startswith("model/")}
         whole.update({f"eval/{k}": v for k, v in self.last_eval.get(WHOLE_MODEL, {}).items()})
         if whole:
             result[WHOLE_MODEL] = whole
@@ -354,8 +368,9 @@ class Trainer:
         if self.dist.data_parallel:
             key = f"rank_{self.dist.rank}"
             if not isinstance(self._source_state, dict) or key not in self._source_state:
-                raise ConfigError(f"this checkpoint was not written by a data-parallel run with "
-                                  f"{self.dist.world_size} ranks")
+                raise ConfigError(
+                    f"this checkpoint was not written by a data-parallel run with {self.dist.world_size} ranks"
+                )
             self._source_state = self._source_state[key]
         for unit in self.units:
             unit.load_state_dict(state["units"][unit.name])
@@ -389,8 +404,10 @@ class Trainer:
         # module parallel: this rank trains some of the SAEs
         check_same_run(checkpoint, state, self.identity(), self._unit_identity, some_units=self.dist.module_parallel)
         if int(state["step"]) > self.cfg.total_steps:
-            raise ConfigError(f"train.total_tokens {self.cfg.total_tokens:,} ({self.cfg.total_steps} steps) is less "
-                              f"than {checkpoint} has trained already ({int(state['tokens']):,} tokens)")
+            raise ConfigError(
+                f"train.total_tokens {self.cfg.total_tokens:,} ({self.cfg.total_steps} steps) is less "
+                f"than {checkpoint} has trained already ({int(state['tokens']):,} tokens)"
+            )
         try:
             self.load_state_dict(state)
         except (KeyError, RuntimeError) as e:  # a checkpoint too old to record its configuration
