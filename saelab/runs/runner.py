@@ -254,16 +254,21 @@ def _check_downstream(model: Any, hooks: list[str], saes: dict[str, SAE]) -> Non
 
 
 def make_evaluator(model, config: RunConfig):
-    """Spliced CE/KL of each SAE alone, and of all of them spliced at once when there are several, on the first
-    `train.eval_contexts` held-out contexts (for eval_every)."""
+    """For eval_every: each SAE evaluated alone (`evaluate`: explained variance, L0, spliced CE/KL; per source on a
+    built-in corpus of several), and all of them spliced at once when there are several, on `train.eval_contexts`
+    held-out contexts (of each source), read once."""
+    from saelab.data.builtin import is_builtin
     from saelab.data.tokens import excluded_token_ids
-    from saelab.evals.evaluate import heldout_contexts
+    from saelab.evals.evaluate import evaluate as evaluate_sae
+    from saelab.evals.heldout import by_source, core_metrics, heldout_groups
     from saelab.evals.spliced import SplicedEvaluation
 
-    count = min(config.train.eval_contexts, config.data.heldout_contexts)
+    count = config.train.eval_contexts
+    if not is_builtin(config.data.dataset):
+        count = min(count, config.data.heldout_contexts)
     if count < 1:
         raise ConfigError("train.eval_every needs held-out contexts: set data.heldout_contexts >= 1")
-    batches = heldout_contexts(model, config.data, count, batch_contexts=count)
+    groups = heldout_groups(model, config.data, count, batch_contexts=count)
     excluded = excluded_token_ids(model.tokenizer, config.data.exclude_special_tokens)
     keep = (
         "ce_loss_score",
@@ -274,17 +279,25 @@ def make_evaluator(model, config: RunConfig):
         "top1_agreement_with_sae",
     )
 
-    def run(saes) -> dict[str, float]:
+    def run(sae: SAE) -> dict[str, float]:
+        result = evaluate_sae(sae, model, config.data, error_term=False, contexts=groups)
+        metrics = {**core_metrics(result), **{k: v for k, v in result["downstream"].items() if k in keep}}
+        for source, values in by_source(result).items():
+            metrics.update({f"source/{source}/{k}": v for k, v in values.items()})
+        return metrics
+
+    def run_together(saes: list[SAE]) -> dict[str, float]:
         evaluation = SplicedEvaluation(model, saes, excluded, error_term=False)
-        for tokens in batches:
-            evaluation.add(tokens)
+        for batches in groups.values():
+            for tokens in batches:
+                evaluation.add(tokens)
         return {k: v for k, v in evaluation.result().items() if k in keep}
 
     def evaluate(saes: dict[str, SAE]) -> dict[str, dict[str, float]]:
         results = {name: run(sae) for name, sae in saes.items()}
         replaced = [hooks_of(sae)[1] for sae in saes.values()]
         if len(saes) > 1 and len(set(replaced)) == len(replaced):  # a sweep on one hook cannot splice at once
-            results[WHOLE_MODEL] = run(list(saes.values()))
+            results[WHOLE_MODEL] = run_together(list(saes.values()))
         return results
 
     return evaluate
