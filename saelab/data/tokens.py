@@ -184,12 +184,19 @@ def pretokenize(
     return Path(out_dir)
 
 
+def training_contexts(
+    data: DataConfig, tokenizer, loop: bool = True, shard: tuple[int, int] = (0, 1)
+) -> ContextBatches:
+    """The contexts every kind of training reads (activations harvested as it goes, activation caches, end-to-end
+    batches): the training part of the dataset, so held-out text never reaches an SAE."""
+    return ContextBatches(data, tokenizer, loop=loop, shard=shard, part="train")
+
+
 def model_contexts(tokenizer, data: DataConfig, batch_size: int, shard: tuple[int, int] = (0, 1)) -> ContextBatches:
     """Batches of training contexts holding about `batch_size` tokens (end-to-end training runs the model on
-    them); the held-out part is not among them."""
+    them)."""
     per_batch = max(1, batch_size // data.context_size)
-    config = dataclasses.replace(data, contexts_per_batch=per_batch)
-    return ContextBatches(config, tokenizer, shard=shard, part="train")
+    return training_contexts(dataclasses.replace(data, contexts_per_batch=per_batch), tokenizer, shard=shard)
 
 
 def check_dataset(data: DataConfig, tokenizer) -> None:
