@@ -145,13 +145,13 @@ def source_table(result: dict[str, Any]) -> list[str]:
         return []
     spliced = all("ce_loss_score" in m for m in sources.values())
     width = max(6, *map(len, sources))
-    columns = [("EV", "explained_variance", ".3f"), ("L0", "l0", ".1f")]
+    columns = [("EV", "explained_variance", ">8.3f"), ("L0", "l0", ">8.1f")]
     if spliced:
-        columns += [("CE score", "ce_loss_score", ".3f"), ("CE incr.", "ce_loss_increase", "+.4f")]
-        columns += [("KL", "kl_div_with_sae", ".4f"), ("KL score", "kl_div_score", ".3f")]
+        columns += [("CE score", "ce_loss_score", ">8.3f"), ("CE incr.", "ce_loss_increase", ">+8.4f")]
+        columns += [("KL", "kl_div_with_sae", ">8.4f"), ("KL score", "kl_div_score", ">8.3f")]
     lines = [f"{'source':<{width}}  {'tokens':>6}" + "".join(f"  {label:>8}" for label, _, _ in columns)]
     for name, metrics in sources.items():
-        values = "".join(f"  {metrics[key]:>8{fmt}}" for _, key, fmt in columns)
+        values = "".join(f"  {metrics[key]:{fmt}}" for _, key, fmt in columns)
         lines.append(f"{name:<{width}}  {result['sources'][name]['tokens']:>6}{values}")
     lines.append(f"worst source: {worst_source(sources)} (lowest {'CE-loss score' if spliced else 'EV'})")
     return lines
