@@ -5,7 +5,8 @@ pulls in heavy dependencies) ships its probing datasets as zstd-compressed CSV f
 `sae_probes/data/cleaned_data/`. Only their `prompt` column is read (the text; never the labels). Of its 155
 files these are English prose written by people: web pages, news, reviews, social-media posts, and medical
 abstracts. Names, place lists, arithmetic, templated question sets, code, the lower-cased or stop-word-stripped
-texts and the `agnews_*` files (whose negatives are code snippets) are left out.
+texts and the `agnews_*` files (whose negatives are code snippets) are left out, and so are the rows of the kept
+files that are not English (`is_english`). Markup is undone (`clean`).
 
 Many rows recur in several files (one text labelled for several tasks), and the web snippets are often
 overlapping windows of the same page. Rows are therefore kept once: a row is dropped when its whitespace-normalised
@@ -19,9 +20,11 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import html
 import importlib.metadata
 import importlib.util
 import io
+import json
 import re
 import zlib
 from pathlib import Path
@@ -34,6 +37,15 @@ PINNED_VERSION = "0.4.2"  # the version whose files SOURCES names (README instal
 DATA_FOLDER = ("data", "cleaned_data")
 NGRAM = 10
 NEAR_DUPLICATE_FRACTION = 0.1
+# A row of at least ENGLISH_CHECK_WORDS words is kept only if ENGLISH_MIN_FRACTION of them are common English
+# function words: this drops ~300 rows in other languages (European Parliament speeches and news among the web
+# snippets, French and German Yelp reviews) and bare lists of names; of English prose, a headline or two.
+ENGLISH_WORDS = frozenset(
+    "the a an and or of to in on for with is are was were be by that this it as at from his her their he she they "
+    "we you i not but have has had".split()
+)
+ENGLISH_CHECK_WORDS = 20
+ENGLISH_MIN_FRACTION = 0.03
 
 # source -> files (without .csv.zst), in the order their rows are deduplicated.
 SOURCES: dict[str, tuple[str, ...]] = {
@@ -88,6 +100,8 @@ SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 _ORDER_KEY = b"saelab-order"
+_UNICODE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[0-9a-fA-F]{4}")
+_AMPERSAND_LOST = re.compile(r" ?(?<![\w&#])(#\d+|quot|amp|lt|gt|nbsp|apos);")  # AG News: "Ohio State #39;s"
 _ANCHORED_NGRAMS = re.compile(r"(?<!\S)(?=(th\S*(?: \S+){" + str(NGRAM - 1) + "}))")
 
 
@@ -119,9 +133,28 @@ def read_prompts(path: Path) -> list[str]:
     return [row[column] for row in rows]
 
 
+def _unescape(match: re.Match[str]) -> str:
+    text = json.loads(f'"{match.group()}"')
+    return match.group() if any(0xD800 <= ord(c) < 0xE000 for c in text) else text  # a lone surrogate stays
+
+
 def clean(text: str) -> str:
-    """Markup some rows carry in place of line breaks (Yelp's literal \\n, Amazon's <br />), spaces trimmed."""
-    return text.replace("\\n", "\n").replace("<br />", "\n").strip()
+    """Markup some rows carry: line breaks as Yelp's literal \\n or Amazon's <br />, Yelp's literal \\u00e9
+    escapes, HTML entities (AG News's without their ampersand), AG News's \\$; spaces trimmed."""
+    text = text.replace("\\n", "\n").replace("<br />", "\n").replace("\\$", "$")
+    if "\\u" in text:
+        text = _UNICODE_ESCAPE.sub(_unescape, text)
+    if ";" in text:  # (the regular expressions are slow: most rows have neither)
+        text = _AMPERSAND_LOST.sub(lambda m: html.unescape(f"&{m.group(1)};"), html.unescape(text))
+    return text.strip()
+
+
+def is_english(key: str) -> bool:
+    """Whether a row (whitespace-normalised) reads as English: see ENGLISH_MIN_FRACTION."""
+    words = key.lower().split(" ")
+    if len(words) < ENGLISH_CHECK_WORDS:
+        return True
+    return sum(map(ENGLISH_WORDS.__contains__, words)) >= ENGLISH_MIN_FRACTION * len(words)
 
 
 def _ngram_hashes(key: str) -> set[int]:
@@ -151,7 +184,7 @@ def _documents(folder: Path) -> dict[str, tuple[str, ...]]:
             for prompt in read_prompts(path):
                 text = clean(prompt)
                 key = " ".join(text.split())
-                if not key or key in seen_texts:
+                if not key or key in seen_texts or not is_english(key):
                     continue
                 seen_texts.add(key)
                 ngrams = _ngram_hashes(key)
