@@ -152,6 +152,20 @@ def test_a_pretokenized_built_in_corpus_holds_its_training_part_only(tmp_path, h
     )
 
 
+def test_sae_probes_rows_lose_their_markup_and_other_languages():
+    from saelab.data.sae_probes_text import clean, is_english
+
+    assert clean("Ohio State #39;s  quot;big quot; win, \\$5 &amp; more<br />Caf\\u00e9 \\ud83d\\ude00 ") == (
+        'Ohio State\'s "big" win, $5 & more\nCafé \U0001f600'
+    )
+    assert clean("a lone \\ud83d stays; camp; is a word") == "a lone \\ud83d stays; camp; is a word"
+    french = (
+        "Je suis allé boire un verre sur la terrasse de ce bar à vin l'été dernier et j'ai été agréablement surpris"
+    )
+    headline = "Tech Stocks End Higher, Oil Prices Climb as Investors Cheer Earnings From Big Chip Makers in New York"
+    assert not is_english(french) and is_english(headline) and is_english("Bonjour tout le monde")
+
+
 def test_docstrings_is_still_a_corpus_of_its_own():
     assert builtin.sources("docstrings") == ["docstrings"]
     first = next(builtin.corpus_documents("docstrings", "heldout"))
