@@ -17,7 +17,8 @@ HTML comment lines right before a block's opening fence (invisible on GitHub) ad
                                                   `torchrun`; `$(which saelab)` counts as `saelab`)
 
 Several lines may precede one block. An `append` that matches no command of its block, an unknown directive, a
-directive that is not right before a fence, and a fence without a language are errors. Output shown for
+directive that is not right before a fence, and a fence without a language are errors. The pages in SLOW_DOCS
+train on the real model for minutes: they run with `pytest -m slow`. Output shown for
 illustration goes in ```text blocks, which are not run (nor are yaml, json and other languages').
 """
 
@@ -219,7 +220,13 @@ def run_file(path: Path, folder: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("path", DOC_FILES, ids=_id)
+SLOW_DOCS = {"docs/training.md", "docs/analysis.md", "docs/cli.md", "docs/evaluation.md"}
+"""Pages whose examples train and evaluate on the real model for minutes each: run with `pytest -m slow`."""
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=[pytest.mark.slow] if _id(p) in SLOW_DOCS else []) for p in DOC_FILES], ids=_id
+)
 def test_examples_run(path, tmp_path):
     folder = tmp_path / "work"
     folder.mkdir()

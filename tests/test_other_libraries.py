@@ -90,6 +90,17 @@ def saelab_sae(name):
     return sae
 
 
+def test_saelens_loads_an_sae_that_names_no_hook_point(tmp_path, x):
+    """An SAE trained on activations from nowhere in particular (synthetic, a tensor) has no hook_name."""
+    sae_lens = pytest.importorskip("sae_lens", reason="SAELens not installed (pip install -e '.[interop]')")
+    sae = perturbed(saelab.create_sae("jumprelu", D_IN, D_SAE))
+    sae.save(tmp_path / "nowhere")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "nowhere")
+    with torch.no_grad():
+        assert torch.allclose(theirs(x), sae(x), atol=1e-5)
+    assert saelab.load_sae(tmp_path / "nowhere").cfg.hook_name is None
+
+
 @pytest.mark.parametrize("name", SAELAB_TO_SAELENS)
 def test_saelens_loads_what_saelab_writes_for_it_and_computes_the_same(tmp_path, x, name):
     sae_lens = pytest.importorskip("sae_lens", reason="SAELens not installed (pip install -e '.[interop]')")

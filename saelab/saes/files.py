@@ -38,6 +38,9 @@ def saelens_architecture(architecture: str, transcoder: bool, skip_connection: b
     return architecture
 
 
+LOCATION_KEYS = ("model_name", "hook_name", "hook_layer", "hook_name_out")
+
+
 def save_sae(sae: SAE, path: str | Path, sparsity: Tensor | None = None) -> Path:
     """Write an SAE directory as it is (saelab reloads it exactly; SAELens reads it too unless
     `saelab.io.saelens_compat.to_saelens` would convert it). `sparsity` is each latent's log10 firing density."""
@@ -46,7 +49,8 @@ def save_sae(sae: SAE, path: str | Path, sparsity: Tensor | None = None) -> Path
     atomic_write_bytes(path / WEIGHTS_FILE, safetensors_bytes(sae.weights_for_saving()))
     if sparsity is not None:
         atomic_write_bytes(path / SPARSITY_FILE, safetensors_bytes({"sparsity": sparsity.detach().float().cpu()}))
-    cfg = sae.cfg.to_dict()
+    # Where the SAE reads is left out when unknown (a synthetic run's SAE): SAELens reads a null hook_name as a string
+    cfg = {k: v for k, v in sae.cfg.to_dict().items() if v is not None or k not in LOCATION_KEYS}
     cfg["architecture"] = saelens_architecture(sae.cfg.architecture, sae.cfg.transcoder, sae.cfg.skip_connection)
     # The config goes last: a directory with a cfg.json has its weights.
     atomic_write_text(path / CFG_FILE, json.dumps(cfg, indent=2))
