@@ -3,284 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import typing
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from saelab.cli.sae_source import (
-    REPORT_DEFAULT,
-    SAE_SOURCE_HELP,
-    add_sae_source_options,
-    load_sae_from_args,
-    report_folder,
-    sae_model_and_data,
-)
-from saelab.core.config import ConfigError, closest_key, deep_merge, field_docs
+from saelab.cli.parser import build_parser, overrides, suggest_unknown
+from saelab.cli.sae_source import load_sae_from_args, report_folder, sae_model_and_data
+from saelab.core.config import ConfigError, deep_merge
 from saelab.core.errors import SaelabError
-
-
-def _config_flags(config: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted flag name, help with default) for every field of a dataclass config, nested sections included."""
-    hints = typing.get_type_hints(type(config))
-    docs = field_docs(type(config))  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
-    flags = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            flags += _config_flags(value, f"{prefix}{f.name}.")
-        elif f.name != "sae":
-            flags.append((prefix + f.name, f"{docs.get(f.name, '')} (default: {value})"))
-    return flags
-
-
-def _sae_flags() -> list[tuple[str, str]]:
-    """One --sae.X flag per option of any architecture, saying which architectures take it."""
-    from saelab.saes.config import SAEConfig
-    from saelab.saes.registry import architecture_class, available_architectures
-
-    common = {f.name for f in dataclasses.fields(SAEConfig)}
-    flags: dict[str, tuple[str, list[str] | None]] = {name: (doc, None) for name, doc in field_docs(SAEConfig).items()}
-    flags["expansion_factor"] = ("d_sae = expansion_factor * d_in when d_sae is not given.", None)
-    flags["lr"] = ("This SAE's learning rate (default: train.lr).", None)
-    flags["init_from"] = ("A saved SAE directory to start from instead of a random initialisation.", None)
-    for arch in available_architectures():
-        config_class = architecture_class(arch).config_class
-        docs = field_docs(config_class)  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
-        for f in dataclasses.fields(config_class):
-            if f.name not in common:
-                default = f.default
-                if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
-                    default = f.default_factory()
-                doc, archs = flags.get(f.name, (f"{docs.get(f.name, '')} (default: {default})", []))
-                flags[f.name] = (doc, [*(archs or []), arch])
-    return [(f"sae.{name}", doc + (f" [{', '.join(archs)}]" if archs else "")) for name, (doc, archs) in flags.items()]
-
-
-def _parse_value(text: str) -> Any:
-    """Flag values are YAML scalars/lists: 32 -> int, 3e-4 -> float, null -> None, [1, 2] -> list."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads '3e-4' and '1e30' as strings
-        except ValueError:
-            return value
-    return value
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for key in parents:
-        data = data.setdefault(key, {})
-    data[last] = value
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str]]) -> None:
-    for name, doc in flags:
-        parser.add_argument(f"--{name}", dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=doc)
-
-
-def _overrides(args: argparse.Namespace, flag_names: list[str]) -> dict:
-    data: dict = {}
-    for name in flag_names:
-        if hasattr(args, name):
-            _set_dotted(data, name, _parse_value(getattr(args, name)))
-    return data
-
-
-def _data_flags() -> list[tuple[str, str]]:
-    from saelab.data.config import DataConfig
-    from saelab.models.config import ModelConfig
-
-    return _config_flags(ModelConfig(), "model.") + _config_flags(DataConfig(), "data.")
-
-
-class _ExactParser(argparse.ArgumentParser):
-    """Options match whole names only (argparse would take `--train.k 3` as `--train.keep_checkpoints 3`), and
-    the parser remembers its long options so that an unknown one gets the closest name. Subcommands' parsers are
-    of this class too."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self.long_options: list[str] = []  # before argparse's __init__, which adds --help
-        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
-
-    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
-        self.long_options += [name[2:] for name in names if isinstance(name, str) and name.startswith("--")]
-        return super().add_argument(*names, **kwargs)
-
-
-def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, list[str]]]:
-    """The parser, its subcommands' parsers, and per command the dotted config flags it accepts."""
-    from saelab.runs.runner import RunConfig
-
-    parser = _ExactParser(prog="saelab", description="Train and study sparse autoencoders.")
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        help="show the full traceback of any error (by default a user error is one line)",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    flag_names: dict[str, list[str]] = {}
-
-    train = commands.add_parser(
-        "train",
-        help="train SAEs (with no flags: a TopK SAE on the residual stream of SmolLM2-135M-Instruct (Q4_1 GGUF, "
-        "run in float32) and the built-in text)",
-        description="Train SAEs. Settings come from the defaults, then --config FILE (YAML), then --section.key flags.",
-    )
-    train.add_argument("--config", metavar="FILE", help="YAML run config (see examples/)")
-    train.add_argument(
-        "--resume",
-        metavar="OUT_DIR",
-        help="continue the run in OUT_DIR from its newest checkpoint; only --train.total_tokens (to "
-        "extend it) and the logging, evaluation and checkpoint options may be given with it",
-    )
-    train.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run already in --out_dir (by default a folder holding a run is refused)",
-    )
-    flags = _config_flags(RunConfig()) + _sae_flags()
-    _add_config_flags(train, flags)
-    flag_names["train"] = [name for name, _ in flags]
-
-    pretokenize = commands.add_parser(
-        "pretokenize",
-        help="tokenise and pack a dataset into token shards (use the folder as --data.dataset)",
-        description="Tokenise data.dataset with model.name's tokenizer, pack it into contexts and save token shards.",
-    )
-    cache = commands.add_parser(
-        "cache-activations",
-        help="run the model over a dataset once and store its activations (train from it with --data.cache)",
-        description="Harvest activations at model.hook_name (or --hooks) into sharded safetensors files.",
-    )
-    for command in (pretokenize, cache):
-        command.add_argument("--config", metavar="FILE", help="YAML run config whose model and data sections are used")
-        command.add_argument("--out", metavar="DIR", required=True, help="output folder (must not exist or be empty)")
-    pretokenize.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens (default: all)")
-    cache.add_argument("--max_tokens", type=int, default=1_000_000, help="activation rows to store (default: 1000000)")
-    cache.add_argument("--hooks", metavar="NAMES", help="comma-separated hook points (default: model.hook_name)")
-    cache.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float16", "bfloat16"],
-        help="storage dtype of the activations (default: float32)",
-    )
-    cache.add_argument("--shard_rows", type=int, default=65536, help="activation rows per shard file (default: 65536)")
-    evaluate = commands.add_parser(
-        "eval",
-        help="evaluate a saved SAE: reconstruction, sparsity, spliced CE/KL; writes eval.json and plots",
-        description="Evaluate an SAE on held-out contexts of its model and data (from its files; --model_name, "
-        "--hook_name, --model.* and --data.* override them), print a table, write eval.json and PNG plots.",
-    )
-    evaluate.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
-    evaluate.add_argument(
-        "--out", metavar="DIR", default=None, help=f"folder for eval.json and the plots ({REPORT_DEFAULT})"
-    )
-    evaluate.add_argument("--n_contexts", type=int, default=32, help="held-out contexts evaluated (default: 32)")
-    evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
-    evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
-    evaluate.add_argument("--no_error_term", action="store_true", help="skip the SAE + error-term check pass")
-    dashboard = commands.add_parser(
-        "dashboard",
-        help="per-latent statistics over a corpus and a static HTML dashboard (optionally Neuronpedia files)",
-        description="Run an SAE over contexts of its model and data (from its files; --model_name, --hook_name, "
-        "--model.* and --data.* override them), save feature_stats.safetensors and write a static HTML dashboard "
-        "that opens from disk.",
-    )
-    dashboard.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
-    dashboard.add_argument(
-        "--out",
-        metavar="DIR",
-        default=None,
-        help="dashboard folder (default: dashboard/ beside feature_stats.safetensors, which goes in "
-        f"the folder eval writes to: {REPORT_DEFAULT})",
-    )
-    dashboard.add_argument("--n_contexts", type=int, default=256, help="contexts run through the model (default: 256)")
-    dashboard.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
-    dashboard.add_argument(
-        "--top_k", type=int, default=16, help="top-activating contexts kept per latent (default: 16)"
-    )
-    dashboard.add_argument(
-        "--window_left", type=int, default=24, help="tokens shown before a context's maximum (default: 24)"
-    )
-    dashboard.add_argument("--window_right", type=int, default=8, help="tokens shown after it (default: 8)")
-    dashboard.add_argument("--chunk_size", type=int, default=64, help="latents per data file of the site (default: 64)")
-    dashboard.add_argument(
-        "--neuronpedia", metavar="DIR", default=None, help="also write Neuronpedia upload batch files into DIR"
-    )
-    dashboard.add_argument(
-        "--neuronpedia_model_id", default=None, help="Neuronpedia model id (default: the SAE's model_name)"
-    )
-    dashboard.add_argument(
-        "--neuronpedia_sae_set", default=None, help="Neuronpedia SAE set name (default: the hook name)"
-    )
-    upload = commands.add_parser(
-        "upload",
-        help="upload a saved SAE folder to the Hugging Face hub",
-        description="Upload SAE to REPO_ID (created if needed). A saelab/SAELens folder is uploaded as it is; "
-        "other formats saelab reads (and SAEs given --model_name/--hook_name) are converted to the SAELens layout "
-        "first. Log in with `hf auth login` or set HF_TOKEN.",
-    )
-    upload.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
-    upload.add_argument("repo_id", metavar="REPO_ID", help="hub repository, owner/name")
-    upload.add_argument("--path_in_repo", default=None, help="folder inside the repository (default: its root)")
-    upload.add_argument("--private", action="store_true", help="create the repository as private")
-    upload.add_argument("--message", default="Upload SAE with saelab", help="commit message")
-    convert = commands.add_parser(
-        "convert",
-        help="convert an SAE folder of any format saelab reads to saelab/SAELens or sparsify's layout",
-        description="Load SOURCE (saelab/SAELens, sparsify, dictionary_learning, Gemma Scope, e2e_sae; local, a hub "
-        "repo or a release) and write OUT.",
-    )
-    convert.add_argument("source", metavar="SOURCE", help=SAE_SOURCE_HELP)
-    convert.add_argument("out", metavar="OUT", help="output folder")
-    convert.add_argument(
-        "--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)"
-    )
-    for command in (evaluate, dashboard, upload, convert):
-        add_sae_source_options(command, with_model=command in (evaluate, dashboard))
-    flags = _data_flags()
-    flag_names["upload"] = flag_names["convert"] = []
-    for command, name in (
-        (pretokenize, "pretokenize"),
-        (cache, "cache-activations"),
-        (evaluate, "eval"),
-        (dashboard, "dashboard"),
-    ):
-        _add_config_flags(command, flags)
-        flag_names[name] = [n for n, _ in flags]
-    subparsers = {
-        "train": train,
-        "pretokenize": pretokenize,
-        "cache-activations": cache,
-        "eval": evaluate,
-        "dashboard": dashboard,
-        "upload": upload,
-        "convert": convert,
-    }
-    return parser, subparsers, flag_names
-
-
-def _suggest_unknown(unknown: list[str], flag_names: list[str], command: str) -> str:
-    flag = unknown[0].split("=")[0]
-    hint = closest_key(flag.lstrip("-"), flag_names)
-    return f"unknown option {flag}" + (f"; did you mean --{hint}?" if hint else "") + f" (see saelab {command} --help)"
 
 
 def _run_config(args: argparse.Namespace, flag_names: list[str]):
     from saelab.runs.runner import load_run_config, read_config_file
 
     data = read_config_file(args.config) if args.config else {}
-    return load_run_config(deep_merge(data, _overrides(args, flag_names)))
+    return load_run_config(deep_merge(data, overrides(args, flag_names)))
 
 
 def run_pretokenize(args: argparse.Namespace, flag_names: list[str]) -> None:
@@ -317,7 +55,7 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
                 f"--resume continues the run as configured in {Path(args.resume) / RUN_CONFIG_FILE}: "
                 f"it cannot be combined with {'--config' if args.config else '--overwrite'}"
             )
-        trained = resume(args.resume, **_overrides(args, flag_names))
+        trained = resume(args.resume, **overrides(args, flag_names))
         out_dir = Path(args.resume)
     else:
         config = _run_config(args, flag_names)
@@ -359,7 +97,7 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
 def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.evals.evaluate import evaluate, summary_rows, write_report
 
-    sae, model, data = sae_model_and_data(args, _overrides(args, flag_names))
+    sae, model, data = sae_model_and_data(args, overrides(args, flag_names))
     if args.n_contexts > data.heldout_contexts:
         print(
             f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
@@ -385,7 +123,7 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
 def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.analysis import export_neuronpedia, feature_statistics, write_dashboard
 
-    sae, model, data = sae_model_and_data(args, _overrides(args, flag_names))
+    sae, model, data = sae_model_and_data(args, overrides(args, flag_names))
     stats = feature_statistics(
         sae,
         model,
@@ -452,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     names = flag_names[args.command]
     if unknown:
-        message = _suggest_unknown(unknown, subparsers[args.command].long_options, args.command)
+        message = suggest_unknown(unknown, subparsers[args.command].long_options, args.command)
         parser.exit(2, f"saelab: error: {message}\n")
     commands = {
         "train": run_train,
