@@ -265,7 +265,11 @@ def test_a_run_evaluates_each_source_and_its_summary_names_the_worst(two_sources
     model = load_model(tiny_model)
     config = RunConfig(data=two_sources)
     config.train.eval_contexts = 8
-    metrics = make_evaluator(model, config)({"sae": projection_sae(model, two_sources, tiny_model)})["sae"]
+    evaluator, saes = make_evaluator(model, config), {"sae": projection_sae(model, two_sources, tiny_model)}
+    # evaluations before the last read the mixed held-out stream: no per-source metrics, the same EV keys
+    during = evaluator(saes, final=False)["sae"]
+    assert not flat_by_source(during) and 0.5 < during["explained_variance"] < 1.0 and "ce_loss_score" in during
+    metrics = evaluator(saes, final=True)["sae"]
     sources = flat_by_source(metrics)
     assert sources["cats"]["explained_variance"] == pytest.approx(1.0, abs=1e-5)
     assert sources["dogs"]["explained_variance"] < 0.5 and worst_source(sources) == "dogs"
