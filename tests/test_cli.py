@@ -75,7 +75,7 @@ def test_unknown_flag_suggests_the_close_name(capsys, flag, meant):
 
 def test_unknown_config_keys_suggest_saelab_names():
     from saelab.core.config import ConfigError
-    from saelab.runs.runner import load_run_config
+    from saelab.runs.config import load_run_config
 
     with pytest.raises(ConfigError, match="unknown key 'learning_rate' in config.train. Did you mean 'lr'"):
         load_run_config({"train": {"learning_rate": 3e-4}})
@@ -273,7 +273,7 @@ def test_data_commands_document_every_option(capsys, command, flags):
 
 def test_partial_sections_keep_the_run_defaults():
     """Overriding one train field keeps the default run's other train settings, not the class defaults."""
-    from saelab.runs.runner import RunConfig, load_run_config
+    from saelab.runs.config import RunConfig, load_run_config
 
     config = load_run_config({"train": {"seed": 3}, "sae": {"k": 4}})
     default = RunConfig()
@@ -565,7 +565,7 @@ def test_the_cli_uses_no_private_argparse_attributes():
     ],
 )
 def test_config_errors_name_the_dotted_key_and_what_it_must_be(config, message):
-    from saelab.runs.runner import load_run_config
+    from saelab.runs.config import load_run_config
 
     with pytest.raises(saelab.ConfigError, match=f"^{message}"):
         load_run_config(config)
