@@ -6,7 +6,8 @@ from saelab.evals.evaluate import evaluate
 from saelab.io.load import load_sae
 from saelab.io.publish import push_to_hub
 from saelab.models import HookedModel, load_model
-from saelab.runs.runner import RunConfig, cache_activations, pretokenize, resume, train
+from saelab.runs.config import RunConfig
+from saelab.runs.runner import cache_activations, pretokenize, resume, train
 from saelab.saes import SAE, SAEConfig, available_architectures, create_sae, register
 from saelab.training import TrainConfig, Trainer, TrainingDiverged
 

@@ -266,7 +266,8 @@ def test_a_cpu_run_joins_with_gloo_where_cuda_exists(monkeypatch):
 
 
 def test_a_run_names_the_devices_its_tensors_live_on():
-    from saelab.runs.runner import load_run_config, run_devices
+    from saelab.runs.config import load_run_config
+    from saelab.runs.runner import run_devices
 
     assert run_devices(load_run_config({"source": "synthetic", "model": {"device": "cuda"}})) == ["cpu"]
     assert run_devices(load_run_config({"model": {"device": "cuda"}, "sae": {"device": "cuda"}})) == ["cuda", "cuda"]

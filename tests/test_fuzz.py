@@ -14,7 +14,8 @@ import saelab
 from saelab.activations.cache import CachedActivations, read_cache_metadata
 from saelab.core.config import ConfigError
 from saelab.core.files import FileFormatError
-from saelab.runs.runner import build_saes, load_run_config, read_config_file
+from saelab.runs.config import load_run_config, read_config_file
+from saelab.runs.runner import build_saes
 from saelab.training.state import load_state, save_state
 
 CASES = 60
@@ -103,7 +104,7 @@ SECTIONS = {"train", "data", "model", "synthetic", "sae"}
 def config_must_fail(config) -> bool:
     """Whether a random run config is certainly invalid: an unknown key, a section that is not a mapping or
     holds a key its class does not have, a source other than model/synthetic, an out_dir that is not a string."""
-    from saelab.runs.runner import RunConfig
+    from saelab.runs.config import RunConfig
 
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     for key, value in config.items():

@@ -11,7 +11,7 @@ from tiny import save_tiny_model, sentences, write_jsonl
 import saelab
 from saelab.core.config import ConfigError
 from saelab.models import load_model
-from saelab.runs.runner import load_run_config
+from saelab.runs.config import load_run_config
 from saelab.training.config import TrainConfig
 from saelab.training.e2e import SplicedModel
 from saelab.training.unit import TrainingUnit
@@ -75,7 +75,7 @@ def test_a_sweep_trains_every_combination_from_one_stream_as_if_alone(tiny, tmp_
 
 def test_sweep_over_architectures_drops_the_options_of_the_other_one(tiny):
     config = load_run_config(run_config(tiny, "unused", sweep={"architecture": ["topk", "standard"]}))
-    from saelab.runs.runner import run_sae_specs
+    from saelab.runs.config import run_sae_specs
 
     specs = run_sae_specs(config)
     assert "k" in specs["architecture=topk"] and "k" not in specs["architecture=standard"]
@@ -248,7 +248,7 @@ EXAMPLES = sorted((__import__("pathlib").Path(__file__).parent.parent / "example
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_config_is_valid(path):
-    from saelab.runs.runner import run_sae_specs
+    from saelab.runs.config import run_sae_specs
 
     config = load_run_config(path)
     specs = run_sae_specs(config)

@@ -14,6 +14,22 @@ WORDS = (
 ).split()
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
+SMALL = [
+    "--train.total_tokens",
+    "40960",
+    "--train.batch_size",
+    "512",
+    "--train.progress_bar",
+    "false",
+    "--source",
+    "synthetic",
+    "--synthetic.d_in",
+    "16",
+    "--synthetic.n_features",
+    "32",
+]
+"""`saelab train` flags of a run on synthetic activations that trains in seconds (no model)."""
+
 
 def sentences(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)

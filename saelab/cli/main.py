@@ -15,7 +15,7 @@ from saelab.core.errors import SaelabError
 
 
 def _run_config(args: argparse.Namespace, flag_names: list[str]):
-    from saelab.runs.runner import load_run_config, read_config_file
+    from saelab.runs.config import load_run_config, read_config_file
 
     data = read_config_file(args.config) if args.config else {}
     return load_run_config(deep_merge(data, overrides(args, flag_names)))

@@ -107,7 +107,7 @@ class _ExactParser(argparse.ArgumentParser):
 
 def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, list[str]]]:
     """The parser, its subcommands' parsers, and per command the dotted config flags it accepts."""
-    from saelab.runs.runner import RunConfig
+    from saelab.runs.config import RunConfig
 
     parser = _ExactParser(prog="saelab", description="Train and study sparse autoencoders.")
     parser.add_argument(

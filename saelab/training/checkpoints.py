@@ -11,10 +11,14 @@ run being resumed and refuses one that differs, except in the options a resumed 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from saelab.core.config import ConfigError
 from saelab.core.files import FileFormatError, atomic_directory, atomic_write_text
@@ -120,3 +124,21 @@ def check_same_run(
             f"{checkpoint} was written by a run configured differently: {'; '.join(differing[:2])}"
             f"{more}; refusing to resume from it (start a new run with another out_dir, or --overwrite)"
         )
+
+
+def random_states() -> dict[str, Any]:
+    """The state of every random generator a run draws from (torch, numpy, Python), for a checkpoint."""
+    return {"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+
+
+def restore_random_states(state: dict[str, Any]) -> None:
+    """Put back the generators `random_states` recorded (checkpoints older than numpy's entry hold torch's only)."""
+    torch.set_rng_state(state["torch_rng"])
+    if "numpy_rng" in state:
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(_as_tuples(state["python_rng"]))
+
+
+def _as_tuples(value):
+    """random.setstate wants the nested tuples back that JSON turned into lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -8,11 +8,14 @@ KL to the clean model and downstream reconstruction, and may drop the local reco
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import torch
 from torch import Tensor
 
+from saelab.core.errors import SaelabError
 from saelab.saes.base import SAE
 from saelab.saes.outputs import TrainOutput
 from saelab.training.config import ObjectiveConfig
@@ -116,3 +119,20 @@ def model_objectives(config: ObjectiveConfig) -> list[ModelObjective]:
     if config.downstream > 0:
         terms.append(DownstreamReconstruction(config.downstream))
     return terms
+
+
+class TrainingDiverged(SaelabError, RuntimeError):
+    """The loss or the weights stopped being finite."""
+
+
+def check_finite(unit_terms: Mapping[str, Mapping[str, Tensor]], model_terms: Mapping[str, Tensor], step: int) -> None:
+    """Stop before any weight changes when a loss term is not finite, naming the SAE and the terms."""
+    owners = [*((f"SAE '{n}'", t) for n, t in unit_terms.items()), ("the model-level loss", model_terms)]
+    for owner, terms in owners:
+        if terms and not all(torch.isfinite(t) for t in terms.values()):
+            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            total = float(sum(v.detach() for v in terms.values()))
+            raise TrainingDiverged(
+                f"training diverged: {owner} at step {step}: loss is {total} ({values}); "
+                f"stopped before updating the weights, earlier checkpoints are kept (resume with a lower lr)"
+            )

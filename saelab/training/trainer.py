@@ -10,7 +10,6 @@ Everything that decides the rest of the run is in `state_dict()`, so a checkpoin
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -18,14 +17,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.activations.source import Batch
 from saelab.core.config import ConfigError, to_dict
-from saelab.core.errors import SaelabError
 from saelab.core.files import atomic_write_text, replacing_directory
 from saelab.evals.metrics import log_feature_density
 from saelab.saes.base import SAE
@@ -36,7 +33,9 @@ from saelab.training.checkpoints import (
     RESUMABLE_TRAIN_OPTIONS,
     check_same_run,
     plain,
+    random_states,
     read_newest_checkpoint,
+    restore_random_states,
     write_checkpoint,
 )
 from saelab.training.config import TrainConfig
@@ -44,16 +43,12 @@ from saelab.training.distributed import Distributed
 from saelab.training.e2e import SplicedModel, SplicedRun
 from saelab.training.logging import MetricsLogger
 from saelab.training.memory import keep_freed_memory
-from saelab.training.objectives import ModelObjective, Objective, local_objectives
+from saelab.training.objectives import ModelObjective, Objective, check_finite, local_objectives
 from saelab.training.schedules import lr_factor
 from saelab.training.unit import Forward, TrainingUnit
 
 WHOLE_MODEL = "model"
 """Name under which metrics of the model with every SAE spliced in are logged (so no SAE may use it)."""
-
-
-class TrainingDiverged(SaelabError, RuntimeError):
-    """The loss or the weights stopped being finite."""
 
 
 class Trainer:
@@ -202,7 +197,7 @@ class Trainer:
                 u.name: u.loss_terms(forwards[u.name], self.step, self.cfg.dead_window_tokens) for u in self.units
             }
             model_terms = {o.name: term for o in self.model_objectives if (term := o(run)) is not None} if run else {}
-        self._check_finite(unit_terms, model_terms)
+        check_finite(unit_terms, model_terms, self.step)
         loss = torch.stack([t.float() for terms in [*unit_terms.values(), model_terms] for t in terms.values()]).sum()
         for unit in self.units:
             unit.optimizer.zero_grad(set_to_none=True)
@@ -228,18 +223,6 @@ class Trainer:
         if self.splicer is not None:
             return self.splicer.run(_tokens(batch), self.units)
         return {unit.name: unit.forward_local(batch) for unit in self.units}, None
-
-    def _check_finite(self, unit_terms: dict[str, dict[str, Tensor]], model_terms: dict[str, Tensor]) -> None:
-        """Stop before any weight changes when a loss term is not finite, naming the SAE and the terms."""
-        owners = [*((f"SAE '{n}'", t) for n, t in unit_terms.items()), ("the model-level loss", model_terms)]
-        for owner, terms in owners:
-            if terms and not all(torch.isfinite(t) for t in terms.values()):
-                values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-                total = float(sum(v.detach() for v in terms.values()))
-                raise TrainingDiverged(
-                    f"training diverged: {owner} at step {self.step}: loss is {total} ({values}); "
-                    f"stopped before updating the weights, earlier checkpoints are kept (resume with a lower lr)"
-                )
 
     def _log(self) -> dict[str, float]:
         record: dict[str, Any] = {
@@ -349,9 +332,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "prepared": self.prepared,
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
+            **random_states(),
             "source": source_state,
             "units": units,
             "identity": self.identity(),
@@ -361,10 +342,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.prepared = int(state["step"]), int(state["tokens"]), bool(state["prepared"])
-        torch.set_rng_state(state["torch_rng"])
-        if "numpy_rng" in state:
-            np.random.set_state(state["numpy_rng"])
-            random.setstate(_as_tuples(state["python_rng"]))
+        restore_random_states(state)
         self._source_state = state["source"]
         self.last_record, self.last_eval = dict(state.get("last_record", {})), dict(state.get("last_eval", {}))
         if self.dist.data_parallel:
@@ -416,11 +394,6 @@ class Trainer:
             raise ConfigError(f"{checkpoint} does not fit this run's SAEs: {str(e).splitlines()[0]}") from None
         self.resumed_from, self.resumed_checkpoint = self.step, checkpoint
         return True
-
-
-def _as_tuples(value):
-    """random.setstate wants the nested tuples back that JSON turned into lists."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _tokens(batch: Batch) -> Tensor:
