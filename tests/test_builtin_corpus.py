@@ -260,7 +260,8 @@ def test_evaluate_reports_each_source_on_its_held_out_contexts(two_sources, tiny
 
 def test_a_run_evaluates_each_source_and_its_summary_names_the_worst(two_sources, tiny_model, tmp_path, capsys):
     from saelab.cli import main
-    from saelab.runs.runner import RunConfig, make_evaluator
+    from saelab.runs.config import RunConfig
+    from saelab.runs.runner import make_evaluator
 
     model = load_model(tiny_model)
     config = RunConfig(data=two_sources)
