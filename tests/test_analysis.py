@@ -27,7 +27,7 @@ from saelab.analysis import (
 )
 from saelab.core.files import FileFormatError
 from saelab.data.config import DataConfig
-from saelab.evals.evaluate import heldout_contexts
+from saelab.evals.heldout import heldout_contexts
 from saelab.models import load_model
 from saelab.models.hooks import UnknownHookError
 

@@ -12,7 +12,8 @@ from tiny import save_tiny_model, sentences, write_jsonl
 import saelab
 from saelab.data.config import DataConfig
 from saelab.evals import metrics as M
-from saelab.evals.evaluate import evaluate, heldout_contexts, write_report
+from saelab.evals.evaluate import evaluate, write_report
+from saelab.evals.heldout import heldout_contexts
 from saelab.evals.spliced import SplicedEvaluation
 from saelab.models import load_model
 

@@ -27,7 +27,7 @@ from saelab.activations.source import Batch
 from saelab.core.errors import ConfigError, FileFormatError
 from saelab.core.files import atomic_directory, read_json, read_safetensors
 from saelab.data.config import DataConfig
-from saelab.data.tokens import ContextBatches
+from saelab.data.tokens import training_contexts
 from saelab.models.hooks import HookedModel
 
 CACHE_FORMAT = "saelab-activations"
@@ -206,9 +206,10 @@ def cache_activations(
     shard_rows: int = 65536,
     info: dict[str, Any] | None = None,
 ) -> Path:
-    """Run `model` over `max_tokens` tokens of `data.dataset` and store its activations at `hook_names` in a new
-    cache folder `out_dir`; `info` (where they came from) is recorded with each hook's layer."""
+    """Run `model` over `max_tokens` tokens of the training part of `data.dataset` (runs train on caches: the
+    held-out part stays out) and store its activations at `hook_names` in a new cache folder `out_dir`; `info`
+    (where they came from) is recorded with each hook's layer."""
     harvester = make_harvester(model, data, hook_names)
-    contexts = ContextBatches(data, model.tokenizer, loop=False)
+    contexts = training_contexts(data, model.tokenizer, loop=False)
     info = {**(info or {}), "hook_layers": {h: model.hook_point(h).layer for h in hook_names}}
     return write_activation_cache(harvester, contexts, out_dir, max_tokens, shard_rows, dtype, info)

@@ -13,7 +13,7 @@ from saelab.activations.shuffle_buffer import ShuffleBuffer
 from saelab.activations.source import Batch
 from saelab.core.errors import ConfigError
 from saelab.data.config import DataConfig
-from saelab.data.tokens import ContextBatches, excluded_token_ids
+from saelab.data.tokens import excluded_token_ids, training_contexts
 from saelab.models.hooks import HookedModel
 
 
@@ -147,8 +147,7 @@ def model_activations(
     split across ranks and gathered, so every rank sees the single-process stream."""
     harvester = make_harvester(model, data, hook_names)
     shard = (dist.rank, dist.world_size) if dist is not None and dist.data_parallel else (0, 1)
-    contexts = ContextBatches(data, model.tokenizer, shard=shard)
-    contexts.position = data.heldout_contexts  # training starts after the held-out contexts
+    contexts = training_contexts(data, model.tokenizer, shard=shard)
     if dist is not None and dist.module_parallel:
         return GatheredActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed, dist)
     return ActivationStore(harvester, contexts, batch_size, data.shuffle_buffer, seed + 1_000_003 * shard[0])

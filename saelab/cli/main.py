@@ -46,6 +46,7 @@ def run_cache_activations(args: argparse.Namespace, flag_names: list[str]) -> No
 
 
 def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
+    from saelab.evals.heldout import flat_by_source, worst_source
     from saelab.runs.runner import RUN_CONFIG_FILE, resume, train
     from saelab.training.trainer import WHOLE_MODEL
 
@@ -78,6 +79,14 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
             f"  {name:<{width}} {row['architecture']:<11} explained variance {row['explained_variance']:.3f}"
             f"   L0 {row['l0']:.1f}   dead latents {100 * row['dead_fraction']:.1f}%{spliced}   -> {out_dir / name}/"
         )
+        sources = flat_by_source(row, "eval/")
+        if (worst := worst_source(sources)) is not None and "eval/ce_loss_score" in row:
+            print(
+                f"  {'':<{width}} held out: explained variance {row['eval/explained_variance']:.3f}, CE-loss score "
+                f"{row['eval/ce_loss_score']:.3f}; worst of {len(sources)} sources: {worst}, explained variance "
+                f"{sources[worst]['explained_variance']:.3f}, CE-loss score {sources[worst]['ce_loss_score']:.3f} "
+                f"(saelab eval {out_dir / name} for every source)"
+            )
     whole = summary.get(WHOLE_MODEL, {})
     parts = [
         f"{label} {whole[key]:{fmt}}"
@@ -95,13 +104,14 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 
 def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
-    from saelab.evals.evaluate import evaluate, summary_rows, write_report
+    from saelab.data.builtin import is_builtin
+    from saelab.evals.evaluate import evaluate, source_table, summary_rows, write_report
 
     sae, model, data = sae_model_and_data(args, overrides(args, flag_names))
-    if args.n_contexts > data.heldout_contexts:
+    if args.n_contexts > data.heldout_contexts and not is_builtin(data.dataset):
         print(
-            f"saelab: warning: {args.n_contexts} contexts evaluated but only the first {data.heldout_contexts} were "
-            f"held out of training",
+            f"saelab: warning: --n_contexts {args.n_contexts}, but only the first {data.heldout_contexts} contexts "
+            f"were held out of training: evaluating those",
             file=sys.stderr,
         )
     result = evaluate(
@@ -117,6 +127,8 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     width = max(len(name) for name, _ in summary_rows(result))
     for name, value in summary_rows(result):
         print(f"  {name:<{width}}  {value}")
+    for line in source_table(result):
+        print(f"  {line}")
     print(f"wrote {', '.join(str(f) for f in files)}")
 
 

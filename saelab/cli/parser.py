@@ -173,7 +173,12 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     evaluate.add_argument(
         "--out", metavar="DIR", default=None, help=f"folder for eval.json and the plots ({REPORT_DEFAULT})"
     )
-    evaluate.add_argument("--n_contexts", type=int, default=32, help="held-out contexts evaluated (default: 32)")
+    evaluate.add_argument(
+        "--n_contexts",
+        type=int,
+        default=32,
+        help="held-out contexts evaluated, of each source of a built-in corpus (default: 32)",
+    )
     evaluate.add_argument("--batch_contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
     evaluate.add_argument("--no_spliced", action="store_true", help="skip the downstream CE/KL passes (faster)")
     evaluate.add_argument("--no_error_term", action="store_true", help="skip the SAE + error-term check pass")

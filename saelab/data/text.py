@@ -1,4 +1,4 @@
-"""Where documents come from: the built-in corpus, local files, or a Hugging Face dataset.
+"""Where documents come from: a built-in corpus, local files, or a Hugging Face dataset.
 
 `iter_documents` yields each document either as a string (to be tokenised) or as a list of token ids (a
 pretokenised dataset: rows with `input_ids` or `tokens` instead of text), always in the same order.
@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from saelab.core.errors import MissingDependency, SaelabError
-from saelab.data.docstrings import docstring_documents
+from saelab.data.builtin import DEFAULT_CORPUS, corpus_documents, is_builtin
 
-BUILTIN_DATASET = "docstrings"
+BUILTIN_DATASET = DEFAULT_CORPUS
 TOKEN_COLUMNS = ("input_ids", "tokens")
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -99,7 +99,7 @@ def _local_documents(path: Path, text_column: str) -> Iterator[Document]:
 
 
 def _hub_documents(name: str, text_column: str, split: str) -> Iterator[Document]:
-    datasets = _import_datasets(f"'{name}' is neither the built-in corpus nor a local path; a Hugging Face dataset")
+    datasets = _import_datasets(f"'{name}' is neither a built-in corpus nor a local path; a Hugging Face dataset")
     stream = datasets.load_dataset(name, split=split, streaming=True)
     for number, row in enumerate(stream):
         yield _document(row, text_column, f"dataset '{name}' row {number}")
@@ -108,11 +108,11 @@ def _hub_documents(name: str, text_column: str, split: str) -> Iterator[Document
 def iter_documents(
     dataset: str = BUILTIN_DATASET, text_column: str = "text", split: str = "train"
 ) -> Iterator[Document]:
-    """Documents of `dataset`: 'docstrings' (built in), a local .txt/.md/.rst/.jsonl/.json/.parquet file or a
-    folder of them, a folder written by datasets' save_to_disk, or a Hugging Face dataset name (streamed;
-    offline it needs the local datasets cache)."""
-    if dataset == BUILTIN_DATASET:
-        return docstring_documents()
+    """Documents of `dataset`: a built-in corpus ('english-mix', 'docstrings': its training part), a local
+    .txt/.md/.rst/.jsonl/.json/.parquet file or a folder of them, a folder written by datasets' save_to_disk, or a
+    Hugging Face dataset name (streamed; offline it needs the local datasets cache)."""
+    if is_builtin(dataset):
+        return corpus_documents(dataset)
     path = Path(dataset).expanduser()
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return _saved_dataset_documents(path, text_column, split)

@@ -1,14 +1,15 @@
 """`evaluate(sae, model, data)`: every metric of an SAE on held-out contexts, as `saelab eval` prints them.
 
-Held-out contexts: a run reserves the first `heldout_contexts` contexts of its dataset for evaluation (it
-trains on the rest) and records that in the SAE's metadata, so `evaluate` reads exactly those by default.
+Held-out contexts: a run never trains on the held-out part of its dataset and records its data settings in the
+SAE's metadata, so `evaluate` reads exactly that part by default. On a built-in corpus of several sources the
+SAE is evaluated on each source's held-out contexts (the result's `sources`) and on all of them together
+(see `saelab.evals.heldout`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from torch import Tensor
 
 from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.data.config import DataConfig
-from saelab.data.tokens import ContextBatches, excluded_token_ids
+from saelab.data.tokens import excluded_token_ids
 from saelab.evals import metrics as M
+from saelab.evals.heldout import Groups, by_source, heldout_groups, worst_source
 from saelab.evals.spliced import SplicedEvaluation
 from saelab.saes.base import SAE
 from saelab.splice import hooks_of, model_for
@@ -32,11 +34,42 @@ def data_config_of(sae: SAE, **overrides: Any) -> DataConfig:
     return DataConfig(**{**known, **overrides})
 
 
-def heldout_contexts(model, data: DataConfig, n_contexts: int, batch_contexts: int = 8) -> list[Tensor]:
-    """The first `n_contexts` contexts of the dataset (the ones a run holds out), in batches."""
-    config = dataclasses.replace(data, contexts_per_batch=min(batch_contexts, n_contexts))
-    batches = ContextBatches(config, model.tokenizer, loop=False)
-    return list(islice(batches, max(1, n_contexts // config.contexts_per_batch)))
+@dataclasses.dataclass
+class _Group:
+    """What one group of held-out contexts gave: activations in and out, latent firing, downstream totals."""
+
+    fire_counts: Tensor
+    inputs: list[Tensor] = dataclasses.field(default_factory=list)
+    targets: list[Tensor] = dataclasses.field(default_factory=list)
+    l1_sum: float = 0.0
+    downstream: SplicedEvaluation | None = None
+
+
+def _scores(sae: SAE, groups: list[_Group]) -> dict[str, Any]:
+    """Reconstruction and sparsity over the activations of `groups` together (and downstream, when measured)."""
+    x, y = torch.cat([t for g in groups for t in g.inputs]), torch.cat([t for g in groups for t in g.targets])
+    fire_counts = torch.stack([g.fire_counts for g in groups]).sum(0)
+    prediction = sae(x)
+    n = x.shape[0]
+    scores: dict[str, Any] = {
+        "tokens": n,
+        "reconstruction": {
+            "mse": M.mse(y, prediction),
+            "explained_variance": M.explained_variance(y, prediction),
+            "cosine_similarity": M.cosine_similarity(y, prediction),
+            "l2_norm_ratio": M.l2_norm_ratio(y, prediction),
+            "relative_reconstruction_bias": M.relative_reconstruction_bias(y, prediction),
+        },
+        "sparsity": {
+            "l0": float(fire_counts.sum()) / n,
+            "l1": sum(g.l1_sum for g in groups) / n,
+            **M.density_counts(fire_counts, n),
+        },
+    }
+    downstream = [g.downstream for g in groups if g.downstream is not None]
+    if downstream:
+        scores["downstream"] = SplicedEvaluation.combined(downstream)
+    return scores
 
 
 @torch.no_grad()
@@ -49,9 +82,13 @@ def evaluate(
     exclude_special_tokens: bool | None = None,
     error_term: bool = True,
     spliced: bool = True,
+    contexts: Groups | None = None,
 ) -> dict[str, Any]:
     """Reconstruction, sparsity, geometry and (with `spliced`) downstream metrics of `sae` on `n_contexts`
-    held-out contexts. `model` defaults to the SAE's model_name, `data` to the data it was trained on."""
+    held-out contexts: of each source, on a built-in corpus of several (`result["sources"]` then holds each
+    source's metrics; the rest of the result is over all of them). `model` defaults to the SAE's model_name,
+    `data` to the data it was trained on; `contexts` (batches by source, from `heldout_groups`) saves reading
+    the held-out contexts again when the same ones are evaluated many times."""
 
     sae = sae.eval()
     model = model_for(sae, model)
@@ -59,24 +96,25 @@ def evaluate(
     exclude = data.exclude_special_tokens if exclude_special_tokens is None else exclude_special_tokens
     excluded = excluded_token_ids(model.tokenizer, exclude)
     hook_in, hook_out = hooks_of(sae)
-    downstream = SplicedEvaluation(model, sae, excluded, error_term) if spliced else None
-    inputs, targets, fire_counts, l1_sum = [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0.0
-    for tokens in heldout_contexts(model, data, n_contexts, batch_contexts):
-        acts = model.run_with_cache(tokens, list(dict.fromkeys([hook_in, hook_out])))
-        keep = ~torch.isin(tokens, torch.tensor(excluded, dtype=torch.long))
-        x = acts[hook_in][keep].to(sae.device, sae.dtype)
-        inputs.append(x)
-        targets.append(acts[hook_out][keep].to(sae.device, sae.dtype))
-        latents = sae.encode(x)
-        fire_counts += (latents != 0).sum(0).double().cpu()
-        l1_sum += float(latents.double().abs().sum())
-        if downstream is not None:
-            downstream.add(tokens)
-    x, y = torch.cat(inputs), torch.cat(targets)
-    prediction = sae(x)
-    n = x.shape[0]
+    groups: dict[str | None, _Group] = {}
+    for source, batches in (contexts or heldout_groups(model, data, n_contexts, batch_contexts)).items():
+        group = groups[source] = _Group(fire_counts=torch.zeros(sae.cfg.d_sae, dtype=torch.float64))
+        if spliced:
+            group.downstream = SplicedEvaluation(model, sae, excluded, error_term)
+        for tokens in batches:
+            acts = model.run_with_cache(tokens, list(dict.fromkeys([hook_in, hook_out])))
+            keep = ~torch.isin(tokens, torch.tensor(excluded, dtype=torch.long))
+            x = acts[hook_in][keep].to(sae.device, sae.dtype)
+            group.inputs.append(x)
+            group.targets.append(acts[hook_out][keep].to(sae.device, sae.dtype))
+            latents = sae.encode(x)
+            group.fire_counts += (latents != 0).sum(0).double().cpu()
+            group.l1_sum += float(latents.double().abs().sum())
+            if group.downstream is not None:
+                group.downstream.add(tokens)
+    scores = _scores(sae, list(groups.values()))
     geometry = M.decoder_geometry(sae.W_dec.detach())
-    density = M.log_feature_density(fire_counts, n)
+    fire_counts = torch.stack([g.fire_counts for g in groups.values()]).sum(0)
     result: dict[str, Any] = {
         "sae": {
             "architecture": sae.cfg.architecture,
@@ -85,30 +123,38 @@ def evaluate(
             "hook_name": hook_in,
             "model_name": sae.cfg.model_name,
         },
-        "tokens": n,
-        "reconstruction": {
-            "mse": M.mse(y, prediction),
-            "explained_variance": M.explained_variance(y, prediction),
-            "cosine_similarity": M.cosine_similarity(y, prediction),
-            "l2_norm_ratio": M.l2_norm_ratio(y, prediction),
-            "relative_reconstruction_bias": M.relative_reconstruction_bias(y, prediction),
-        },
-        "sparsity": {
-            "l0": float(fire_counts.sum()) / n,
-            "l1": l1_sum / n,
-            **M.density_counts(fire_counts, n),
-        },
+        **scores,
         "geometry": {
             "decoder_norm_mean": float(geometry["decoder_norms"].mean()),
             "decoder_norm_std": float(geometry["decoder_norms"].std()),
             "max_decoder_cosine_mean": float(geometry["max_decoder_cosine"].mean()),
             "max_decoder_cosine_max": float(geometry["max_decoder_cosine"].max()),
         },
-        "log10_feature_density": density.tolist(),
+        "log10_feature_density": M.log_feature_density(fire_counts, scores["tokens"]).tolist(),
     }
-    if downstream is not None:
-        result["downstream"] = downstream.result()
+    if None not in groups:
+        result["sources"] = {source: _scores(sae, [group]) for source, group in groups.items()}
     return result
+
+
+def source_table(result: dict[str, Any]) -> list[str]:
+    """Lines of a table of the core metrics per source, and the worst source (none when the result has no
+    sources)."""
+    sources = by_source(result)
+    if not sources:
+        return []
+    spliced = all("ce_loss_score" in m for m in sources.values())
+    width = max(6, *map(len, sources))
+    columns = [("EV", "explained_variance", ">8.3f"), ("L0", "l0", ">8.1f")]
+    if spliced:
+        columns += [("CE score", "ce_loss_score", ">8.3f"), ("CE incr.", "ce_loss_increase", ">+8.4f")]
+        columns += [("KL", "kl_div_with_sae", ">8.4f"), ("KL score", "kl_div_score", ">8.3f")]
+    lines = [f"{'source':<{width}}  {'tokens':>6}" + "".join(f"  {label:>8}" for label, _, _ in columns)]
+    for name, metrics in sources.items():
+        values = "".join(f"  {metrics[key]:{fmt}}" for _, key, fmt in columns)
+        lines.append(f"{name:<{width}}  {result['sources'][name]['tokens']:>6}{values}")
+    lines.append(f"worst source: {worst_source(sources)} (lowest {'CE-loss score' if spliced else 'EV'})")
+    return lines
 
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:

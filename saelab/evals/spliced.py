@@ -71,17 +71,31 @@ class SplicedEvaluation:
         self.counts["kl"] += int(keep.sum())
 
     def result(self) -> dict[str, float]:
-        metrics = {
-            name: total / max(self.counts["ce" if name.startswith("ce") else "kl"], 1)
-            for name, total in self.sums.items()
-        }
-        metrics["ce_loss_increase"] = metrics["ce_loss_with_sae"] - metrics["ce_loss_without_sae"]
-        metrics["ce_loss_score"] = recovered_fraction(
-            metrics["ce_loss_with_ablation"], metrics["ce_loss_with_sae"], metrics["ce_loss_without_sae"]
-        )
-        metrics["kl_div_score"] = recovered_fraction(metrics["kl_div_with_ablation"], metrics["kl_div_with_sae"], 0.0)
-        metrics["tokens"] = self.counts["kl"]
-        return metrics
+        """Mean losses and divergences over every batch added, and the scores."""
+        return _metrics(self.sums, self.counts)
+
+    @staticmethod
+    def combined(evaluations: Sequence[SplicedEvaluation]) -> dict[str, float]:
+        """The result of several evaluations (of the same model and SAEs, on other batches) taken together."""
+        sums: dict[str, float] = defaultdict(float)
+        counts = {"ce": 0, "kl": 0}
+        for evaluation in evaluations:
+            for name, total in evaluation.sums.items():
+                sums[name] += total
+            for name, count in evaluation.counts.items():
+                counts[name] += count
+        return _metrics(sums, counts)
+
+
+def _metrics(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+    metrics = {name: total / max(counts["ce" if name.startswith("ce") else "kl"], 1) for name, total in sums.items()}
+    metrics["ce_loss_increase"] = metrics["ce_loss_with_sae"] - metrics["ce_loss_without_sae"]
+    metrics["ce_loss_score"] = recovered_fraction(
+        metrics["ce_loss_with_ablation"], metrics["ce_loss_with_sae"], metrics["ce_loss_without_sae"]
+    )
+    metrics["kl_div_score"] = recovered_fraction(metrics["kl_div_with_ablation"], metrics["kl_div_with_sae"], 0.0)
+    metrics["tokens"] = counts["kl"]
+    return metrics
 
 
 def _zeros(sae: SAE, x: Tensor, activation: Tensor) -> Tensor:

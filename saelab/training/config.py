@@ -48,7 +48,7 @@ class TrainConfig:
     """Steps between downstream evaluations (SAE spliced into the model on held-out contexts; 0: never).
     Needs a model source; results are logged as eval/ce_loss_score, eval/kl_div_score, ..."""
     eval_contexts: int = 4
-    """Held-out contexts per evaluation during training."""
+    """Held-out contexts per evaluation during training (of each source, on a built-in corpus of several)."""
     checkpoint_every: int | None = None
     """Steps between checkpoints; None writes only the final SAE."""
     keep_checkpoints: int = 2

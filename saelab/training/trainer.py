@@ -60,7 +60,7 @@ class Trainer:
         config: TrainConfig,
         out_dir: str | Path | None = None,
         objectives: list[Objective] | None = None,
-        evaluator: Callable[[dict[str, SAE]], dict[str, dict[str, float]]] | None = None,
+        evaluator: Callable[[dict[str, SAE], bool], dict[str, dict[str, float]]] | None = None,
         splicer: SplicedModel | None = None,
         model_objectives: list[ModelObjective] | None = None,
         lrs: Mapping[str, float] | None = None,
@@ -72,9 +72,10 @@ class Trainer:
         `splicer` + `model_objectives`: end-to-end training, batches are token contexts. `lrs`: learning rates
         of particular SAEs (the others use config.lr). `initial`: saved SAEs (raw activation units) that
         particular SAEs start from instead of their random initialisation. `dist`: this process's place in
-        a torchrun group (data parallel: replicas of every SAE; module parallel: this rank's SAEs). `evaluator`: called
-        every config.eval_every steps. `run_identity`: the rest of the run's configuration (beyond `config` and the
-        SAEs' own configs), recorded in checkpoints so that `resume` refuses a checkpoint of another run."""
+        a torchrun group (data parallel: replicas of every SAE; module parallel: this rank's SAEs). `evaluator`:
+        called every config.eval_every steps as `evaluator(saes, final)`, `final` at the last step. `run_identity`:
+        the rest of the run's configuration (beyond `config` and the SAEs' own configs), recorded in checkpoints so
+        that `resume` refuses a checkpoint of another run."""
         if isinstance(saes, SAE):
             saes = {"sae": saes}
         elif not isinstance(saes, Mapping):
@@ -179,7 +180,7 @@ class Trainer:
                     bar.set_postfix(self._log())
                 due = self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == total)
                 if self.evaluator and due:
-                    self._evaluate()
+                    self._evaluate(final=self.step == total)
                 # the last step too: a finished run can be extended (resumed with a larger total_tokens)
                 if self.cfg.checkpoint_every and (self.step % self.cfg.checkpoint_every == 0 or self.step == total):
                     self.save_checkpoint(source)
@@ -246,12 +247,13 @@ class Trainer:
         first = "" if len(self.units) == 1 else f"{self.units[0].name}/"
         return {k: round(record[first + k], 4) for k in ("loss", "l0", "explained_variance", "dead_fraction")}
 
-    def _evaluate(self) -> None:
-        """Run the evaluator on the SAEs as they would be saved now; log under eval/ (per SAE when several)."""
+    def _evaluate(self, final: bool) -> None:
+        """Run the evaluator on the SAEs as they would be saved now (`final`: the run's last evaluation, which may
+        be more thorough); log under eval/ (per SAE when several)."""
         assert self.evaluator is not None and self.logger is not None
         if self.dist.data_parallel and not self.dist.is_main:
             return  # replicas are equal: rank 0 evaluates
-        results = self.evaluator(self.final_saes())
+        results = self.evaluator(self.final_saes(), final)
         if self.dist.module_parallel:
             results = {k: v for r in self.dist.gather_objects(results) for k, v in r.items()}
         record = {}
