@@ -169,7 +169,7 @@ def test_what_saelab_uploads_loads_in_saelens(tmp_path, x, hub_uploads, name):
 
 def test_saelens_and_saelab_read_a_saelens_2_cfg_the_same(tmp_path, x):
     sae_lens = pytest.importorskip("sae_lens", reason="SAELens not installed (pip install -e '.[interop]')")
-    from test_formats import saelens_2_cfg
+    from peer_files import saelens_2_cfg
 
     g = torch.Generator().manual_seed(3)
     weights = {
