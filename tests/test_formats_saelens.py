@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from peer_files import D_IN, D_SAE, K, e2e_sae_by_hand, saelens_2_cfg, saelens_weights, write_e2e_sae_run
+from peer_files import D_IN, D_SAE, K, saelens_2_cfg, saelens_weights
 from safetensors.torch import save_file
 
 import saelab
@@ -297,18 +297,3 @@ def test_saes_saelens_has_no_equivalent_of_are_refused_in_one_line_before_writin
         saelab.push_to_hub(sae, "me/saes")
     if "sparsify" in message:  # the way out the message offers works
         assert main(["convert", str(tmp_path / "sae"), str(tmp_path / "sp"), "--to", "sparsify"]) == 0
-
-
-def test_cli_convert_writes_saelens_and_sparsify_layouts(tmp_path):
-    from saelab.cli import main
-
-    state = write_e2e_sae_run(tmp_path / "e2e")
-    assert main(["convert", str(tmp_path / "e2e"), str(tmp_path / "out"), "--sae_id", "blocks.4.hook_resid_pre"]) == 0
-    x = torch.randn(7, D_IN)
-    expected = e2e_sae_by_hand(state, "blocks.4.hook_resid_pre", x)[0]
-    assert torch.allclose(saelab.load_sae(tmp_path / "out")(x), expected, atol=1e-4)
-    sae = saelab.create_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K)
-    sae.save(tmp_path / "topk")
-    assert main(["convert", str(tmp_path / "topk"), str(tmp_path / "sp"), "--to", "sparsify"]) == 0
-    assert (tmp_path / "sp" / "sae.safetensors").exists()
-    assert torch.allclose(saelab.load_sae(tmp_path / "sp")(x), sae(x), atol=1e-5)
