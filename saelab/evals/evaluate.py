@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,6 +40,35 @@ def heldout_contexts(model, data: DataConfig, n_contexts: int, batch_contexts: i
     return list(islice(batches, max(1, n_contexts // config.contexts_per_batch)))
 
 
+class ActivationBatch(NamedTuple):
+    """One batch of contexts at an SAE's hooks, special tokens left out."""
+
+    tokens: Tensor
+    """(contexts, context_size) token ids."""
+    keep: Tensor
+    """(contexts, context_size) bool: the positions kept (not an excluded token); rows below are these, in order."""
+    inputs: Tensor
+    """(kept, d_in) activations at the hook the SAE reads, on its device and in its dtype."""
+    targets: Tensor
+    """(kept, d_out) activations at the hook it reconstructs (the inputs again, for an SAE that is not a
+    transcoder)."""
+
+
+@torch.no_grad()
+def activation_batches(
+    sae: SAE, model, token_batches: Iterable[Tensor], excluded: Sequence[int]
+) -> Iterator[ActivationBatch]:
+    """Each batch of contexts run through `model` as far as `sae`'s hooks need, positions holding an `excluded`
+    token id dropped (what `evaluate` and the geometry eval read)."""
+    hook_in, hook_out = hooks_of(sae)
+    excluded_ids = torch.tensor(list(excluded), dtype=torch.long)
+    for tokens in token_batches:
+        acts = model.run_with_cache(tokens, list(dict.fromkeys([hook_in, hook_out])))
+        keep = ~torch.isin(tokens, excluded_ids)
+        x = acts[hook_in][keep].to(sae.device, sae.dtype)
+        yield ActivationBatch(tokens, keep, x, acts[hook_out][keep].to(sae.device, sae.dtype))
+
+
 @torch.no_grad()
 def evaluate(
     sae: SAE,
@@ -58,20 +88,18 @@ def evaluate(
     data = data or data_config_of(sae)
     exclude = data.exclude_special_tokens if exclude_special_tokens is None else exclude_special_tokens
     excluded = excluded_token_ids(model.tokenizer, exclude)
-    hook_in, hook_out = hooks_of(sae)
+    hook_in = hooks_of(sae)[0]
     downstream = SplicedEvaluation(model, sae, excluded, error_term) if spliced else None
     inputs, targets, fire_counts, l1_sum = [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0.0
-    for tokens in heldout_contexts(model, data, n_contexts, batch_contexts):
-        acts = model.run_with_cache(tokens, list(dict.fromkeys([hook_in, hook_out])))
-        keep = ~torch.isin(tokens, torch.tensor(excluded, dtype=torch.long))
-        x = acts[hook_in][keep].to(sae.device, sae.dtype)
-        inputs.append(x)
-        targets.append(acts[hook_out][keep].to(sae.device, sae.dtype))
-        latents = sae.encode(x)
+    token_batches = heldout_contexts(model, data, n_contexts, batch_contexts)
+    for batch in activation_batches(sae, model, token_batches, excluded):
+        inputs.append(batch.inputs)
+        targets.append(batch.targets)
+        latents = sae.encode(batch.inputs)
         fire_counts += (latents != 0).sum(0).double().cpu()
         l1_sum += float(latents.double().abs().sum())
         if downstream is not None:
-            downstream.add(tokens)
+            downstream.add(batch.tokens)
     x, y = torch.cat(inputs), torch.cat(targets)
     prediction = sae(x)
     n = x.shape[0]
