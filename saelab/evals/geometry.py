@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ class GeometryConfig:
     """Contexts per forward pass of the model."""
     exclude_special_tokens: bool | None = None
     """Leave out BOS/EOS/PAD positions; None: as the SAE was trained."""
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024
     """Rows per SAE pass over activations you pass in (`run_geometry(activations=...)`)."""
     fold_decoder_norm: bool = True
     """Measure (a copy of) the SAE with unit-norm decoder rows, norms moved into the encoder, as SAEBench does: only
@@ -106,11 +106,13 @@ def encoder_decoder_cosines(sae: SAE) -> Tensor | None:
     return torch.nn.functional.cosine_similarity(encoder, decoder, dim=-1, eps=1e-12)
 
 
-def _given_batches(
-    sae: SAE, activations: Tensor, targets: Tensor | None, batch_tokens: int
-) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-    """(inputs, targets, context of each row or None) from tensors: (n, d) rows or (sequences, length, d)."""
-    if activations.shape[-1] != sae.cfg.d_in or activations.dim() not in (2, 3):
+Batches = Iterator[tuple[Tensor, Tensor, list[int] | None]]
+"""(inputs, targets, rows of each sequence in order or None): what the eval reads, one batch at a time."""
+
+
+def _given_batches(sae: SAE, activations: Tensor, targets: Tensor | None, batch_tokens: int) -> tuple[int, Batches]:
+    """(number of batches, batches) of tensors: (n, d) rows or (sequences, length, d), checked before any work."""
+    if activations.dim() not in (2, 3) or activations.shape[-1] != sae.cfg.d_in:
         raise ConfigError(
             f"geometry activations must be (tokens, {sae.cfg.d_in}) or (sequences, length, {sae.cfg.d_in}) for "
             f"this SAE, got {tuple(activations.shape)}"
@@ -123,19 +125,19 @@ def _given_batches(
             f"geometry targets must be {(*activations.shape[:-1], sae.cfg.d_out)}, got {tuple(targets.shape)}"
         )
     per_batch = max(1, batch_tokens // activations.shape[1]) if activations.dim() == 3 else batch_tokens
-    for start in range(0, activations.shape[0], per_batch):
-        x, y = activations[start : start + per_batch], targets[start : start + per_batch]
-        contexts = None
-        if x.dim() == 3:
-            contexts = torch.arange(x.shape[0], device=sae.device).repeat_interleave(x.shape[1])
+
+    def batches() -> Batches:
+        for start in range(0, activations.shape[0], per_batch):
+            x, y = activations[start : start + per_batch], targets[start : start + per_batch]
+            lengths = [x.shape[1]] * x.shape[0] if x.dim() == 3 else None
             x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        yield x.to(sae.device, sae.dtype), y.to(sae.device, sae.dtype), contexts
+            yield x.to(sae.device, sae.dtype), y.to(sae.device, sae.dtype), lengths
+
+    return -(-activations.shape[0] // per_batch), batches()
 
 
-def _model_batches(
-    sae: SAE, model, data: DataConfig | None, config: GeometryConfig
-) -> tuple[int, Iterator[tuple[Tensor, Tensor, Tensor | None]]]:
-    """(number of batches, batches) of held-out contexts, as `evaluate` reads them."""
+def _model_batches(sae: SAE, model, data: DataConfig | None, config: GeometryConfig) -> tuple[int, int, Batches]:
+    """(contexts, number of batches, batches) of held-out contexts, read as `evaluate` reads them."""
     from saelab.data.tokens import excluded_token_ids
     from saelab.evals.evaluate import activation_batches, data_config_of, heldout_contexts
     from saelab.splice import model_for
@@ -145,10 +147,63 @@ def _model_batches(
     exclude = data.exclude_special_tokens if config.exclude_special_tokens is None else config.exclude_special_tokens
     token_batches = heldout_contexts(model, data, config.n_contexts, config.batch_contexts)
     batches = activation_batches(sae, model, token_batches, excluded_token_ids(model.tokenizer, exclude))
-    rows = (
-        (b.inputs, b.targets, b.keep.nonzero()[:, 0].to(sae.device)) for b in batches
-    )  # context of each kept position
-    return len(token_batches), rows
+    n_contexts = sum(len(t) for t in token_batches)
+    return n_contexts, len(token_batches), ((b.inputs, b.targets, b.keep.sum(1).tolist()) for b in batches)
+
+
+@torch.no_grad()
+def weight_geometry(
+    sae: SAE,
+    chunk_size: int | None = None,
+    top_pairs: int = 0,
+    encoder_cosines: bool = True,
+    on_block: Callable[[], None] | None = None,
+) -> dict[str, Tensor]:
+    """Per latent, (d_sae,) each: `decoder_norm`, `max_decoder_cosine_sim` (with another decoder row) and its
+    `max_decoder_cosine_partner`, `encoder_norm`, `encoder_bias`, `encoder_decoder_cosine_sim` (NaN for a
+    transcoder) and `max_encoder_cosine_sim` (NaN unless `encoder_cosines`); and the `top_pairs` most similar decoder
+    pairs (`top_pairs` (n, 2), `top_pair_cosines`). The pairwise cosines go `chunk_size` latents at a time."""
+    d_sae = sae.cfg.d_sae
+    decoder = M.decoder_geometry(sae.W_dec.detach(), chunk_size, top_pairs, on_block)
+    max_encoder = torch.full((d_sae,), float("nan"), device=sae.device)
+    if encoder_cosines:
+        max_encoder = M.pairwise_cosines(encoder_directions(sae), chunk_size, on_block=on_block)["max_cosine"]
+    enc_dec = encoder_decoder_cosines(sae)
+    return {
+        "decoder_norm": decoder["decoder_norms"].float(),
+        "max_decoder_cosine_sim": decoder["max_decoder_cosine"],
+        "max_decoder_cosine_partner": decoder["max_decoder_cosine_partner"],
+        "encoder_norm": encoder_directions(sae).float().norm(dim=-1),
+        "encoder_bias": encoder_biases(sae).float(),
+        "encoder_decoder_cosine_sim": torch.full_like(max_encoder, float("nan")) if enc_dec is None else enc_dec,
+        "max_encoder_cosine_sim": max_encoder,
+        "top_pairs": decoder.get("top_pairs", torch.empty(0, 2, dtype=torch.long)),
+        "top_pair_cosines": decoder.get("top_pair_cosines", torch.empty(0)),
+    }
+
+
+def _firing_and_shrinkage(
+    sae: SAE, batches: Batches, on_batch: Callable[[], None]
+) -> tuple[list[Tensor], Tensor, Tensor | None]:
+    """Over every batch: the shrinkage terms of each token, how often each latent fired, and in how many sequences
+    (None when the rows were given without sequences)."""
+    fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device)
+    firing_sequences: Tensor | None = torch.zeros_like(fire_counts)
+    terms = []
+    for x, y, lengths in batches:
+        latents = sae.encode(x)
+        terms.append(M.shrinkage_terms(y, sae.output(latents, x)))
+        fired = latents != 0
+        fire_counts += fired.sum(0)
+        if lengths is None:
+            firing_sequences = None
+        elif firing_sequences is not None:
+            for sequence in fired.split(lengths):  # rows come sequence by sequence
+                firing_sequences += sequence.any(0)
+        on_batch()
+    if not sum(len(t) for t in terms):
+        raise ConfigError("geometry read no tokens: every position was a special token, or no activations were given")
+    return terms, fire_counts.cpu(), None if firing_sequences is None else firing_sequences.cpu()
 
 
 def _histogram(values: Tensor, edges: Tensor) -> dict[str, list]:
@@ -176,54 +231,29 @@ def run_geometry(
     config = config or GeometryConfig()
     started = time.perf_counter()
     original = sae.eval()
-    sae = original
-    folded = False
-    if config.fold_decoder_norm:
+    if activations is not None:
+        n_batches, batches = _given_batches(original, activations, targets, config.batch_tokens)
+        source = "given activations"
+    else:
+        n_contexts, n_batches, batches = _model_batches(original, model, data, config)
+        source = f"the first {n_contexts} contexts of the SAE's dataset"
+    sae, folded = original, False
+    if config.fold_decoder_norm:  # on a copy: the caller's SAE is left as it is
         sae = original.clone()
         folded = sae.fold_W_dec_norm()
-    if activations is not None:
-        batches = _given_batches(sae, activations, targets, config.batch_tokens)
-        per_batch = config.batch_tokens // activations.shape[1] if activations.dim() == 3 else config.batch_tokens
-        n_batches, source = -(-activations.shape[0] // max(1, per_batch)), "given activations"
-    else:
-        n_batches, batches = _model_batches(original, model, data, config)
-        source = f"the first {config.n_contexts} contexts of the SAE's dataset"
     d_sae = sae.cfg.d_sae
     blocks = M.pairwise_blocks(d_sae, config.chunk_size) * (2 if config.encoder_cosines else 1)
     bar = tqdm(total=n_batches + blocks, desc="geometry: activations", disable=not progress)
-
-    fire_counts = torch.zeros(d_sae, dtype=torch.float64, device=sae.device)
-    firing_contexts = torch.zeros(d_sae, dtype=torch.float64, device=sae.device)
-    terms, per_sequence = [], True
-    for x, y, contexts in batches:
-        latents = sae.encode(x)
-        terms.append(M.shrinkage_terms(y, sae.output(latents, x)))
-        fired = (latents != 0).double()
-        fire_counts += fired.sum(0)
-        if contexts is None:
-            per_sequence = False
-        elif len(contexts):
-            per_context = torch.zeros(int(contexts.max()) + 1, d_sae, dtype=torch.float64, device=sae.device)
-            firing_contexts += (per_context.index_add_(0, contexts, fired) > 0).sum(0)
-        bar.update()
-    n_tokens = sum(len(t) for t in terms)
-    if n_tokens == 0:
+    try:
+        terms, fire_counts, firing_sequences = _firing_and_shrinkage(sae, batches, bar.update)
+        bar.set_description("geometry: weights")
+        weights = weight_geometry(sae, config.chunk_size, config.top_pairs, config.encoder_cosines, bar.update)
+    finally:
         bar.close()
-        raise ConfigError("geometry read no tokens: every position was a special token, or no activations were given")
-
-    bar.set_description("geometry: decoder cosines")
-    decoder = M.decoder_geometry(original.W_dec.detach(), config.chunk_size, config.top_pairs, bar.update)
-    max_encoder = torch.full((d_sae,), float("nan"))
-    if config.encoder_cosines:
-        bar.set_description("geometry: encoder cosines")
-        max_encoder = M.pairwise_cosines(encoder_directions(sae), config.chunk_size, on_block=bar.update)["max_cosine"]
-    bar.close()
-    enc_dec = encoder_decoder_cosines(sae)
-    enc_dec_values = torch.full((d_sae,), float("nan")) if enc_dec is None else enc_dec
-    encoder_norms = encoder_directions(sae).float().norm(dim=-1)
-    fire_counts = fire_counts.cpu()
-    density = fire_counts / n_tokens
-    max_decoder = decoder["max_decoder_cosine"]
+    weights["decoder_norm"] = original.W_dec.detach().float().norm(dim=-1)  # before folding: as trained
+    n_tokens = sum(len(t) for t in terms)
+    max_decoder, max_encoder = weights["max_decoder_cosine_sim"], weights["max_encoder_cosine_sim"]
+    enc_dec = weights["encoder_decoder_cosine_sim"]
 
     metrics = {
         "shrinkage": M.shrinkage(torch.cat(terms)),
@@ -234,32 +264,25 @@ def run_geometry(
         },
         "density": {"tokens": n_tokens, **M.density_counts(fire_counts, n_tokens, config.dense_threshold)},
         "weights": {
-            "decoder_norm_mean": float(decoder["decoder_norms"].mean()),
-            "decoder_norm_std": float(decoder["decoder_norms"].std()) if d_sae > 1 else 0.0,
+            "decoder_norm_mean": float(weights["decoder_norm"].mean()),
+            "decoder_norm_std": float(weights["decoder_norm"].std()) if d_sae > 1 else 0.0,
             "largest_decoder_cosine_sim": float(max_decoder.max()),
-            "average_encoder_decoder_cosine_sim": float(enc_dec_values.mean()),
+            "average_encoder_decoder_cosine_sim": float(enc_dec.mean()),
         },
     }
     details = []
     if config.per_latent_details:
         columns = {
-            "feature_density": density,
+            "feature_density": fire_counts / n_tokens,
             # firing tokens per sequence in which the latent fires at all (NaN: never fired, or rows without sequences)
             "consistent_activation_heuristic": (
-                fire_counts / firing_contexts.cpu() if per_sequence else torch.full((d_sae,), torch.nan)
+                torch.full((d_sae,), torch.nan) if firing_sequences is None else fire_counts / firing_sequences
             ),
-            "encoder_bias": encoder_biases(sae).float(),
-            "encoder_norm": encoder_norms,
-            "encoder_decoder_cosine_sim": enc_dec_values,
-            "max_encoder_cosine_sim": max_encoder,
-            "max_decoder_cosine_sim": max_decoder,
-            "max_decoder_cosine_partner": decoder["max_decoder_cosine_partner"],
-            "decoder_norm": decoder["decoder_norms"].float(),
+            **{name: values for name, values in weights.items() if not name.startswith("top_")},
         }
         lists = {name: values.cpu().tolist() for name, values in columns.items()}
         details = [{"index": i, **{name: values[i] for name, values in lists.items()}} for i in range(d_sae)]
-    pairs = decoder.get("top_pairs", torch.empty(0, 2, dtype=torch.long)).tolist()
-    pair_cosines = decoder.get("top_pair_cosines", torch.empty(0)).tolist()
+    pairs, pair_cosines = weights["top_pairs"].tolist(), weights["top_pair_cosines"].tolist()
     unstructured = {
         "top_decoder_pairs": [
             {"latent_a": a, "latent_b": b, "cosine_sim": c} for (a, b), c in zip(pairs, pair_cosines, strict=True)
@@ -268,7 +291,7 @@ def run_geometry(
             "log10_feature_density": _histogram(
                 M.log_feature_density(fire_counts, n_tokens)[fire_counts > 0], DENSITY_EDGES
             ),
-            "encoder_decoder_cosine_sim": _histogram(enc_dec_values, COSINE_EDGES),
+            "encoder_decoder_cosine_sim": _histogram(enc_dec, COSINE_EDGES),
             "max_decoder_cosine_sim": _histogram(max_decoder, COSINE_EDGES),
             "max_encoder_cosine_sim": _histogram(max_encoder, COSINE_EDGES),
         },
