@@ -234,13 +234,13 @@ def test_geometry_on_held_out_contexts_agrees_with_evaluate(tiny, tmp_path):
     torch.manual_seed(4)
     sae = saelab.create_sae("standard", d_in=32, d_sae=64, hook_name=HOOK)
     with torch.no_grad():
-        sae.b_enc.copy_(torch.randn(64) * 0.3)  # some latents dead, some dense
+        sae.b_enc[:8] = -1e3  # eight dead latents; the random rest fire on about half the tokens: dense
     config = GeometryConfig(n_contexts=8, batch_contexts=4)
     result = run_geometry(sae, model, config, progress=False, data=data)
     reference = evaluate(sae, model=model, data=data, n_contexts=8, batch_contexts=4, spliced=False)
     metrics = result["eval_result_metrics"]
     assert metrics["density"]["tokens"] == reference["tokens"] > 0
-    assert 0 < metrics["density"]["dead_latents"] == reference["sparsity"]["dead_latents"]
+    assert 8 == metrics["density"]["dead_latents"] == reference["sparsity"]["dead_latents"]
     assert 0 < metrics["density"]["dense_latents"] == reference["sparsity"]["dense_latents"]
     assert metrics["shrinkage"]["l2_ratio"] == pytest.approx(reference["reconstruction"]["l2_norm_ratio"], rel=1e-5)
     assert metrics["shrinkage"]["relative_reconstruction_bias"] == pytest.approx(

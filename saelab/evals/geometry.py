@@ -189,7 +189,7 @@ def _firing_and_shrinkage(
     (None when the rows were given without sequences)."""
     fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device)
     firing_sequences: Tensor | None = torch.zeros_like(fire_counts)
-    terms = []
+    terms: list[Tensor] = []
     for x, y, lengths in batches:
         latents = sae.encode(x)
         terms.append(M.shrinkage_terms(y, sae.output(latents, x)))
@@ -270,7 +270,7 @@ def run_geometry(
             "average_encoder_decoder_cosine_sim": float(enc_dec.mean()),
         },
     }
-    details = []
+    details: list[dict[str, Any]] = []
     if config.per_latent_details:
         columns = {
             "feature_density": fire_counts / n_tokens,
@@ -310,7 +310,7 @@ def plot_geometry(results: Mapping[str, dict], folder: str | Path) -> list[Path]
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    written = []
+    written: list[Path] = []
     plots = (
         ("log10_feature_density", "log10 firing frequency (alive latents)", "geometry_density.png"),
         ("encoder_decoder_cosine_sim", "cosine of a latent's encoder and decoder directions", "geometry_enc_dec.png"),
