@@ -175,7 +175,8 @@ def test_every_architecture_against_a_direct_computation(architecture, transcode
     x = torch.randn(300, 8)
     y = torch.randn(300, 6) if transcoder else x
     result = run_geometry(sae, activations=x, targets=y if transcoder else None, progress=False)
-    latents, output = sae.encode(x), sae(x)  # the unfolded SAE: folding must not change what it computes
+    with torch.no_grad():  # the unfolded SAE: folding must not change what it computes
+        latents, output = sae.encode(x), sae(x)
     fired = (latents != 0).float().mean(0)
     metrics, details = result["eval_result_metrics"], result["eval_result_details"]
     assert [d["feature_density"] for d in details] == pytest.approx(fired.tolist())
