@@ -141,9 +141,12 @@ def pairwise_cosines(
             max_cosine[rows], partner[rows] = block.max(dim=-1)
         if top_pairs > 0:
             block.masked_fill_(columns <= rows.unsqueeze(1), -math.inf)  # each pair once: j > i
-            values, flat = block.reshape(-1).topk(min(top_pairs, block.numel()))
+            # the block's top pairs are among its rows' own top pairs (a row-wise top-k is ~5x faster than a
+            # top-k over the whole block on CPU)
+            row_values, row_columns = block.topk(min(top_pairs, n), dim=-1)
+            values, flat = row_values.reshape(-1).topk(min(top_pairs, row_values.numel()))
             best = torch.cat([best, values])
-            best_flat = torch.cat([best_flat, flat + start * n])
+            best_flat = torch.cat([best_flat, rows[flat // row_values.shape[1]] * n + row_columns.reshape(-1)[flat]])
             order = best.argsort(descending=True, stable=True)[:top_pairs]
             best, best_flat = best[order], best_flat[order]
         if on_block is not None:
