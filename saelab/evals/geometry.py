@@ -255,7 +255,7 @@ def run_geometry(
     max_decoder, max_encoder = weights["max_decoder_cosine_sim"], weights["max_encoder_cosine_sim"]
     enc_dec = weights["encoder_decoder_cosine_sim"]
 
-    metrics = {
+    metrics: dict[str, dict[str, float]] = {
         "shrinkage": M.shrinkage(torch.cat(terms)),
         "misc_metrics": {
             **M.density_metrics(fire_counts, n_tokens),
