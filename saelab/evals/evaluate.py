@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,6 +33,35 @@ def data_config_of(sae: SAE, **overrides: Any) -> DataConfig:
     """The data settings an SAE was trained with (from its metadata), with overrides."""
     known = {k: v for k, v in sae.cfg.metadata.items() if k in DataConfig.__dataclass_fields__ and k != "cache"}
     return DataConfig(**{**known, **overrides})
+
+
+class ActivationBatch(NamedTuple):
+    """One batch of contexts at an SAE's hooks, special tokens left out."""
+
+    tokens: Tensor
+    """(contexts, context_size) token ids."""
+    keep: Tensor
+    """(contexts, context_size) bool: the positions kept (not an excluded token); rows below are these, in order."""
+    inputs: Tensor
+    """(kept, d_in) activations at the hook the SAE reads, on its device and in its dtype."""
+    targets: Tensor
+    """(kept, d_out) activations at the hook it reconstructs (the inputs again, for an SAE that is not a
+    transcoder)."""
+
+
+@torch.no_grad()
+def activation_batches(
+    sae: SAE, model, token_batches: Iterable[Tensor], excluded: Sequence[int]
+) -> Iterator[ActivationBatch]:
+    """Each batch of contexts run through `model` as far as `sae`'s hooks need, positions holding an `excluded`
+    token id dropped (what `evaluate` and the geometry eval read)."""
+    hook_in, hook_out = hooks_of(sae)
+    excluded_ids = torch.tensor(list(excluded), dtype=torch.long)
+    for tokens in token_batches:
+        acts = model.run_with_cache(tokens, list(dict.fromkeys([hook_in, hook_out])))
+        keep = ~torch.isin(tokens, excluded_ids)
+        x = acts[hook_in][keep].to(sae.device, sae.dtype)
+        yield ActivationBatch(tokens, keep, x, acts[hook_out][keep].to(sae.device, sae.dtype))
 
 
 @dataclasses.dataclass
@@ -95,23 +125,20 @@ def evaluate(
     data = data or data_config_of(sae)
     exclude = data.exclude_special_tokens if exclude_special_tokens is None else exclude_special_tokens
     excluded = excluded_token_ids(model.tokenizer, exclude)
-    hook_in, hook_out = hooks_of(sae)
+    hook_in = hooks_of(sae)[0]
     groups: dict[str | None, _Group] = {}
     for source, batches in (contexts or heldout_groups(model, data, n_contexts, batch_contexts)).items():
         group = groups[source] = _Group(fire_counts=torch.zeros(sae.cfg.d_sae, dtype=torch.float64))
         if spliced:
             group.downstream = SplicedEvaluation(model, sae, excluded, error_term)
-        for tokens in batches:
-            acts = model.run_with_cache(tokens, list(dict.fromkeys([hook_in, hook_out])))
-            keep = ~torch.isin(tokens, torch.tensor(excluded, dtype=torch.long))
-            x = acts[hook_in][keep].to(sae.device, sae.dtype)
-            group.inputs.append(x)
-            group.targets.append(acts[hook_out][keep].to(sae.device, sae.dtype))
-            latents = sae.encode(x)
+        for batch in activation_batches(sae, model, batches, excluded):
+            group.inputs.append(batch.inputs)
+            group.targets.append(batch.targets)
+            latents = sae.encode(batch.inputs)
             group.fire_counts += (latents != 0).sum(0).double().cpu()
             group.l1_sum += float(latents.double().abs().sum())
             if group.downstream is not None:
-                group.downstream.add(tokens)
+                group.downstream.add(batch.tokens)
     scores = _scores(sae, list(groups.values()))
     geometry = M.decoder_geometry(sae.W_dec.detach())
     fire_counts = torch.stack([g.fire_counts for g in groups.values()]).sum(0)
