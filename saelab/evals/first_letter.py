@@ -107,6 +107,8 @@ class FirstLetterData:
     """Words of the vocabulary that qualify, before subsampling."""
     n_dropped: int
     """Words left out because their tokens merge with the text after them in the prompt."""
+    folder: Path | None = None
+    """The cache folder holding them (None: not cached)."""
 
 
 def model_fingerprint(model, hook: str) -> str:
@@ -152,6 +154,7 @@ def first_letter_data(
     data = _build(model, hook, n_words, test_fraction, template, n_examples, prepend_bos, seed, batch_size, progress)
     if folder is not None:
         _write(folder, data, settings)
+        data.folder = folder
     return data
 
 
@@ -219,7 +222,7 @@ def _read(folder: Path) -> FirstLetterData:
     try:
         data = FirstLetterData(
             words["train_words"], words["test_words"], acts["train_acts"], acts["test_acts"], acts["absorb_acts"],
-            words["n_vocab_words"], words["n_dropped"],
+            words["n_vocab_words"], words["n_dropped"], folder,
         )  # fmt: skip
     except KeyError as e:
         raise FileFormatError(f"{folder}: missing {e}") from None
