@@ -13,6 +13,7 @@ from tiny import WORDS, save_tiny_model, word_tokenizer
 import saelab
 from saelab.core.config import from_dict
 from saelab.core.errors import ConfigError
+from saelab.core.files import read_safetensors
 from saelab.evals import first_letter as fl
 from saelab.evals.absorption import (
     AbsorptionConfig,
@@ -195,7 +196,7 @@ def test_probe_heads_learn_separable_classes_and_mean_difference_ranks_columns()
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (600,), generator=generator)
     x = torch.randn(600, 8, generator=generator) + 4 * torch.nn.functional.one_hot(labels, 8).float()
-    probe = train_probe(x, torch.nn.functional.one_hot(labels, 3), epochs=100)
+    probe = train_probe(x, torch.nn.functional.one_hot(labels, 3), epochs=30, batch_size=100, lr=0.05)
     for c in range(3):  # each head separates its class from the rest
         assert binary_metrics(probe.scores(x)[:, c], labels == c)["f1"] > 0.95
     assert top_k_by_mean_difference(x, labels == 1, 1).tolist() == [1]
@@ -215,13 +216,14 @@ def test_vocabulary_prompts_and_word_positions_on_a_word_level_tokenizer():
     assert prompt[:end].endswith("\ncat")
     (ids,) = fl.word_positions(tokenizer, [(prompt, end)], prepend_bos=True)
     assert ids[0] == tokenizer.bos_token_id and ids[ids[-1]] == tokenizer.convert_tokens_to_ids("cat")
-    assert ids[:-1][ids[-1] + 1 :] == [tokenizer.unk_token_id] * 4  # 'has the first letter:' is unknown here
+    unk, the = tokenizer.unk_token_id, tokenizer.convert_tokens_to_ids("the")
+    assert ids[:-1][ids[-1] + 1 :] == [unk, the, unk, unk, unk]  # ' has the first letter :': 'the' is known here
     merged = fl.icl_prompt("cat", ["dog"], "{word}s first letter:")  # 'cats' is one (unknown) token
     assert fl.word_positions(tokenizer, [merged], prepend_bos=False) == [None]
     for bad in ("{w} has", "no word", "{word} {word}", "{word} {0}"):
         with pytest.raises(ConfigError, match="prompt_template"):
             fl.check_template(bad)
-    with pytest.raises(ConfigError, match="unknown key 'n_word'. Did you mean 'n_words'"):
+    with pytest.raises(ConfigError, match="unknown key 'n_word' in AbsorptionConfig. Did you mean 'n_words'"):
         from_dict(AbsorptionConfig, {"n_word": 10})
     with pytest.raises(ConfigError, match="test_fraction"):
         AbsorptionConfig(test_fraction=1.0)
@@ -297,3 +299,32 @@ def test_run_absorption_refuses_transcoders_and_reports_no_letters_without_faili
     result = run_absorption(sae, tiny_model, tiny_config(cache=False, min_GT_probe_f1=1.0), progress=False)
     assert result["eval_result_details"] == [] and not result["eval_result_unstructured"]["enough_letters"]
     assert all(math.isnan(v) for v in result["eval_result_metrics"]["mean"].values())
+
+
+# ----- the default model ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_on_the_default_model_letters_are_probed_and_an_sae_of_the_probes_absorbs_nothing(tmp_path, monkeypatch):
+    """SmolLM2 at blocks.5: the ground-truth probes find most first letters (which they cannot when the word's
+    position is wrong), and an SAE whose latents are the probes' own directions has one main latent per letter
+    and no absorption."""
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
+    model = load_model()
+    hook = "blocks.5.hook_resid_post"
+    config = AbsorptionConfig(n_words=3000)
+    probe_sae = saelab.create_sae("standard", d_in=576, d_sae=26, hook_name=hook)  # encoder read first, replaced below
+    first = run_absorption(probe_sae, model, config, progress=False)
+    classes = first["eval_result_unstructured"]["classes"]
+    assert sum(c["f1_probe"] > 0.6 for c in classes) >= 15
+    (folder,) = (tmp_path / "absorption").iterdir()
+    probe = read_safetensors(folder / f"probe-epochs{config.probe_epochs}.safetensors")
+    directions = probe["weight"] / probe["weight"].norm(dim=1, keepdim=True)
+    probe_sae = hand_sae(directions.T.contiguous(), directions, hook)
+    result = run_absorption(probe_sae, model, config, progress=False)
+    details = result["eval_result_details"]
+    assert len(details) == sum(c["f1_probe"] > 0.6 for c in classes)
+    assert all(d["split_feats"][0] == fl.LETTERS.index(d["first_letter"]) for d in details)
+    mean = result["eval_result_metrics"]["mean"]
+    assert mean["mean_absorption_fraction_score"] < 0.02 and mean["mean_full_absorption_score"] == 0
+    assert mean["mean_num_split_features"] < 1.3
