@@ -1,0 +1,257 @@
+"""Sparse probing (saelab/evals/probing.py): known answers on planted features and random labels, the logistic
+regression's optimum, the tasks of the sae-probes wheel and of user files, and a run on a tiny model end to end."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import random
+
+import pytest
+import torch
+from tiny import save_tiny_model, sentences
+
+import saelab
+from saelab.core.config import from_dict
+from saelab.core.errors import ConfigError
+from saelab.evals.probe_fit import accuracy, fit_logistic, fit_logistic_sgd, top_k_by_mean_difference
+from saelab.evals.probing import ProbingConfig, _tokens, plot_probing, probe_metrics, run_probing, run_probing_saes
+from saelab.evals.probing_tasks import read_sae_probes_task, read_task_file, split_task
+from saelab.evals.results import read_result, write_result
+from saelab.synthetic.planted import PlantedFeatures
+
+HOOK = "blocks.1.hook_resid_post"
+wheel = pytest.mark.skipif(
+    importlib.util.find_spec("sae_probes") is None, reason="the sae-probes wheel is not installed"
+)
+
+
+def planted(n: int = 3000, feature: int = 5, seed: int = 0):
+    """Pooled rows built from 24 orthogonal planted features in 32 dimensions, their coefficients, and an SAE whose
+    latents are exactly those coefficients (encoder and decoder = the feature directions)."""
+    features = PlantedFeatures(d_in=32, n_features=24, mean_active=4.0, orthogonalize=True, seed=seed)
+    x, coefficients = features.sample(n, torch.Generator().manual_seed(seed))
+    sae = saelab.create_sae("standard", d_in=32, d_sae=24)
+    with torch.no_grad():
+        sae.W_dec.copy_(features.features)
+        sae.W_enc.copy_(features.features.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return x, coefficients, sae
+
+
+def probe_both(x, latents, labels, k_values=(1, 2, 5, 20), seed=0):
+    train, test = split_task(labels, 1024, 1000, seed)
+    llm, _ = probe_metrics("llm", x[train], labels[train], x[test], labels[test], k_values, seed=seed)
+    sae, ranking = probe_metrics("sae", latents[train], labels[train], latents[test], labels[test], k_values, seed=seed)
+    return llm, sae, ranking
+
+
+def test_a_task_whose_label_is_a_planted_feature_is_read_by_one_latent():
+    x, coefficients, sae = planted()
+    labels = (coefficients[:, 5] > 0).long()
+    with torch.no_grad():
+        latents = sae.encode(x)
+    assert torch.allclose(latents, coefficients, atol=1e-5)  # the SAE's latents are the planted features
+    llm, metrics, ranking = probe_both(x, latents, labels)
+    assert int(ranking[0]) == 5
+    assert metrics["sae_top_1_test_accuracy"] == pytest.approx(1.0, abs=0.005)
+    assert metrics["sae_test_accuracy"] >= 0.97 and llm["llm_test_accuracy"] >= 0.97  # linear in both
+    # no single raw dimension is the feature: the best one alone is far worse than the latent
+    assert llm["llm_top_1_test_accuracy"] < 0.85
+
+
+def test_random_labels_stay_near_chance():
+    x, _, sae = planted(seed=1)
+    labels = torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        latents = sae.encode(x)
+    llm, metrics, _ = probe_both(x, latents, labels)
+    for name, value in {**llm, **metrics}.items():
+        assert abs(value - 0.5) < 0.07, (name, value)
+
+
+def test_fit_logistic_reaches_the_penalised_optimum():
+    """The gradient of sum log-loss + l2/2 |w|^2 (intercept not penalised) is zero at the fit: scikit-learn's
+    LogisticRegression(C=1/l2) solution, whatever the scale of the inputs."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=generator) * torch.tensor([1.0, 10.0, 0.1, 3.0]) + 2.0
+    y = (x[:, 0] + 0.1 * x[:, 1] + torch.randn(300, generator=generator) > 3.0).long()
+    for l2 in (0.01, 1.0, 100.0):
+        probe = fit_logistic(x, y, l2=l2)
+        w, b = probe.weight.double(), torch.tensor(probe.bias, dtype=torch.float64)
+        p = torch.sigmoid(x.double() @ w + b)
+        assert float((x.double().T @ (p - y) + l2 * w).abs().max()) < 1e-4
+        assert abs(float((p - y).sum())) < 1e-4  # the intercept's gradient: no penalty on it
+    # separable data: the penalty keeps the weights finite, and every row is classified right
+    labels = (x[:, 0] > 2.0).long()
+    probe = fit_logistic(x[:, :1], labels)
+    assert math.isfinite(probe.bias) and accuracy(probe, x[:, :1], labels) == 1.0
+
+
+def test_fit_logistic_sgd_keeps_the_best_validation_epoch():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 50, generator=generator)
+    y = (x[:, 3] - x[:, 7] > 0).long()
+    probe = fit_logistic_sgd(x[:400], y[:400], x[400:500], y[400:500], seed=0)
+    assert accuracy(probe, x[500:], y[500:]) > 0.9
+    again = fit_logistic_sgd(x[:400], y[:400], x[400:500], y[400:500], seed=0)
+    assert torch.equal(probe.weight, again.weight)  # deterministic given the seed
+
+
+def test_top_k_by_mean_difference():
+    x = torch.tensor([[0.0, 5.0, 1.0, 0.0], [0.0, 5.0, 3.0, -2.0], [1.0, 5.0, 0.0, 0.0], [1.0, 5.0, 0.0, 0.0]])
+    y = torch.tensor([1, 1, 0, 0])
+    # mean differences: -1, 0, 2, -1 -> |.| ranks column 2, then 0 and 3 (tie: lower index first), then 1
+    assert top_k_by_mean_difference(x, y, 3).tolist() == [2, 0, 3]
+    with pytest.raises(ConfigError, match="both labels"):
+        top_k_by_mean_difference(x, torch.ones(4, dtype=torch.long), 1)
+
+
+def test_split_task_is_balanced_disjoint_and_seeded():
+    labels = torch.tensor([0] * 700 + [1] * 300)
+    train, test = split_task(labels, 1024, 1000, seed=7)
+    assert set(train.tolist()).isdisjoint(test.tolist())
+    assert int(labels[train].sum()) * 2 == len(train) == 2 * 250  # 300 positives: 50 kept for testing
+    assert int(labels[test].sum()) * 2 == len(test) == 2 * 50
+    again, _ = split_task(labels, 1024, 1000, seed=7)
+    other, _ = split_task(labels, 1024, 1000, seed=8)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+    with pytest.raises(ConfigError, match="at least 3 texts of each label"):
+        split_task(torch.tensor([0, 0, 0, 1, 1]), 10, 10, seed=0)
+
+
+@wheel
+def test_the_wheel_tasks_read_as_text_and_0_1_labels():
+    task = read_sae_probes_task("5_hist_fig_ismale")
+    assert len(task.texts) == 5000 and int(task.labels.sum()) == 2500  # every binary file is balanced
+    assert task.texts[0] == "Margaret of Clisson" and int(task.labels[0]) == 0 and task.label_names == ("0", "1")
+    assert task.labels.dtype == torch.long and set(task.labels.tolist()) == {0, 1}
+    # LabelEncoder's order: the sorted values
+    assert read_sae_probes_task("24_headline_isiran").label_names == ("False", "True")
+    assert read_sae_probes_task("66_living-room").label_names == ("bigram", "not_bigram")
+    code = read_sae_probes_task("159_code_Python")  # a file without a prompt_len column, of long texts
+    assert len(code.texts) == 4000 and max(len(t) for t in code.texts) > 1000
+
+
+@wheel
+def test_bad_wheel_task_names_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"task '5_hist_fig_male'. Did you mean '5_hist_fig_ismale'"):
+        read_sae_probes_task("5_hist_fig_male")
+    with pytest.raises(ConfigError, match="excluded: its negatives are all code"):
+        read_sae_probes_task("161_agnews_0")
+    with pytest.raises(ConfigError, match=r"exactly 2 distinct labels, column 'target' has 50"):
+        read_sae_probes_task("13_us_state")
+
+
+def test_user_csv_and_jsonl_tasks(tmp_path):
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence", "stars"])
+        writer.writerows([["great, really", "5"], ["awful", "1"], ["", "1"], ["fine, with a\nline break", "5"]])
+    task = read_task_file(path, text_column="sentence", label_column="stars")
+    assert task.name == "reviews" and task.texts == ("great, really", "awful", "fine, with a\nline break")
+    assert task.labels.tolist() == [1, 0, 1] and task.label_names == ("1", "5")  # the empty text is dropped
+
+    with pytest.raises(ConfigError) as error:
+        read_task_file(path, text_column="text", label_column="stars")
+    assert str(error.value) == f"{path} has no text column 'text'; its columns: sentence, stars"
+    with pytest.raises(ConfigError, match="no label column 'label'; its columns: sentence, stars"):
+        read_task_file(path, text_column="sentence")
+
+    jsonl = tmp_path / "spam.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": t, "spam": s}) + "\n" for t, s in [("win now", True), ("hi", False)]))
+    task = read_task_file(jsonl, text_column="body", label_column="spam")
+    assert task.labels.tolist() == [1, 0] and task.label_names == ("False", "True")
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": "t", "label": v}) + "\n" for v in (10, 9, 10)))
+    assert read_task_file(numbers).labels.tolist() == [1, 0, 1]  # 9 < 10 as numbers
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps({"text": "t", "label": v}) + "\n" for v in (1, 2, 3)))
+    with pytest.raises(ConfigError, match=r"exactly 2 distinct labels, column 'label' has 3 \(1, 2, 3\)"):
+        read_task_file(three)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="name sae-probes tasks in `tasks` or your files in `files`"):
+        ProbingConfig(tasks=[], files=[])
+    with pytest.raises(ConfigError, match="k_values must be positive"):
+        ProbingConfig(k_values=[0, 1])
+    with pytest.raises(ConfigError, match="Did you mean 'k_values'"):
+        from_dict(ProbingConfig, {"ks": [1, 2]})
+
+
+class _Tokenizer:
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+
+def test_last_token_pooling_keeps_the_end_of_long_texts():
+    texts = ["10 11 12 13 14 15", "10 11"]
+    assert _tokens(_Tokenizer(), texts, 4, True, keep_end=True) == [[1, 13, 14, 15], [1, 10, 11]]
+    assert _tokens(_Tokenizer(), texts, 4, True, keep_end=False) == [[1, 10, 11, 12], [1, 10, 11]]
+    assert _tokens(_Tokenizer(), texts, 4, False, keep_end=True) == [[12, 13, 14, 15], [10, 11]]
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """A tiny random model and a task its activations can read: does the text contain the word 'cat'?"""
+    from saelab.models import load_model
+
+    folder = tmp_path_factory.mktemp("probing")
+    model = load_model(str(save_tiny_model(folder / "model")))
+    rng = random.Random(0)
+    texts = [s.replace(" cat ", " dog ") for s in sentences(600, seed=1)]
+    texts = [t.replace(" dog ", " cat ", 1) if rng.random() < 0.5 else t for t in texts]
+    path = folder / "cat.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": " cat " in t}) + "\n" for t in texts))
+    return model, path
+
+
+def test_run_probing_end_to_end_on_a_tiny_model(tiny_task, tmp_path):
+    model, path = tiny_task
+    torch.manual_seed(0)
+    saes = {
+        name: saelab.create_sae("topk", d_in=32, d_sae=64, k=k, hook_name=HOOK, model_name="tiny")
+        for name, k in (("k8", 8), ("k2", 2))
+    }
+    config = ProbingConfig(tasks=[], files=[str(path)], train_size=300, test_size=200, k_values=[1, 2, 5])
+    results = run_probing_saes(saes, model, config, progress=False)
+    result = results["k8"]
+    metrics = result["eval_result_metrics"]
+    assert result["eval_type_id"] == "sparse_probing" and result["seconds"] > 0
+    assert set(metrics["sae"]) == {
+        "sae_test_accuracy",
+        "sae_top_1_test_accuracy",
+        "sae_top_2_test_accuracy",
+        "sae_top_5_test_accuracy",
+    }
+    assert metrics["llm"]["llm_test_accuracy"] > 0.85  # the word is linearly readable from mean-pooled activations
+    (detail,) = result["eval_result_details"]
+    assert detail["dataset_name"] == "cat" and detail["n_test"] == 200 and detail["label_names"] == ["False", "True"]
+    assert detail["llm_test_accuracy"] == metrics["llm"]["llm_test_accuracy"]  # one task: the mean is the task
+    assert results["k2"]["eval_result_metrics"]["llm"] == metrics["llm"]  # one model pass, shared LLM probes
+    # the same SAE alone gives the same numbers (the split and the probes are seeded)
+    alone = run_probing(saes["k8"], model, config, progress=False)
+    assert alone["eval_result_metrics"] == metrics
+    write_result(result, tmp_path / "probing.json")
+    assert read_result(tmp_path / "probing.json")["eval_result_metrics"] == metrics
+    written = plot_probing(
+        {name: read_result(write_result(r, tmp_path / f"{name}.json")) for name, r in results.items()},
+        tmp_path / "plots",
+    )
+    assert [p.name for p in written] == ["probing_accuracy_vs_k.png", "probing_tasks.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_run_probing_checks_the_config_before_loading_anything(tiny_task):
+    model, path = tiny_task
+    sae = saelab.create_sae("topk", d_in=32, d_sae=64, k=4, hook_name=HOOK, model_name="tiny")
+    config = ProbingConfig(tasks=[], files=[str(path)], label_column="y")
+    with pytest.raises(ConfigError, match="no label column 'y'; its columns: text, label"):
+        run_probing(sae, None, config, progress=False)  # None: would load model 'tiny', which does not exist
