@@ -84,9 +84,12 @@ class ProbingConfig:
             raise ConfigError("probing needs tasks: name sae-probes tasks in `tasks` or your files in `files`")
         if not self.k_values or min(self.k_values) < 1:
             raise ConfigError(f"probing k_values must be positive integers, got {self.k_values}")
-        for name in ("context_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"probing {name} must be positive, got {getattr(self, name)}")
+        if self.context_length < 2:
+            raise ConfigError(
+                f"probing context_length must be at least 2 (a BOS and a token), got {self.context_length}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"probing batch_size must be positive, got {self.batch_size}")
         if self.train_size < 4 or self.test_size < 2:
             raise ConfigError(
                 f"probing needs train_size >= 4 and test_size >= 2, got {self.train_size}, {self.test_size}"
