@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from tiny import save_tiny_model, sentences
+from tiny import WORDS, save_tiny_model
 
 import saelab
 from saelab.core.config import from_dict
@@ -28,7 +28,7 @@ wheel = pytest.mark.skipif(
 )
 
 
-def planted(n: int = 3000, feature: int = 5, seed: int = 0):
+def planted(n: int = 6000, feature: int = 5, seed: int = 0):
     """Pooled rows built from 24 orthogonal planted features in 32 dimensions, their coefficients, and an SAE whose
     latents are exactly those coefficients (encoder and decoder = the feature directions)."""
     features = PlantedFeatures(d_in=32, n_features=24, mean_active=4.0, orthogonalize=True, seed=seed)
@@ -86,18 +86,20 @@ def test_fit_logistic_reaches_the_penalised_optimum():
         assert float((x.double().T @ (p - y) + l2 * w).abs().max()) < 1e-4
         assert abs(float((p - y).sum())) < 1e-4  # the intercept's gradient: no penalty on it
     # separable data: the penalty keeps the weights finite, and every row is classified right
-    labels = (x[:, 0] > 2.0).long()
-    probe = fit_logistic(x[:, :1], labels)
-    assert math.isfinite(probe.bias) and accuracy(probe, x[:, :1], labels) == 1.0
+    x = torch.cat([torch.rand(50, 1, generator=generator) + 1.0, -torch.rand(50, 1, generator=generator) - 1.0])
+    labels = torch.tensor([1] * 50 + [0] * 50)
+    probe = fit_logistic(x, labels)
+    assert math.isfinite(probe.bias) and accuracy(probe, x, labels) == 1.0
 
 
-def test_fit_logistic_sgd_keeps_the_best_validation_epoch():
+def test_fit_logistic_sgd_gets_as_far_as_the_exact_fit():
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 50, generator=generator)
+    x = torch.randn(2500, 20, generator=generator)
     y = (x[:, 3] - x[:, 7] > 0).long()
-    probe = fit_logistic_sgd(x[:400], y[:400], x[400:500], y[400:500], seed=0)
-    assert accuracy(probe, x[500:], y[500:]) > 0.9
-    again = fit_logistic_sgd(x[:400], y[:400], x[400:500], y[400:500], seed=0)
+    probe = fit_logistic_sgd(x[:1200], y[:1200], x[1200:1500], y[1200:1500], seed=0)
+    exact = fit_logistic(x[:1200], y[:1200], l2=0.01)
+    assert accuracy(probe, x[1500:], y[1500:]) >= max(0.95, accuracy(exact, x[1500:], y[1500:]) - 0.02)
+    again = fit_logistic_sgd(x[:1200], y[:1200], x[1200:1500], y[1200:1500], seed=0)
     assert torch.equal(probe.weight, again.weight)  # deterministic given the seed
 
 
@@ -142,7 +144,7 @@ def test_bad_wheel_task_names_are_one_line_errors():
         read_sae_probes_task("5_hist_fig_male")
     with pytest.raises(ConfigError, match="excluded: its negatives are all code"):
         read_sae_probes_task("161_agnews_0")
-    with pytest.raises(ConfigError, match=r"exactly 2 distinct labels, column 'target' has 50"):
+    with pytest.raises(ConfigError, match=r"exactly 2 distinct labels, column 'target' has 10 \(CA, FL"):
         read_sae_probes_task("13_us_state")
 
 
@@ -181,7 +183,7 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="k_values must be positive"):
         ProbingConfig(k_values=[0, 1])
     with pytest.raises(ConfigError, match="Did you mean 'k_values'"):
-        from_dict(ProbingConfig, {"ks": [1, 2]})
+        from_dict(ProbingConfig, {"k_value": [1, 2]})
 
 
 class _Tokenizer:
@@ -206,10 +208,16 @@ def tiny_task(tmp_path_factory):
     folder = tmp_path_factory.mktemp("probing")
     model = load_model(str(save_tiny_model(folder / "model")))
     rng = random.Random(0)
-    texts = [s.replace(" cat ", " dog ") for s in sentences(600, seed=1)]
-    texts = [t.replace(" dog ", " cat ", 1) if rng.random() < 0.5 else t for t in texts]
+    words = [w for w in WORDS if w != "cat"]
+    lines = []
+    for _ in range(600):
+        text = [rng.choice(words) for _ in range(rng.randint(2, 5))]
+        label = rng.random() < 0.5
+        if label:
+            text[rng.randrange(len(text))] = "cat"
+        lines.append(json.dumps({"text": " ".join(text) + " .", "label": label}) + "\n")
     path = folder / "cat.jsonl"
-    path.write_text("".join(json.dumps({"text": t, "label": " cat " in t}) + "\n" for t in texts))
+    path.write_text("".join(lines))
     return model, path
 
 
@@ -231,7 +239,7 @@ def test_run_probing_end_to_end_on_a_tiny_model(tiny_task, tmp_path):
         "sae_top_2_test_accuracy",
         "sae_top_5_test_accuracy",
     }
-    assert metrics["llm"]["llm_test_accuracy"] > 0.85  # the word is linearly readable from mean-pooled activations
+    assert metrics["llm"]["llm_test_accuracy"] > 0.8  # the word is linearly readable from mean-pooled activations
     (detail,) = result["eval_result_details"]
     assert detail["dataset_name"] == "cat" and detail["n_test"] == 200 and detail["label_names"] == ["False", "True"]
     assert detail["llm_test_accuracy"] == metrics["llm"]["llm_test_accuracy"]  # one task: the mean is the task

@@ -12,6 +12,7 @@ Labels are 0/1 tensors (any dtype); inputs are `[n, width]`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,32 +108,38 @@ def fit_logistic_sgd(
     lr: float = 1e-2,
     weight_decay: float = 0.01,
     batch_size: int = 250,
+    min_batches_per_epoch: int = 16,
     max_epochs: int = 100,
     patience: int = 10,
     seed: int = 0,
 ) -> LinearProbe:
     """A linear layer (zero-initialised) trained on (x, y) with binary cross-entropy and AdamW in shuffled
-    minibatches; after each epoch its accuracy on (x_val, y_val) is measured, training stops after `patience`
-    epochs without a better one, and the weights of the best epoch (the earliest among ties) are returned.
-    SAEBench's full-width probe, except that SAEBench stops on, and reports the best epoch of, the test set."""
+    minibatches; after each epoch its loss on (x_val, y_val) is measured, training stops after `patience` epochs
+    without a lower one, and the weights of the best epoch are returned.
+
+    SAEBench's full-width probe (AdamW, lr 0.01, batches of 250 of its 4000 texts, at most 100 epochs, patience 10),
+    except that it stops on, and reports the best epoch of, the test set's accuracy. Batches shrink below
+    `batch_size` so that an epoch has at least `min_batches_per_epoch` steps, as SAEBench's have: Adam moves each
+    weight by about lr per step, and a few hundred steps in all cannot reach the weights a separable task needs."""
     y = _labels(y, len(x)).float()
-    y_val = y_val.long()
+    y_val = y_val.float()
     generator = torch.Generator().manual_seed(seed)
     weight = torch.zeros(x.shape[1], requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
-    x = x.float()
-    best, best_accuracy, waited = LinearProbe(weight.detach().clone(), 0.0), -1.0, 0
+    x, x_val = x.float(), x_val.float()
+    batch_size = max(1, min(batch_size, -(-len(x) // min_batches_per_epoch)))
+    best, best_loss, waited = LinearProbe(weight.detach().clone(), 0.0), math.inf, 0
     for _ in range(max_epochs):
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):
             loss = F.binary_cross_entropy_with_logits(x[batch] @ weight + bias, y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        probe = LinearProbe(weight.detach().clone(), float(bias))
-        score = accuracy(probe, x_val, y_val)
-        if score > best_accuracy:
-            best, best_accuracy, waited = probe, score, 0
+        probe = LinearProbe(weight.detach().clone(), bias.item())
+        validation_loss = float(F.binary_cross_entropy_with_logits(probe.logits(x_val), y_val))
+        if validation_loss < best_loss:
+            best, best_loss, waited = probe, validation_loss, 0
         else:
             waited += 1
             if waited >= patience:
