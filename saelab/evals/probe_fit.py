@@ -12,14 +12,42 @@ Labels are 0/1 tensors (any dtype); inputs are `[n, width]`.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from saelab.core.errors import ConfigError
+
+Fit = TypeVar("Fit", bound=Callable)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block. A probe's fit is thousands of small operations
+    (a few thousand rows at most): extra threads gain nothing there and, when another process holds a core, each
+    operation waits for them, measured 3 to 10 times slower on 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_threaded(fit: Fit) -> Fit:
+    @functools.wraps(fit)
+    def wrapper(*args, **kwargs):
+        with one_thread():
+            return fit(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -62,6 +90,7 @@ def top_k_by_mean_difference(x: Tensor, y: Tensor, k: int) -> Tensor:
     return order[: min(k, x.shape[1])]
 
 
+@_single_threaded
 def fit_logistic(x: Tensor, y: Tensor, l2: float = 1.0, max_iter: int = 100, tol: float = 1e-10) -> LinearProbe:
     """Minimise sum_i log-loss_i + l2/2 * |w|^2 over (w, b) exactly (Newton steps with a backtracking line search,
     float64): scikit-learn's `LogisticRegression(C=1/l2)`. The minimum is unique for l2 > 0, so the result does not
@@ -100,6 +129,7 @@ def fit_logistic(x: Tensor, y: Tensor, l2: float = 1.0, max_iter: int = 100, tol
     return LinearProbe(weight=theta[:-1].float(), bias=float(theta[-1]))
 
 
+@_single_threaded
 def fit_logistic_sgd(
     x: Tensor,
     y: Tensor,
