@@ -230,7 +230,7 @@ def test_run_probing_end_to_end_on_a_tiny_model(tiny_task, tmp_path):
         for name, k in (("k8", 8), ("k2", 2))
     }
     config = ProbingConfig(
-        tasks=[], files=[str(path)], train_size=300, test_size=200, k_values=[1, 2, 5], batch_size=128
+        tasks=[], files=[str(path)], train_size=300, test_size=200, k_values=[1, 2, 5], batch_tokens=512
     )
     results = run_probing_saes(saes, model, config, progress=False)
     result = results["k8"]

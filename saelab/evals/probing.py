@@ -44,7 +44,6 @@ from saelab.saes.base import SAE
 EVAL_TYPE_ID = "sparse_probing"
 TOP_K_L2 = 1.0  # the k-sparse probes' penalty: scikit-learn's default C = 1, as SAEBench uses
 VALIDATION_FRACTION = 0.2  # of the train set, for the full-width probe's early stop
-TEXTS_PER_CALL = 128  # texts per pooled_activations call: the progress bar moves at least this often
 
 
 @dataclass
@@ -74,8 +73,8 @@ class ProbingConfig:
     """Sizes of the k-sparse probes."""
     full_width: bool = True
     """Also fit the probes on every dimension and every latent (llm_test_accuracy, sae_test_accuracy)."""
-    batch_size: int = 16
-    """Texts per forward pass of the model."""
+    batch_tokens: int = 2048
+    """Tokens per forward pass of the model, padding included: many short texts or a few long ones per pass."""
     seed: int = 42
     """Seed of the train/test split and of the full-width probes' minibatches."""
 
@@ -88,8 +87,8 @@ class ProbingConfig:
             raise ConfigError(
                 f"probing context_length must be at least 2 (a BOS and a token), got {self.context_length}"
             )
-        if self.batch_size < 1:
-            raise ConfigError(f"probing batch_size must be positive, got {self.batch_size}")
+        if self.batch_tokens < 1:
+            raise ConfigError(f"probing batch_tokens must be positive, got {self.batch_tokens}")
         if self.train_size < 4 or self.test_size < 2:
             raise ConfigError(
                 f"probing needs train_size >= 4 and test_size >= 2, got {self.train_size}, {self.test_size}"
@@ -251,15 +250,21 @@ def _tokens(tokenizer, texts: list[str], length: int, prepend_bos: bool, keep_en
 
 
 def _pooled(model, lists, hook, config, encoders, excluded, bar) -> dict[str, Tensor]:
-    """pooled_activations over texts sorted by length (little padding), a slice at a time for the progress bar."""
+    """pooled_activations over texts sorted by length (little padding), one forward pass of at most
+    config.batch_tokens tokens at a time (at least one text)."""
     order = sorted(range(len(lists)), key=lambda i: len(lists[i]))
     parts: dict[str, list[Tensor]] = {name: [] for name in encoders}
-    for start in range(0, len(order), TEXTS_PER_CALL):
-        chunk = [lists[i] for i in order[start : start + TEXTS_PER_CALL]]
-        pooled = pooled_activations(model, chunk, hook, config.pooling, encoders, excluded, config.batch_size)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * len(lists[order[end]]) <= config.batch_tokens:
+            end += 1
+        chunk = [lists[i] for i in order[start:end]]
+        pooled = pooled_activations(model, chunk, hook, config.pooling, encoders, excluded, batch_size=len(chunk))
         for name, value in pooled.items():
             parts[name].append(value)
         bar.update(sum(len(ids) for ids in chunk))
+        start = end
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return {name: torch.cat(values)[inverse] for name, values in parts.items()}
