@@ -268,3 +268,28 @@ def test_run_probing_checks_the_config_before_loading_anything(tiny_task):
     config = ProbingConfig(tasks=[], files=[str(path)], label_column="y")
     with pytest.raises(ConfigError, match="no label column 'y'; its columns: text, label"):
         run_probing(sae, None, config, progress=False)  # None: would load model 'tiny', which does not exist
+
+
+@wheel
+@pytest.mark.slow
+def test_the_default_model_reads_real_tasks():
+    """SmolLM2-135M at blocks.5.hook_resid_post, three of the default tasks (~45k tokens): the model's activations
+    classify sentiment, a name's gender and the living-room bigram well above chance; a random SAE's latents less
+    well than all 576 dimensions."""
+    from saelab.models import load_model
+
+    model = load_model()
+    torch.manual_seed(0)
+    sae = saelab.create_sae(
+        "topk", d_in=576, d_sae=2304, k=32, hook_name="blocks.5.hook_resid_post", model_name="smollm2-135m"
+    )
+    tasks = ["5_hist_fig_ismale", "92_glue_sst2", "66_living-room"]
+    config = ProbingConfig(tasks=tasks, train_size=512, test_size=400)
+    result = run_probing(sae, model, config, progress=False)
+    by_task = {d["dataset_name"]: d for d in result["eval_result_details"]}
+    assert list(by_task) == tasks and all(d["n_test"] == 400 for d in by_task.values())
+    for name, floor in LLM_FLOORS.items():
+        assert by_task[name]["llm_test_accuracy"] > floor, (name, by_task[name])
+    metrics = result["eval_result_metrics"]
+    assert metrics["sae"]["sae_top_1_test_accuracy"] < metrics["llm"]["llm_test_accuracy"]
+    assert 30 < result["eval_result_unstructured"]["tokens"] < 80_000
