@@ -214,26 +214,25 @@ def test_an_http_error_names_the_status_and_the_missing_key(server, monkeypatch)
 
 def test_a_local_transformers_model_explains_through_its_chat_template(planted):
     model, sae, text, folder = planted
-    cfg = config(text, llm_model=str(folder), override_latents=[1, 3], max_tokens_in_explanation=12)
-    first = run_autointerp(sae, model, cfg, progress=False)
-    second = run_autointerp(sae, model, cfg, progress=False)
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("eval_id", "datetime_epoch_millis", "seconds")}  # noqa: E731
-    assert strip(first) == strip(second)  # greedy decoding: deterministic
-    explainer = load_model(str(folder))  # the recorded answer is the greedy continuation of the templated prompt
+    cfg = config(text, llm_model=str(folder), override_latents=[1], max_tokens_in_explanation=12, fuzzing=False)
+    result = run_autointerp(sae, model, cfg, progress=False)
+    assert "TransformersLLM" in result["eval_result_unstructured"]["llm"]
+    explainer = load_model(str(folder))  # the recorded answers are greedy continuations of the templated prompts
     tokenizer = explainer.tokenizer
-    for record in first["eval_result_unstructured"]["latents"].values():
-        prompt = tokenizer.apply_chat_template(record["explanation_prompt"], add_generation_prompt=True, tokenize=False)
-        assert prompt.startswith("[system] You study one feature") and prompt.endswith("[assistant]")
+    record = result["eval_result_unstructured"]["latents"]["1"]
+    for messages, answer, max_tokens in (
+        (record["explanation_prompt"], record["explanation_answer"], 12),
+        (record["detection"]["prompt"], record["detection"]["answer"], 4 * 14 + 5),
+    ):
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert prompt.startswith("[system] You ") and prompt.endswith("[assistant]")
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        out = explainer.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
-        assert record["explanation_answer"] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        out = explainer.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens)
+        assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     # the tiny model answers nonsense: recorded, counted as wrong, never a crash
-    for detail in first["eval_result_details"]:
-        assert 0 <= detail["autointerp_score"] <= 1
-        record = first["eval_result_unstructured"]["latents"][str(detail["latent"])]
-        if parse_numbers(record["detection"]["answer"] or "", 14)[0] is None:
-            assert detail["autointerp_score"] == 0 and detail["problems"]
-    assert "TransformersLLM" in first["eval_result_unstructured"]["llm"]
+    (detail,) = result["eval_result_details"]
+    assert parse_numbers(record["detection"]["answer"], 14)[0] is None
+    assert detail["autointerp_score"] == 0 and detail["problems"][0].startswith("detection: ")
 
 
 def test_answers_are_parsed_leniently_and_garbage_is_reported():
@@ -269,7 +268,7 @@ def test_bad_settings_are_one_line_errors(planted):
         AutoInterpConfig(llm_base_url="localhost:8000")
     with pytest.raises(ConfigError, match="override_latents go up to 99; d_sae is 8"):
         run_autointerp(sae, model, config(text, override_latents=[99], llm_base_url="http://x/v1", llm_model="m"))
-    with pytest.raises(ConfigError, match="set the LLM's model"):
+    with pytest.raises(ConfigError, match="set llm_model: the name of the model the endpoint"):
         run_autointerp(sae, model, config(text, llm_base_url="http://127.0.0.1:1/v1"), progress=False)
 
 
@@ -291,6 +290,10 @@ def test_the_plot_compares_saes(planted, server, tmp_path):
     model, sae, text, _ = planted
     right = run_autointerp(sae, model, config(text, llm_base_url=server("right"), llm_model="m"), progress=False)
     wrong = run_autointerp(sae, model, config(text, llm_base_url=server("wrong"), llm_model="m"), progress=False)
+    prompts = [
+        [r["explanation_prompt"] for r in x["eval_result_unstructured"]["latents"].values()] for x in (right, wrong)
+    ]
+    assert prompts[0] == prompts[1]  # the same seed: the same latents and windows
     (path,) = plot_autointerp({"right judge": right, "wrong judge": wrong}, tmp_path)
     assert path == tmp_path / "autointerp_scores.png" and path.read_bytes()[:4] == b"\x89PNG"
 

@@ -118,16 +118,13 @@ class AutoInterpConfig:
     """Seed of the latent sample, the example choice and the shuffles."""
 
     def __post_init__(self) -> None:
-        positive = ("n_latents", "n_contexts", "batch_contexts", "n_top_ex_for_generation", "max_tokens_in_explanation")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"autointerp {name} must be positive, got {getattr(self, name)}")
-        counts = ("window_before", "window_after", "n_quantile_ex_for_generation", "n_top_ex_for_scoring")
-        counts += ("n_quantile_ex_for_scoring", "n_non_activating_ex_for_scoring", "samples_per_interval")
-        counts += ("random_windows", "dead_latent_threshold", "llm_retries")
-        for name in counts:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"autointerp {name} must be >= 0, got {getattr(self, name)}")
+        at_least = dict.fromkeys(("n_latents", "n_contexts", "batch_contexts", "n_top_ex_for_generation"), 1)
+        at_least |= dict.fromkeys(("window_before", "window_after", "n_quantile_ex_for_generation", "llm_retries"), 0)
+        at_least |= dict.fromkeys(("n_top_ex_for_scoring", "n_quantile_ex_for_scoring", "samples_per_interval"), 0)
+        at_least |= {"n_non_activating_ex_for_scoring": 0, "random_windows": 0, "dead_latent_threshold": 0}
+        for name, low in {**at_least, "max_tokens_in_explanation": 1}.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"autointerp {name} must be >= {low}, got {getattr(self, name)}")
         if self.n_top_ex_for_scoring + self.n_quantile_ex_for_scoring < 1:
             raise ConfigError("autointerp needs activating windows to score: n_top_ex_for_scoring or n_quantile_...")
         if self.quantile_intervals < 1 or HISTOGRAM_BINS % self.quantile_intervals:
@@ -296,17 +293,7 @@ def run_autointerp(
     config = config or AutoInterpConfig()
     sae = sae.eval()
     model = model_for(sae, model)
-    if llm is None:
-        reuse = not config.llm_base_url and (config.llm_model or "smollm2-135m") == sae.cfg.model_name
-        llm = open_llm(
-            config.llm_base_url,
-            config.llm_model,
-            config.llm_api_key_env,
-            config.llm_temperature,
-            config.llm_timeout,
-            config.llm_retries,
-            loaded=model if reuse else None,
-        )
+    llm = llm or open_llm(config, model, sae.cfg.model_name)
     data = data_config_of(sae, **({"dataset": config.dataset} if config.dataset else {}))
     stats = feature_statistics(
         sae,

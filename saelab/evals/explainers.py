@@ -136,27 +136,29 @@ class TransformersLLM:
         return self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def open_llm(
-    base_url: str | None,
-    model: str | None,
-    api_key_env: str | None = "OPENAI_API_KEY",
-    temperature: float = 0.0,
-    timeout: float = 60.0,
-    retries: int = 2,
-    loaded: Any = None,
-) -> LLM:
-    """The configured LLM: a chat-completions endpoint when `base_url` is set (the API key is read from the
-    environment variable `api_key_env`, if it is set), else the local model `model` (a saelab model name or folder;
-    default: the embedded SmolLM2-135M-Instruct). `loaded`: a HookedModel already open under that name, reused."""
-    if base_url:
-        if not model:
-            raise ConfigError("set the LLM's model: the name of the model the endpoint at llm_base_url serves")
-        key = os.environ.get(api_key_env) if api_key_env else None
-        return ChatCompletionsLLM(base_url, model, key, temperature, timeout, retries, api_key_env)
+def open_llm(config: Any, subject: Any = None, subject_name: str | None = None) -> LLM:
+    """The LLM a config names (`llm_base_url`, `llm_model`, `llm_api_key_env`, `llm_temperature`, `llm_timeout`,
+    `llm_retries`, as in AutoInterpConfig): a chat-completions endpoint when `llm_base_url` is set, its API key
+    read from the environment variable `llm_api_key_env` if that is set; else the local model `llm_model` (a saelab
+    model name or folder; default: the embedded SmolLM2-135M-Instruct). `subject`, an open HookedModel named
+    `subject_name`, is reused when it is that model."""
+    if config.llm_base_url:
+        if not config.llm_model:
+            raise ConfigError("set llm_model: the name of the model the endpoint at llm_base_url serves")
+        key = os.environ.get(config.llm_api_key_env) if config.llm_api_key_env else None
+        return ChatCompletionsLLM(
+            config.llm_base_url,
+            config.llm_model,
+            key,
+            config.llm_temperature,
+            config.llm_timeout,
+            config.llm_retries,
+            config.llm_api_key_env,
+        )
     from saelab.models.loading import DEFAULT_MODEL, load_model
 
-    name = model or DEFAULT_MODEL
-    hooked = loaded if loaded is not None else load_model(name)
+    name = config.llm_model or DEFAULT_MODEL
+    hooked = subject if subject is not None and name == subject_name else load_model(name)
     if not hasattr(hooked.model, "generate"):
         raise ConfigError(f"model '{name}' cannot generate text (a TransformerLens model?); name a transformers one")
     return TransformersLLM(hooked.model, hooked.tokenizer, name)
