@@ -20,7 +20,7 @@ import saelab
 from saelab.analysis.statistics import FeatureStatistics
 from saelab.core.errors import ConfigError
 from saelab.evals.autointerp import AutoInterpConfig, plot_autointerp, run_autointerp
-from saelab.evals.autointerp_prompts import mark, parse_explanation, parse_numbers, token_pieces
+from saelab.evals.autointerp_prompts import answer_tokens, mark, parse_explanation, parse_numbers, token_pieces
 from saelab.evals.explainers import ChatCompletionsLLM, LLMError
 from saelab.models import load_model
 
@@ -162,7 +162,9 @@ def test_a_right_judge_scores_1_and_sees_the_planted_words_marked(planted, serve
     assert all("<<" not in user and user.count("\n1. ") == 1 for user in detection)
     # everything a reader needs is in the result: prompts, answers, judged examples
     record = result["eval_result_unstructured"]["latents"][str(min(details))]
-    assert record["explanation_prompt"] == requests[0][2]["messages"]
+    # the endpoint is not sent the start of the answer (a final assistant message), which a local model continues
+    assert record["explanation_prompt"][-1] == {"role": "assistant", "content": "This feature activates on"}
+    assert record["explanation_prompt"][:-1] == requests[0][2]["messages"]
     assert record["detection"]["answer"] == answers("right")(requests[1][2]["messages"])
     assert sum(e["activating"] for e in record["detection"]["examples"]) == 4
     assert result["seconds"] > 0 and result["eval_type_id"] == "autointerp"
@@ -217,18 +219,23 @@ def test_a_local_transformers_model_explains_through_its_chat_template(planted):
     cfg = config(text, llm_model=str(folder), override_latents=[1], max_tokens_in_explanation=12, fuzzing=False)
     result = run_autointerp(sae, model, cfg, progress=False)
     assert "TransformersLLM" in result["eval_result_unstructured"]["llm"]
-    explainer = load_model(str(folder))  # the recorded answers are greedy continuations of the templated prompts
+    explainer = load_model(
+        str(folder), dtype="auto"
+    )  # the recorded answers are greedy continuations of the templated prompts
     tokenizer = explainer.tokenizer
     record = result["eval_result_unstructured"]["latents"]["1"]
     for messages, answer, max_tokens in (
         (record["explanation_prompt"], record["explanation_answer"], 12),
-        (record["detection"]["prompt"], record["detection"]["answer"], 4 * 14 + 5),
+        (record["detection"]["prompt"], record["detection"]["answer"], answer_tokens(14)),
     ):
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        assert prompt.startswith("[system] You ") and prompt.endswith("[assistant]")
+        start = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+        chat = messages[:-1] if start else messages
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) + start
+        assert prompt.startswith("[system] You ") and prompt.endswith("[assistant]" + start)
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         out = explainer.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens)
-        assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert answer == start + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert record["explanation_answer"].startswith("This feature activates on")
     # the tiny model answers nonsense: recorded, counted as wrong, never a crash
     (detail,) = result["eval_result_details"]
     assert parse_numbers(record["detection"]["answer"], 14)[0] is None
@@ -246,6 +253,7 @@ def test_answers_are_parsed_leniently_and_garbage_is_reported():
     assert parse_explanation("This feature activates on the word 'cat'.\n") == ("the word 'cat'", None)
     assert parse_explanation("Sure! This neuron activates on plural nouns.") == ("plural nouns", None)
     assert parse_explanation("plural nouns") == ("plural nouns", None)
+    assert parse_explanation("This feature activates on nouns. It also activates on verbs") == ("nouns", None)
     assert parse_explanation('"plural nouns".') == ("plural nouns", None)
     assert parse_explanation("  \n") == ("", "empty answer")
 

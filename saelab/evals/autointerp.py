@@ -100,6 +100,8 @@ class AutoInterpConfig:
     """Also score by fuzzing (one more judge call per latent)."""
     max_tokens_in_explanation: int = 40
     """Longest explanation answer, in tokens."""
+    judge_demos: bool = True
+    """Show the judge one made-up question with its answer first (a small model then answers in that form)."""
     llm_base_url: str | None = None
     """An OpenAI-compatible chat-completions endpoint (`https://api.openai.com/v1`, `http://localhost:8000/v1`)
     that explains and judges; None: a local transformers model (llm_model)."""
@@ -108,6 +110,8 @@ class AutoInterpConfig:
     SmolLM2-135M-Instruct)."""
     llm_api_key_env: str | None = "OPENAI_API_KEY"
     """Environment variable holding the endpoint's API key (none is sent when it is not set)."""
+    llm_dtype: str = "auto"
+    """Weights of a local LLM: auto (bfloat16 where the CPU or GPU runs it fast, else float32), float32, ..."""
     llm_temperature: float = 0.0
     """Sampling temperature sent to the endpoint (local models always decode greedily)."""
     llm_timeout: float = 60.0
@@ -261,7 +265,7 @@ def interpret(latent: int, stats: FeatureStats, tokenizer, llm: LLM, config: Aut
             judged = rows(texts, kinds, [None] * len(texts))
             record[kind] = {"prompt": None, "answer": None, "problem": problem, "examples": judged}
         else:
-            record[kind] = judge(kind, explanation, texts, kinds, llm, rng)
+            record[kind] = judge(kind, explanation, texts, kinds, llm, rng, config.judge_demos)
             if record[kind]["problem"]:
                 record["problems"].append(f"{kind}: {record[kind]['problem']}")
         record[f"{kind}_scores"] = scores(record[kind]["examples"])

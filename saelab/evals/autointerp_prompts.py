@@ -85,42 +85,74 @@ def numbered(examples: Sequence[str]) -> str:
     return "\n".join(f"{i}. {text}" for i, text in enumerate(examples, start=1))
 
 
+# One made-up worked example of each judge question, shown first when `demos`: a small model then answers in that
+# form. The explainer gets none (a small model repeats a demo explanation word for word); its answer is begun for it.
+DEMO_EXPLANATION = "drinks, the names of liquids that people drink"
+DEMO_DETECTION = (
+    [
+        "the train left the station at noon",
+        "a cup of hot tea with lemon",
+        "the report is due on Friday",
+        "she ordered a glass of water",
+    ],
+    "2, 4",
+)
+DEMO_FUZZING = (
+    [
+        "a cup of hot <<tea>> with lemon",
+        "the train <<left>> the station at noon",
+        "she ordered a glass of <<water>>",
+        "the <<report>> is due on Friday",
+    ],
+    "1, 3",
+)
+
+
+EXPLANATION_START = "This feature activates on"
+
+
 def explanation_messages(examples: Sequence[str]) -> list[Message]:
-    """The explainer's prompt for marked examples (strongest first)."""
+    """The explainer's prompt for marked examples (strongest first). It ends with the start of the answer, which a
+    local model continues (an endpoint is asked for the same form by the instructions)."""
     return [
         {"role": "system", "content": EXPLAIN_SYSTEM},
         {"role": "user", "content": "The excerpts:\n" + numbered(examples)},
+        {"role": "assistant", "content": EXPLANATION_START},
     ]
+
+
+def scoring_question(explanation: str, examples: Sequence[str]) -> str:
+    return f"The explanation: this feature activates on {explanation}.\n\nThe excerpts:\n" + numbered(examples)
 
 
 def scoring_messages(
-    kind: str, explanation: str, examples: Sequence[str], n_positive: int, rng: random.Random
+    kind: str, explanation: str, examples: Sequence[str], n_positive: int, rng: random.Random, demos: bool = True
 ) -> list[Message]:
-    """The judge's prompt for `kind` "detection" (plain excerpts) or "fuzzing" (marked excerpts). Its example
-    answer lists `n_positive` random numbers, as SAEBench's does, so it hints at no particular excerpt."""
+    """The judge's prompt for `kind` "detection" (plain excerpts) or "fuzzing" (marked excerpts). The example
+    answer in its instructions lists `n_positive` random numbers, as SAEBench's does, so that it hints at no
+    particular excerpt."""
     n = len(examples)
     picks = sorted(rng.sample(range(1, n + 1), min(max(n_positive, 1), n)))
     system = DETECTION_SYSTEM if kind == "detection" else FUZZING_SYSTEM
-    return [
-        {"role": "system", "content": system.format(n=n, example=", ".join(map(str, picks)))},
-        {
-            "role": "user",
-            "content": f"The explanation: this feature activates on {explanation}.\n\nThe excerpts:\n"
-            + numbered(examples),
-        },
-    ]
+    messages = [{"role": "system", "content": system.format(n=n, example=", ".join(map(str, picks)))}]
+    if demos:
+        demo_examples, demo_answer = DEMO_DETECTION if kind == "detection" else DEMO_FUZZING
+        messages += [
+            {"role": "user", "content": scoring_question(DEMO_EXPLANATION, demo_examples)},
+            {"role": "assistant", "content": demo_answer},
+        ]
+    return messages + [{"role": "user", "content": scoring_question(explanation, examples)}]
 
 
 def parse_explanation(answer: str) -> tuple[str, str | None]:
-    """(explanation, problem): the text after the last "activates on" (else the first non-empty line), without
-    its final period or surrounding quotes; the problem is None unless the answer holds no explanation."""
-    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
-    if not lines:
+    """(explanation, problem): the first sentence after the first "activates on" (else of the answer), without its
+    final period or surrounding quotes; the problem is None unless the answer holds no explanation."""
+    text = " ".join(answer.split())
+    if not text:
         return "", "empty answer"
-    text = " ".join(lines)
-    found = list(re.finditer(r"activates? on", text, flags=re.IGNORECASE))
-    text = text[found[-1].end() :] if found else lines[0]
-    text = text.strip().rstrip(".").strip()
+    found = re.search(r"activates? on", text, flags=re.IGNORECASE)
+    text = text[found.end() :] if found else text
+    text = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0].rstrip(".").strip()
     if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'`":  # the whole explanation quoted
         text = text[1:-1].strip()
     if not text:
@@ -152,15 +184,26 @@ def random_marks(pieces: Sequence[str], n: int, rng: random.Random) -> list[bool
     return [j in chosen for j in range(len(pieces))]
 
 
+def answer_tokens(n: int) -> int:
+    """The longest answer the judge may give about `n` excerpts (room for most of their numbers)."""
+    return 3 * n + 5
+
+
 def judge(
-    kind: str, explanation: str, texts: Sequence[str], kinds: Sequence[str], llm: LLM, rng: random.Random
+    kind: str,
+    explanation: str,
+    texts: Sequence[str],
+    kinds: Sequence[str],
+    llm: LLM,
+    rng: random.Random,
+    demos: bool = True,
 ) -> dict[str, Any]:
     """Ask the judge about `texts` (whose `kinds` are "top", "quantile" or "non-activating"). Its record: prompt,
     answer, the problem reading it (or None), and per example the prediction (None: unreadable) and whether it is
     right (an unreadable answer is wrong on every example)."""
     activating = [k != "non-activating" for k in kinds]
-    messages = scoring_messages(kind, explanation, texts, sum(activating), rng)
-    answer = llm(messages, 4 * len(texts) + 5)
+    messages = scoring_messages(kind, explanation, texts, sum(activating), rng, demos)
+    answer = llm(messages, answer_tokens(len(texts)))
     numbers, problem = parse_numbers(answer, len(texts))
     predicted = [None if numbers is None else (j + 1) in numbers for j in range(len(texts))]
     return {"prompt": messages, "answer": answer, "problem": problem, "examples": rows(texts, kinds, predicted)}

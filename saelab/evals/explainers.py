@@ -1,7 +1,10 @@
 """The language models that explain latents and judge explanations in the auto-interpretation eval.
 
 An `LLM` is any callable `(messages, max_tokens) -> str`, where `messages` is a chat in the OpenAI format
-(`[{"role": "system" | "user" | "assistant", "content": str}, ...]`). Two are built in:
+(`[{"role": "system" | "user" | "assistant", "content": str}, ...]`). A chat may end with an assistant message: the
+start of the answer. A local model continues it (and its answer includes it); an endpoint is not sent it, since the
+chat-completions API has no standard way to continue a message (the instructions should ask for the same start).
+Two are built in:
 - `ChatCompletionsLLM`: any server speaking the OpenAI chat-completions API (OpenAI, vLLM, llama.cpp's server,
   Ollama, LM Studio, ...), through the standard library's `urllib` (no client package needed);
 - `TransformersLLM`: a local `transformers` causal LM, prompted through its tokenizer's chat template and decoded
@@ -63,7 +66,7 @@ class ChatCompletionsLLM:
     def __call__(self, messages: Sequence[Message], max_tokens: int) -> str:
         body = {
             "model": self.model,
-            "messages": list(messages),
+            "messages": list(messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages),
             "max_tokens": max_tokens,
             "temperature": self.temperature,
         }
@@ -115,15 +118,19 @@ class TransformersLLM:
         return f"TransformersLLM({self.name})"
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        """The token ids the model is given for `messages` (ending where the assistant's answer starts)."""
+        """The token ids the model is given for `messages` (ending where the assistant's answer starts, or with the
+        start of the answer that a final assistant message holds)."""
+        start = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+        chat = list(messages[:-1] if start else messages)
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         else:
-            text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant:"
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            text = "".join(f"{m['role']}: {m['content']}\n\n" for m in chat) + "assistant: "
+        return list(self.tokenizer(text + start, add_special_tokens=False)["input_ids"])
 
     @torch.no_grad()
     def __call__(self, messages: Sequence[Message], max_tokens: int) -> str:
+        start = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
         ids = torch.tensor([self.prompt_ids(messages)], device=next(self.model.parameters()).device)
         pad = self.tokenizer.pad_token_id
         output = self.model.generate(
@@ -133,15 +140,15 @@ class TransformersLLM:
             do_sample=False,
             pad_token_id=pad if pad is not None else self.tokenizer.eos_token_id,
         )
-        return self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+        return start + self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def open_llm(config: Any, subject: Any = None, subject_name: str | None = None) -> LLM:
     """The LLM a config names (`llm_base_url`, `llm_model`, `llm_api_key_env`, `llm_temperature`, `llm_timeout`,
-    `llm_retries`, as in AutoInterpConfig): a chat-completions endpoint when `llm_base_url` is set, its API key
-    read from the environment variable `llm_api_key_env` if that is set; else the local model `llm_model` (a saelab
-    model name or folder; default: the embedded SmolLM2-135M-Instruct). `subject`, an open HookedModel named
-    `subject_name`, is reused when it is that model."""
+    `llm_retries`, `llm_dtype`, as in AutoInterpConfig): a chat-completions endpoint when `llm_base_url` is set,
+    its API key read from the environment variable `llm_api_key_env` if that is set; else the local model
+    `llm_model` (a saelab model name or folder; default: the embedded SmolLM2-135M-Instruct) in `llm_dtype`.
+    `subject`, an open HookedModel named `subject_name`, is reused when it is that model in that dtype."""
     if config.llm_base_url:
         if not config.llm_model:
             raise ConfigError("set llm_model: the name of the model the endpoint at llm_base_url serves")
@@ -155,10 +162,12 @@ def open_llm(config: Any, subject: Any = None, subject_name: str | None = None) 
             config.llm_retries,
             config.llm_api_key_env,
         )
-    from saelab.models.loading import DEFAULT_MODEL, load_model
+    from saelab.models.loading import DEFAULT_MODEL, load_model, resolve_dtype
 
-    name = config.llm_model or DEFAULT_MODEL
-    hooked = subject if subject is not None and name == subject_name else load_model(name)
+    name, dtype = config.llm_model or DEFAULT_MODEL, config.llm_dtype
+    reuse = subject is not None and name == subject_name
+    reuse = reuse and next(subject.model.parameters()).dtype == resolve_dtype(dtype)
+    hooked = subject if reuse else load_model(name, dtype=dtype)
     if not hasattr(hooked.model, "generate"):
         raise ConfigError(f"model '{name}' cannot generate text (a TransformerLens model?); name a transformers one")
     return TransformersLLM(hooked.model, hooked.tokenizer, name)
