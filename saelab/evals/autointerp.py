@@ -59,7 +59,7 @@ class AutoInterpConfig:
 
     __pydantic_config__ = PYDANTIC
 
-    n_latents: int = 20
+    n_latents: int = 10
     """Latents to interpret, sampled (seeded) among the eligible ones: fire more than dead_latent_threshold times
     and in at least n_top_ex_for_generation + n_top_ex_for_scoring contexts."""
     override_latents: list[int] | None = None
@@ -98,7 +98,7 @@ class AutoInterpConfig:
     """Tokens marked in an activating window: those above this fraction of the window's peak (Delphi's)."""
     fuzzing: bool = True
     """Also score by fuzzing (one more judge call per latent)."""
-    max_tokens_in_explanation: int = 40
+    max_tokens_in_explanation: int = 30
     """Longest explanation answer, in tokens."""
     judge_demos: bool = True
     """Show the judge one made-up question with its answer first (a small model then answers in that form)."""
