@@ -111,9 +111,14 @@ def feature_statistics(
     token_sets: Mapping[str, Tensor] | None = None,
     n_logits: int = 10,
     progress: bool = False,
+    quantile_intervals: int = 8,
+    samples_per_interval: int = 4,
+    random_windows: int = 0,
+    seed: int = 0,
 ) -> FeatureStats:
     """`FeatureStats` of `sae` over `n_contexts` contexts: model and data default to those in the SAE's metadata;
-    special tokens (BOS, separators) are not counted; `token_sets` default to `default_token_sets`."""
+    special tokens (BOS, separators) are not counted; `token_sets` default to `default_token_sets`; `n_logits` 0
+    leaves the logit effects out. The last four arguments go to `FeatureStatistics`."""
     from saelab.evals.evaluate import data_config_of
 
     sae = sae.eval()
@@ -122,7 +127,16 @@ def feature_statistics(
     token_sets = default_token_sets(model.tokenizer) if token_sets is None else token_sets
     hook_in, _ = hooks_of(sae)
     excluded = torch.tensor(excluded_token_ids(model.tokenizer, data.exclude_special_tokens), dtype=torch.long)
-    stats = FeatureStatistics(sae.cfg.d_sae, top_k=top_k, window=window, token_sets=token_sets)
+    stats = FeatureStatistics(
+        sae.cfg.d_sae,
+        top_k=top_k,
+        window=window,
+        token_sets=token_sets,
+        quantile_intervals=quantile_intervals,
+        samples_per_interval=samples_per_interval,
+        random_windows=random_windows,
+        seed=seed,
+    )
     config = dataclasses.replace(data, contexts_per_batch=min(batch_contexts, n_contexts))
     contexts = ContextBatches(config, model.tokenizer, loop=False)
     batches = islice(contexts, max(1, n_contexts // config.contexts_per_batch))
@@ -143,4 +157,4 @@ def feature_statistics(
         "context_size": data.context_size,
         "n_contexts": stats.n_contexts,
     }
-    return stats.result(logits=logit_effects(sae, model, n_logits), info=info)
+    return stats.result(logits=logit_effects(sae, model, n_logits) if n_logits > 0 else {}, info=info)

@@ -8,7 +8,9 @@ falls in each of `quantile_intervals` equal parts of its activation range (with 
 these beside the top contexts). Memory does not grow with the corpus: the histogram has a fixed number of bins per
 latent whose width doubles (merging pairs of bins, which keeps counts exact) when a larger activation arrives; an
 interval is a fixed group of bins, and its sample keeps the tokens with the smallest random keys, so when bins
-merge, the samples of the two intervals merge into an exact uniform sample of their union.
+merge, the samples of the two intervals merge into an exact uniform sample of their union. Optionally it also keeps
+a uniform sample of `random_windows` windows of the whole stream (not per latent) with every latent's maximum in
+each, from which the windows where a latent never fires can be drawn (non-activating examples).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class FeatureStats:
     range [i * w, (i + 1) * w), w = histogram bin width * bins per interval (-1 where fewer were seen)."""
     interval_acts: Tensor | None = None
     """The latent's activations over those windows (the sampled token sits at index window_left)."""
+    random_tokens: Tensor | None = None
+    """(windows, window) token windows around uniformly sampled counted tokens (-1 beyond the context)."""
+    random_max: Tensor | None = None
+    """(windows, d_sae) each latent's maximum activation over each of those windows (0: it never fires there)."""
 
     @property
     def interval_width(self) -> Tensor:
@@ -140,6 +146,7 @@ class FeatureStatistics:
         quantile_intervals: int = 8,
         samples_per_interval: int = 4,
         seed: int = 0,
+        random_windows: int = 0,
     ):
         if n_bins % 2:
             raise ValueError("n_bins must be even (bins merge in pairs)")
@@ -168,6 +175,10 @@ class FeatureStatistics:
         self.sample_tokens = torch.full((*self.sample_keys.shape, width), -1, dtype=torch.int32)
         self.sample_acts = torch.zeros(*self.sample_keys.shape, width)
         self.generator = torch.Generator().manual_seed(seed)
+        # A uniform sample of windows of the stream: the smallest random keys seen, as for the intervals
+        self.random_keys = torch.full((random_windows,), math.inf)
+        self.random_tokens = torch.full((random_windows, width), -1, dtype=torch.int32)
+        self.random_max = torch.zeros(random_windows, d_sae)
 
     @torch.no_grad()
     def add(self, tokens: Tensor, latents: Tensor, keep: Tensor | None = None) -> None:
@@ -189,6 +200,7 @@ class FeatureStatistics:
         bins = self._add_to_histogram(cols, latents.reshape(-1, self.d_sae)[rows, cols].double())
         self._add_samples(tokens, latents, rows, cols, bins)
         self._add_top_contexts(tokens, latents)
+        self._add_random_windows(tokens, latents, keep)
         for i, ids in enumerate(self.token_sets.values()):
             in_set = torch.isin(tokens, ids) & keep
             self.token_set_tokens[i] += int(in_set.sum())
@@ -275,6 +287,31 @@ class FeatureStatistics:
         )
         flat_keys[touched], flat_tokens[touched], flat_acts[touched] = merged
 
+    def _add_random_windows(self, tokens: Tensor, latents: Tensor, keep: Tensor, chunk: int = 32) -> None:
+        """Offer this batch's counted tokens to the uniform window sample (each with a uniform random key)."""
+        n = len(self.random_keys)
+        if n == 0:
+            return
+        keys = torch.rand(tokens.shape, generator=self.generator).masked_fill_(~keep, math.inf).view(-1)
+        keys, flat = keys.topk(min(n, len(keys)), largest=False)
+        flat = flat[keys.isfinite()]
+        keys = keys[keys.isfinite()]
+        positions = tokens.shape[1]
+        context, position = flat // positions, flat % positions
+        span = position.unsqueeze(1) + torch.arange(-self.left, self.right + 1)
+        inside = (span >= 0) & (span < positions)
+        span = span.clamp(0, positions - 1)
+        window_tokens = tokens[context.unsqueeze(1), span].to(torch.int32).masked_fill(~inside, -1)
+        window_max = torch.zeros(len(flat), self.d_sae)
+        for start in range(0, len(flat), chunk):  # (chunk, window, d_sae) at a time: d_sae may be large
+            part = slice(start, start + chunk)
+            acts = latents[context[part].unsqueeze(1), span[part]] * inside[part].unsqueeze(-1)
+            window_max[part] = acts.amax(1).clamp_min(0)
+        kept = torch.cat([self.random_keys, keys]).topk(n, largest=False).indices
+        self.random_keys = torch.cat([self.random_keys, keys])[kept]
+        self.random_tokens = torch.cat([self.random_tokens, window_tokens])[kept]
+        self.random_max = torch.cat([self.random_max, window_max])[kept]
+
     def _add_top_contexts(self, tokens: Tensor, latents: Tensor) -> None:
         context_max, context_argmax = latents.max(dim=1)  # (contexts, d_sae)
         values, slot = torch.cat([self.top_values, context_max.T], dim=1).topk(self.k, dim=1)
@@ -322,4 +359,6 @@ class FeatureStatistics:
             info=dict(info or {}),
             interval_tokens=self.sample_tokens,
             interval_acts=self.sample_acts,
+            random_tokens=self.random_tokens[self.random_keys.isfinite()] if len(self.random_keys) else None,
+            random_max=self.random_max[self.random_keys.isfinite()] if len(self.random_keys) else None,
         )
