@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from saelab.evals.explainers import LLM, Message
@@ -43,7 +43,7 @@ FUZZING_SYSTEM = (
 )
 
 
-def token_pieces(tokenizer, ids: Sequence[int], hidden: Sequence[int] = ()) -> list[str]:
+def token_pieces(tokenizer, ids: Sequence[int], hidden: Collection[int] = ()) -> list[str]:
     """The text each token adds, in order ("" for ids < 0, i.e. beyond the context, and for `hidden` ids such
     as BOS, whose text, e.g. `<|im_start|>`, would garble a chat prompt). Decoding the growing prefix keeps the
     spaces a tokenizer adds between tokens and joins the bytes of characters split over tokens."""

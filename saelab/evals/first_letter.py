@@ -179,7 +179,7 @@ def _build(model, hook, n_words, test_fraction, template, n_examples, prepend_bo
     keep_test = [j for j in range(n_test) if tokens[n + j] is not None and tokens[n + n_test + j] is not None]
     order = keep_train + [n + j for j in keep_test] + [n + n_test + j for j in keep_test]
     rows = [tokens[i] for i in order]
-    acts = _activations(model, hook, [r[:-1] for r in rows], [r[-1] for r in rows], batch_size, progress)  # type: ignore[index]
+    acts = _activations(model, hook, [r[:-1] for r in rows], [r[-1] for r in rows], batch_size, progress)
     n_train, n_kept = len(keep_train), len(keep_test)
     return FirstLetterData(
         train_words=[train[i] for i in keep_train],

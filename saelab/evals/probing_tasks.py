@@ -108,6 +108,7 @@ def read_task_file(path: str | Path, text_column: str = "text", label_column: st
     if not path.is_file():
         raise ConfigError(f"probing task file {path} not found")
     name = path.name.split(".")[0]
+    rows: list[list[object]] | list[list[str]]
     if path.name.endswith((".csv", SUFFIX)):
         header, rows = _read_csv(path)
     elif path.suffix in (".jsonl", ".ndjson"):
