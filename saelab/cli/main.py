@@ -104,9 +104,13 @@ def run_train(args: argparse.Namespace, flag_names: list[str]) -> None:
 
 
 def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
+    if args.suite is not None or len(args.sae_dir) > 1:
+        run_eval_suite(args, flag_names)
+        return
     from saelab.data.builtin import is_builtin
     from saelab.evals.evaluate import evaluate, source_table, summary_rows, write_report
 
+    args.sae_dir = args.sae_dir[0]
     sae, model, data = sae_model_and_data(args, overrides(args, flag_names))
     if args.n_contexts > data.heldout_contexts and not is_builtin(data.dataset):
         print(
@@ -130,6 +134,39 @@ def run_eval(args: argparse.Namespace, flag_names: list[str]) -> None:
     for line in source_table(result):
         print(f"  {line}")
     print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def run_eval_suite(args: argparse.Namespace, flag_names: list[str]) -> None:
+    from saelab.evals.suite import CoreConfig, comparison_table, parse_suite, run_suite, suite_configs
+
+    evals = parse_suite(args.suite or "core")
+    given = overrides(args, flag_names)
+    core = CoreConfig(args.n_contexts, args.batch_contexts, not args.no_spliced, not args.no_error_term)
+    ignored = [e for e in given if e not in ("model", "data", *evals)]
+    if ignored:
+        raise ConfigError(f"--{ignored[0]}.* settings given, but {ignored[0]} is not in --suite {','.join(evals)}")
+    configs = suite_configs(evals, {"core": core, **{e: given[e] for e in evals if e in given}})
+    sources = list(args.sae_dir)
+    names = args.names.split(",") if args.names else [Path(s.rstrip("/")).name or s for s in sources]
+    if len(names) != len(sources) or len(set(names)) != len(names):
+        raise ConfigError(f"--names needs one distinct name per SAE ({len(sources)}), got {names}")
+    saes, models, data = {}, {}, {}
+    for name, source in zip(names, sources, strict=True):
+        args.sae_dir = source
+        saes[name], models[name], data[name] = sae_model_and_data(args, given)
+    if args.out:
+        out = Path(args.out)
+    elif len(sources) == 1:
+        out = report_folder(args) / "evals"
+    else:
+        out = Path("saelab-evals")
+    results = run_suite(saes, evals, models, configs, out, progress=True, data=data)
+    print(comparison_table(results))
+    for name, per_sae in results.items():
+        for eval_name, result in per_sae.items():
+            if "error" in result:
+                print(f"saelab: {eval_name} of {name}: {result['error']}", file=sys.stderr)
+    print(f"wrote {out}/: results <SAE>/<eval>.json, comparison.md, comparison.csv, plots, index.html")
 
 
 def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:

@@ -91,6 +91,18 @@ def _data_flags() -> list[tuple[str, str]]:
     return _config_flags(ModelConfig(), "model.") + _config_flags(DataConfig(), "data.")
 
 
+def _suite_flags() -> list[tuple[str, str]]:
+    """--<eval>.<setting> for the suite's evals beyond core (whose settings are eval's own flags)."""
+    from saelab.evals.suite import config_classes
+
+    return [
+        flag
+        for name, config in config_classes().items()
+        if name != "core"
+        for flag in _config_flags(config(), f"{name}.")
+    ]
+
+
 class _ExactParser(argparse.ArgumentParser):
     """Options match whole names only (argparse would take `--train.k 3` as `--train.keep_checkpoints 3`), and
     the parser remembers its long options so that an unknown one gets the closest name. Subcommands' parsers are
@@ -165,13 +177,31 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     cache.add_argument("--shard_rows", type=int, default=65536, help="activation rows per shard file (default: 65536)")
     evaluate = commands.add_parser(
         "eval",
-        help="evaluate a saved SAE: reconstruction, sparsity, spliced CE/KL; writes eval.json and plots",
-        description="Evaluate an SAE on held-out contexts of its model and data (from its files; --model_name, "
-        "--hook_name, --model.* and --data.* override them), print a table, write eval.json and PNG plots.",
+        help="evaluate saved SAEs: reconstruction, sparsity, spliced CE/KL; with --suite also geometry, "
+        "absorption, sparse probing, auto-interpretation; JSON results, plots, a comparison",
+        description="Evaluate SAEs on their model and data (from their files; --model_name, --hook_name, --model.* "
+        "and --data.* override them). One SAE and no --suite: the core metrics on held-out contexts, printed and "
+        "written as eval.json and PNG plots. --suite (or several SAEs): each eval named, results as JSON in "
+        "SAEBench's layout (<out>/<SAE>/<eval>.json), comparison plots, comparison.md/.csv and index.html. "
+        "Each eval's settings are --<eval>.<setting> flags.",
     )
-    evaluate.add_argument("sae_dir", metavar="SAE", help=SAE_SOURCE_HELP)
+    evaluate.add_argument("sae_dir", metavar="SAE", nargs="+", help=SAE_SOURCE_HELP + " (several: compared)")
     evaluate.add_argument(
-        "--out", metavar="DIR", default=None, help=f"folder for eval.json and the plots ({REPORT_DEFAULT})"
+        "--suite",
+        metavar="EVALS",
+        default=None,
+        help="comma-separated evals: core, geometry, absorption, probing, autointerp, or all "
+        "(default: core alone, written as eval.json beside the SAE)",
+    )
+    evaluate.add_argument(
+        "--names", metavar="NAMES", default=None, help="comma-separated names of the SAEs (default: folder names)"
+    )
+    evaluate.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help=f"output folder (without --suite: for eval.json and the plots, {REPORT_DEFAULT}; with --suite: "
+        "default <SAE folder>/evals for one SAE, ./saelab-evals for several)",
     )
     evaluate.add_argument(
         "--n_contexts",
@@ -251,6 +281,9 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     ):
         _add_config_flags(command, flags)
         flag_names[name] = [n for n, _ in flags]
+    suite_flags = _suite_flags()
+    _add_config_flags(evaluate, suite_flags)
+    flag_names["eval"] += [n for n, _ in suite_flags]
     subparsers = {
         "train": train,
         "pretokenize": pretokenize,

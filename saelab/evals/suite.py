@@ -201,7 +201,7 @@ def run_suite(
     SAE name) is the text core and geometry read held-out contexts of; default: what each SAE was trained on. SAEs
     that read the same hook of one model share its pass in probing. An eval that cannot measure an SAE (absorption
     of a transcoder) gives `{"error": message}` and the suite goes on. `llm` replaces the explainer the autointerp
-    config names. With `out`, results, plots, table and page are written there as each eval finishes."""
+    config names. With `out`, each result is written there as its eval finishes, then the plots, table and page."""
     from saelab.splice import model_for
 
     if not saes:
@@ -236,8 +236,11 @@ def run_suite(
                     results[name][eval_name] = {"eval_type_id": eval_name, "error": str(error)}
         if progress:
             print(f"{eval_name}: {len(saes)} SAE{'s' * (len(saes) > 1)} in {time.perf_counter() - start:.0f} s")
-        if out is not None:
-            write_suite(results, out)
+        if out is not None:  # each result as soon as it exists: a later eval that fails loses nothing
+            for name, per_sae in results.items():
+                write_result(per_sae[eval_name], Path(out) / name / f"{eval_name}.json")
+    if out is not None:
+        write_suite(results, out)
     return results
 
 
