@@ -1,11 +1,13 @@
-"""Sparse probing (saelab/evals/probing.py): known answers on planted features and random labels, the logistic
-regression's optimum, the tasks of the sae-probes wheel and of user files, and a run on a tiny model end to end."""
+"""Sparse probing (saelab/evals/probing.py): known answers on planted features and random labels, the probes
+(saelab/evals/probes.py: the exact fit's optimum, the early-stopped fit, the column ranking), the tasks of the
+sae-probes wheel and of user files, and a run on a tiny model end to end."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
 import random
@@ -17,7 +19,7 @@ from tiny import WORDS, save_tiny_model
 import saelab
 from saelab.core.config import from_dict
 from saelab.core.errors import ConfigError
-from saelab.evals.probe_fit import accuracy, fit_logistic, fit_logistic_sgd, top_k_by_mean_difference
+from saelab.evals.probes import accuracy, fit_logistic, fit_logistic_sgd, top_k_by_mean_difference
 from saelab.evals.probing import ProbingConfig, _tokens, plot_probing, probe_metrics, run_probing, run_probing_saes
 from saelab.evals.probing_tasks import read_sae_probes_task, read_task_file, split_task
 from saelab.evals.results import read_result, write_result
@@ -74,23 +76,34 @@ def test_random_labels_stay_near_chance():
         assert abs(value - 0.5) < 0.07, (name, value)
 
 
-def test_fit_logistic_reaches_the_penalised_optimum():
-    """The gradient of sum log-loss + l2/2 |w|^2 (intercept not penalised) is zero at the fit: scikit-learn's
-    LogisticRegression(C=1/l2) solution, whatever the scale of the inputs."""
+def test_fit_logistic_reaches_scikit_learns_optimum():
+    """At the fit, the gradient of scikit-learn's objective C * sum_i s_i log-loss_i + |w|^2 / 2 (intercept not
+    penalised; s_i = 1, or n / (2 * size of its class) for class_weight="balanced") is zero, whatever C, the
+    balance of the classes and the scale of the inputs."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 4, generator=generator) * torch.tensor([1.0, 10.0, 0.1, 3.0]) + 2.0
-    y = (x[:, 0] + 0.1 * x[:, 1] + torch.randn(300, generator=generator) > 3.0).long()
-    for l2 in (0.01, 1.0, 100.0):
-        probe = fit_logistic(x, y, l2=l2)
-        w, b = probe.weight.double(), torch.tensor(probe.bias, dtype=torch.float64)
-        p = torch.sigmoid(x.double() @ w + b)
-        assert float((x.double().T @ (p - y) + l2 * w).abs().max()) < 1e-4
-        assert abs(float((p - y).sum())) < 1e-4  # the intercept's gradient: no penalty on it
+    unbalanced = torch.randn(300, 3, generator=generator)
+    data = [(unbalanced, unbalanced[:, 0] + 0.5 * torch.randn(300, generator=generator) > 0.8)]  # 64 of 300 positive
+    generator = torch.Generator().manual_seed(0)
+    scaled = torch.randn(300, 4, generator=generator) * torch.tensor([1.0, 10.0, 0.1, 3.0]) + 2.0
+    data.append((scaled, (scaled[:, 0] + 0.1 * scaled[:, 1] + torch.randn(300, generator=generator) > 3.0).long()))
+    for (x, y), C, balanced in itertools.product(data, (100.0, 1.0, 0.01), (False, True)):
+        probe = fit_logistic(x, y, C=C, balanced=balanced)
+        w, b = probe.weight[0].double(), probe.bias[0].double()
+        n_pos = int(y.sum())
+        s = torch.where(y.bool(), 300 / (2 * n_pos), 300 / (2 * (300 - n_pos))) if balanced else torch.ones(300)
+        residual = s.double() * (torch.sigmoid(x.double() @ w + b) - y.double())
+        # the objective divided by C: the same optimum, its gradient on the data's scale
+        assert float((x.double().T @ residual + w / C).abs().max()) < 1e-4, (C, balanced)
+        assert abs(float(residual.sum())) < 1e-4, (C, balanced)  # the intercept's gradient: no penalty on it
     # separable data: the penalty keeps the weights finite, and every row is classified right
     x = torch.cat([torch.rand(50, 1, generator=generator) + 1.0, -torch.rand(50, 1, generator=generator) - 1.0])
     labels = torch.tensor([1] * 50 + [0] * 50)
     probe = fit_logistic(x, labels)
-    assert math.isfinite(probe.bias) and accuracy(probe, x, labels) == 1.0
+    assert math.isfinite(float(probe.bias[0])) and accuracy(probe, x, labels) == 1.0
+    with pytest.raises(ConfigError, match="both classes"):
+        fit_logistic(x, torch.ones(100))
+    with pytest.raises(ConfigError, match="C must be positive"):
+        fit_logistic(x, labels, C=0.0)
 
 
 def test_fit_logistic_sgd_gets_as_far_as_the_exact_fit():
@@ -98,7 +111,7 @@ def test_fit_logistic_sgd_gets_as_far_as_the_exact_fit():
     x = torch.randn(2500, 20, generator=generator)
     y = (x[:, 3] - x[:, 7] > 0).long()
     probe = fit_logistic_sgd(x[:1200], y[:1200], x[1200:1500], y[1200:1500], seed=0)
-    exact = fit_logistic(x[:1200], y[:1200], l2=0.01)
+    exact = fit_logistic(x[:1200], y[:1200], C=100.0)
     assert accuracy(probe, x[1500:], y[1500:]) >= max(0.95, accuracy(exact, x[1500:], y[1500:]) - 0.02)
     short = [fit_logistic_sgd(x[:1200], y[:1200], x[1200:1500], y[1200:1500], seed=0, max_epochs=3) for _ in "ab"]
     assert torch.equal(short[0].weight, short[1].weight)  # deterministic given the seed
@@ -109,8 +122,16 @@ def test_top_k_by_mean_difference():
     y = torch.tensor([1, 1, 0, 0])
     # mean differences: -1, 0, 2, -1 -> |.| ranks column 2, then 0 and 3 (tie: lower index first), then 1
     assert top_k_by_mean_difference(x, y, 3).tolist() == [2, 0, 3]
-    with pytest.raises(ConfigError, match="both labels"):
-        top_k_by_mean_difference(x, torch.ones(4, dtype=torch.long), 1)
+    assert top_k_by_mean_difference(x, y.bool(), 9, absolute=False).tolist() == [2, 1, 0, 3]  # signed; k clipped
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=generator)
+    x = torch.randn(600, 8, generator=generator) + 4 * torch.nn.functional.one_hot(labels, 8).float()
+    assert top_k_by_mean_difference(x, labels == 1, 1).tolist() == [1]
+    shifted = torch.cat([x[:, :1] - 5 * (labels == 2).float().unsqueeze(1), x[:, 1:]], dim=1)
+    assert top_k_by_mean_difference(shifted, labels == 2, 1).tolist() == [0]  # by absolute difference
+    assert top_k_by_mean_difference(shifted, labels == 2, 1, absolute=False).tolist() == [2]
+    with pytest.raises(ConfigError, match="both classes"):
+        top_k_by_mean_difference(x, torch.ones(600, dtype=torch.long), 1)
 
 
 def test_split_task_is_balanced_disjoint_and_seeded():

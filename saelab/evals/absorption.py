@@ -36,13 +36,7 @@ from saelab.core.config import PYDANTIC, ConfigError
 from saelab.core.errors import FileFormatError
 from saelab.core.files import atomic_write_bytes, read_safetensors
 from saelab.evals.first_letter import LETTERS, first_letter_data, letter_labels
-from saelab.evals.linear_probes import (
-    LinearProbe,
-    binary_metrics,
-    fit_logistic_regression,
-    one_vs_rest_targets,
-    train_probe,
-)
+from saelab.evals.probes import LinearProbe, binary_metrics, fit_logistic, one_vs_rest_targets, train_probe
 from saelab.evals.results import make_result
 from saelab.saes.base import SAE
 
@@ -224,7 +218,7 @@ def main_latents(
     f1s: list[float] = []
     for k in range(1, min(config.max_k_value, len(ranking)) + 1):
         columns = ranking[:k]
-        probe = fit_logistic_regression(train[:, columns], train_y)
+        probe = fit_logistic(train[:, columns], train_y, balanced=True)
         f1s.append(binary_metrics(probe.scores(test[:, columns])[:, 0], test_y)["f1"])
         if split_feature_count(f1s, config.f1_jump_threshold) < k:
             break

@@ -29,7 +29,7 @@ from saelab.core.config import PYDANTIC
 from saelab.core.errors import ConfigError
 from saelab.core.files import atomic_write_bytes
 from saelab.evals.evaluate import data_config_of
-from saelab.evals.probe_fit import accuracy, fit_logistic, fit_logistic_sgd, top_k_by_mean_difference
+from saelab.evals.probes import accuracy, fit_logistic, fit_logistic_sgd, top_k_by_mean_difference
 from saelab.evals.probing_tasks import (
     DEFAULT_TASKS,
     ProbingTask,
@@ -42,7 +42,7 @@ from saelab.evals.text_activations import pooled_activations, tokenize_texts
 from saelab.saes.base import SAE
 
 EVAL_TYPE_ID = "sparse_probing"
-TOP_K_L2 = 1.0  # the k-sparse probes' penalty: scikit-learn's default C = 1, as SAEBench uses
+TOP_K_C = 1.0  # the k-sparse probes' inverse penalty: scikit-learn's default C = 1, as SAEBench uses
 VALIDATION_FRACTION = 0.2  # of the train set, for the full-width probe's early stop
 
 
@@ -126,7 +126,7 @@ def probe_metrics(
     ranking = top_k_by_mean_difference(x_train, y_train, max(k_values))
     for k in sorted(set(k_values)):
         columns = ranking[:k]
-        probe = fit_logistic(x_train[:, columns], y_train, l2=TOP_K_L2)
+        probe = fit_logistic(x_train[:, columns], y_train, C=TOP_K_C)
         metrics[f"{prefix}_top_{k}_test_accuracy"] = accuracy(probe, x_test[:, columns], y_test)
     return metrics, ranking
 
