@@ -59,9 +59,9 @@ class AbsorptionConfig:
 
     __pydantic_config__ = PYDANTIC
 
-    n_words: int | None = 10_000
+    n_words: int | None = 4_000
     """Words sampled (seeded) from the model's single-token alphabetic vocabulary; None: all of them (SAEBench;
-    47,078 for SmolLM2, ~5x the cost)."""
+    47,078 for SmolLM2, ~12x the cost)."""
     test_fraction: float = 0.2
     """Share of the words held out to score the probes and measure absorption on."""
     prompt_template: str = "{word} has the first letter:"
@@ -80,8 +80,8 @@ class AbsorptionConfig:
     """Most main latents per letter."""
     k_sparse_probe_l1_decay: float = 0.01
     """L1 weight of the probe on all latents that ranks them for k-sparse probing."""
-    k_sparse_probe_batch_size: int = 1024
-    """Batch size of that probe (SAEBench: 4096, on ~37,600 training words; 1024 on 8,000 gives the probe about as
+    k_sparse_probe_batch_size: int = 512
+    """Batch size of that probe (SAEBench: 4096, on ~37,600 training words; 512 on 3,200 gives the probe about as
     many steps)."""
     k_sparse_probe_num_epochs: int = 50
     """Epochs of that probe."""

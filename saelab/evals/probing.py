@@ -14,6 +14,7 @@ has single latents that track the tasks' concepts, so its top-1 and top-2 accura
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import time
@@ -182,7 +183,7 @@ def run_probing_saes(
         folded[name].fold_W_dec_norm()
     encoders: dict[str, Callable[[Tensor], Tensor]] = {"llm": lambda x: x}
     for name, sae in folded.items():
-        encoders[f"sae:{name}"] = lambda x, sae=sae: sae.encode(x.to(sae.dtype))
+        encoders[f"sae:{name}"] = functools.partial(_encode, sae)
     tokenizer = model.tokenizer
     excluded = [t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
 
@@ -228,6 +229,10 @@ def run_probing_saes(
         }
         results[name] = make_result(EVAL_TYPE_ID, sae, config, metrics, details[name], unstructured, seconds)
     return results
+
+
+def _encode(sae: SAE, x: Tensor) -> Tensor:
+    return sae.encode(x.to(sae.dtype))
 
 
 def _task_metrics(
