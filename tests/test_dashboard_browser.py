@@ -80,6 +80,7 @@ def dashboard(tmp_path_factory):
         WordTokenizer(),
         out,
         chunk_size=64,
+        explanations={217: {"explanation": "the animal <i>cat</i>", "detection": 0.9, "fuzzing": 0.75, "llm": "judge"}},
     )
     ARTIFACTS.mkdir(exist_ok=True)
     return out
@@ -101,6 +102,8 @@ def test_index_page_renders_the_latents_from_disk(dashboard):
 def test_index_search_and_sort_from_the_address(dashboard):
     found = browser("--dump-dom", (dashboard / "index.html").as_uri() + "#q=cat").stdout
     assert re.findall(r'<tr data-latent="(\d+)">', found) == ["217"] and "1 latents" in found
+    explained = browser("--dump-dom", (dashboard / "index.html").as_uri() + "#q=animal").stdout  # explanations too
+    assert re.findall(r'<tr data-latent="(\d+)">', explained) == ["217"] and "<i>cat</i>" not in explained
     dense_first = browser("--dump-dom", (dashboard / "index.html").as_uri() + "#sort=density").stdout
     assert re.findall(r'<tr data-latent="(\d+)">', dense_first)[:2] == ["3", "217"]
 
@@ -113,6 +116,7 @@ def test_latent_page_shows_its_contexts_with_tokens(dashboard):
     assert re.search(r'class="token max"[^>]*title="activation 7.50"[^>]*> cat</span>', dom), dom[-3000:]
     assert "&lt;b&gt;bold?&lt;/b&gt;" in dom and "<b>bold?</b>" not in dom
     assert dom.count('class="context"') == 1  # it fired in one context only
+    assert "Explanation: the animal &lt;i&gt;cat&lt;/i&gt; (detection 0.900, fuzzing 0.750; by judge)" in dom
     assert "<svg" in dom  # the histogram
     shot = browser(f"--screenshot={ARTIFACTS / 'dashboard_latent.png'}", (dashboard / "latent.html").as_uri() + "#217")
     assert shot.returncode == 0 and (ARTIFACTS / "dashboard_latent.png").stat().st_size > 5000

@@ -15,10 +15,10 @@ from saelab.cli import main
 from saelab.core.errors import ConfigError
 from saelab.data.config import DataConfig
 from saelab.evals.absorption import AbsorptionConfig
-from saelab.evals.autointerp import AutoInterpConfig
+from saelab.evals.autointerp import AutoInterpConfig, explanations_of
 from saelab.evals.geometry import GeometryConfig, run_geometry
 from saelab.evals.probing import ProbingConfig
-from saelab.evals.results import read_result
+from saelab.evals.results import read_result, write_result
 from saelab.evals.suite import CoreConfig, comparison_rows, parse_suite, run_core, run_suite
 
 HOOK = "blocks.1.hook_resid_post"
@@ -99,6 +99,14 @@ def test_the_suite_runs_every_eval_of_several_saes_and_writes_one_comparison(tin
     assert interp["eval_result_metrics"]["autointerp"]["autointerp_score"] == pytest.approx(
         interp["eval_result_metrics"]["autointerp"]["chance_score"]
     )  # a judge that answers None scores the share of non-activating examples
+    shown = explanations_of(read_result(out / "k4" / "autointerp.json"))  # what the dashboard shows
+    llm = interp["eval_result_unstructured"]["llm"]
+    assert shown == {
+        d["latent"]: {"explanation": "the word zebra", "detection": d["autointerp_score"], "fuzzing": None, "llm": llm}
+        for d in interp["eval_result_details"]
+    }
+    with pytest.raises(ConfigError, match="not an autointerp result"):
+        explanations_of(results["k4"]["core"])
     # an eval that cannot measure an SAE says why and the others still run
     assert "not for transcoders" in results["transcoder"]["absorption"]["error"]
     assert 0 < results["transcoder"]["core"]["eval_result_metrics"]["sparsity"]["l0"] <= 4
@@ -146,6 +154,16 @@ def test_the_eval_command_compares_saved_saes(tiny, tmp_path, capsys):
     assert large["eval_config"]["top_pairs"] == 3 and len(large["eval_result_unstructured"]["top_decoder_pairs"]) == 3
     assert read_result(out / "large" / "core.json")["eval_result_metrics"]["sparsity"]["l0"] <= 8
     assert (out / "index.html").exists() and not (out / "small" / "absorption.json").exists()
+    interp = {"eval_type_id": "autointerp", "eval_result_unstructured": {"llm": "judge"}, "eval_result_details": [
+        {"latent": 5, "explanation": "sentences about cats", "autointerp_score": 0.8, "fuzzing_accuracy": 0.7}
+    ]}  # fmt: skip
+    write_result(interp, tmp_path / "autointerp.json")
+    dashboard = ["dashboard", str(tmp_path / "sae4"), *flags[:4], "--n_contexts", "4", "--top_k", "2"]
+    assert main([*dashboard, "--autointerp", str(tmp_path / "autointerp.json")]) == 0
+    index = (tmp_path / "sae4" / "dashboard" / "data" / "index.js").read_text()
+    assert index.count("sentences about cats") == 1 and '"explanation":""' in index  # latent 5's, and the others'
+    assert main([*dashboard, "--autointerp", str(out / "large" / "core.json")]) == 2
+    assert "not an autointerp result" in capsys.readouterr().err
     assert main([*command, *flags, "--absorption.n_words", "5"]) == 2  # a setting of an eval not run
     assert "--absorption.* settings given, but absorption is not in --suite core,geometry" in capsys.readouterr().err
     assert main([*command, *flags, "--names", "one"]) == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -103,10 +104,18 @@ def _script(call: str, payload: Any) -> str:
 
 
 def write_dashboard(
-    stats: FeatureStats, tokenizer, out_dir: str | Path, title: str | None = None, chunk_size: int = 64
+    stats: FeatureStats,
+    tokenizer,
+    out_dir: str | Path,
+    title: str | None = None,
+    chunk_size: int = 64,
+    explanations: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the dashboard of `stats` into `out_dir`; returns its index.html. The folder appears whole; an earlier
-    dashboard there is replaced only once the new one is complete (anything else there is refused)."""
+    dashboard there is replaced only once the new one is complete (anything else there is refused).
+    `explanations` (latent -> {"explanation", "detection", "fuzzing"}, e.g. `explanations_of` an autointerp
+    result) are shown in the index and on each latent's page."""
+    explanations = explanations or {}
     text = TokenText(tokenizer)
     title = title or f"{stats.info.get('hook_name') or 'SAE'} · {stats.d_sae:,} latents"
     n_logits = 5
@@ -123,6 +132,7 @@ def write_dashboard(
                 "mean": float(f"{float(stats.mean_activations[latent]):.4g}"),
                 "top": _top_token_summary(stats, latent, text),
                 "logits": " · ".join(promoted),
+                "explanation": str(explanations.get(latent, {}).get("explanation", "")),
             }
         )
     never = int((stats.firing_counts == 0).sum())
@@ -150,7 +160,9 @@ def write_dashboard(
         atomic_write_text(staging / "data" / "index.js", _script("saelab.index", index))
         for chunk, start in enumerate(range(0, stats.d_sae, chunk_size)):
             latents = range(start, min(start + chunk_size, stats.d_sae))
-            records = [latent_record(stats, latent, text) for latent in latents]
+            records = [
+                {**latent_record(stats, latent, text), "explanation": explanations.get(latent)} for latent in latents
+            ]
             payload = f"saelab.chunk({chunk}, {json.dumps(records, ensure_ascii=False, separators=(',', ':'))});\n"
             atomic_write_text(staging / "data" / f"chunk_{chunk:04d}.js", payload)
     if out_dir.exists():

@@ -172,6 +172,12 @@ def run_eval_suite(args: argparse.Namespace, flag_names: list[str]) -> None:
 def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
     from saelab.analysis import export_neuronpedia, feature_statistics, write_dashboard
 
+    explanations = None
+    if args.autointerp:  # read first: a wrong file fails before the long pass
+        from saelab.evals.autointerp import explanations_of
+        from saelab.evals.results import read_result
+
+        explanations = explanations_of(read_result(args.autointerp))
     sae, model, data = sae_model_and_data(args, overrides(args, flag_names))
     stats = feature_statistics(
         sae,
@@ -186,7 +192,9 @@ def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
     folder = report_folder(args)
     stats_file = folder / "feature_stats.safetensors"
     stats.save(stats_file)
-    index = write_dashboard(stats, model.tokenizer, args.out or folder / "dashboard", chunk_size=args.chunk_size)
+    index = write_dashboard(
+        stats, model.tokenizer, args.out or folder / "dashboard", chunk_size=args.chunk_size, explanations=explanations
+    )
     never = int((stats.firing_counts == 0).sum())
     print(f"{stats.n_tokens:,} tokens, {stats.d_sae:,} latents ({never:,} never fired); statistics -> {stats_file}")
     print(f"dashboard -> {index} (open it in a browser; no server needed)")

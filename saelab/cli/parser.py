@@ -238,6 +238,12 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     dashboard.add_argument("--window_right", type=int, default=8, help="tokens shown after it (default: 8)")
     dashboard.add_argument("--chunk_size", type=int, default=64, help="latents per data file of the site (default: 64)")
     dashboard.add_argument(
+        "--autointerp",
+        metavar="FILE",
+        default=None,
+        help="an autointerp.json of `saelab eval --suite autointerp`: its explanations and scores are shown",
+    )
+    dashboard.add_argument(
         "--neuronpedia", metavar="DIR", default=None, help="also write Neuronpedia upload batch files into DIR"
     )
     dashboard.add_argument(

@@ -381,6 +381,23 @@ def autointerp_result(
     return make_result(EVAL_TYPE_ID, sae, config, metrics, details, unstructured, seconds)
 
 
+def explanations_of(result: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """latent -> {"explanation", "detection", "fuzzing", "llm"} of an autointerp result, as the dashboard shows them
+    (`write_dashboard(..., explanations=...)`, `saelab dashboard --autointerp FILE`)."""
+    if result.get("eval_type_id") != EVAL_TYPE_ID:
+        raise ConfigError(f"not an autointerp result (eval_type_id {result.get('eval_type_id')!r})")
+    llm = (result.get("eval_result_unstructured") or {}).get("llm")
+    return {
+        int(d["latent"]): {
+            "explanation": d["explanation"],
+            "detection": d["autointerp_score"],
+            "fuzzing": d.get("fuzzing_accuracy"),
+            "llm": llm,
+        }
+        for d in result["eval_result_details"]
+    }
+
+
 def plot_autointerp(results: Mapping[str, dict[str, Any]], folder: str | Path) -> list[Path]:
     """autointerp_scores.png: the distribution of per-latent detection (and fuzzing) accuracy of each SAE, its mean
     (a diamond) and the chance score of answering "None" (a dashed line)."""

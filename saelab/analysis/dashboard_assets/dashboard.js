@@ -57,7 +57,7 @@ async function saelabIndexPage() {
   function matches(row) {
     if (!state.query) return true;
     if (String(row.id) === state.query) return true;
-    return row.top.toLowerCase().includes(state.query) || row.logits.toLowerCase().includes(state.query);
+    return [row.top, row.logits, row.explanation || ""].some((text) => text.toLowerCase().includes(state.query));
   }
   function render() {
     const selected = rows.filter(matches);
@@ -80,6 +80,7 @@ async function saelabIndexPage() {
       tr.appendChild(element("td", number(row.mean)));
       tr.appendChild(element("td", row.top, { class: "tokens" }));
       tr.appendChild(element("td", row.logits, { class: "tokens" }));
+      tr.appendChild(element("td", row.explanation || ""));
       body.appendChild(tr);
     }
   }
@@ -105,6 +106,12 @@ function render(latent, index) {
   document.getElementById("summary").textContent =
     "fires on " + percent(latent.density) + " of " + index.n_tokens.toLocaleString() + " tokens · max activation " +
     number(latent.max) + " · mean when firing " + number(latent.mean);
+  const explained = latent.explanation;  // from an auto-interpretation result, when the dashboard was given one
+  document.getElementById("explanation").textContent = explained
+    ? "Explanation: " + explained.explanation + " (detection " + number(explained.detection) +
+      (explained.fuzzing === null || explained.fuzzing === undefined ? "" : ", fuzzing " + number(explained.fuzzing)) +
+      (explained.llm ? "; by " + explained.llm : "") + ")"
+    : "";
   const previous = document.getElementById("previous"), following = document.getElementById("following");
   previous.href = "#" + Math.max(0, latent.id - 1);
   following.href = "#" + Math.min(index.d_sae - 1, latent.id + 1);
