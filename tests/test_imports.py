@@ -22,9 +22,9 @@ LAYERS = {
     "activations": {"core", "data", "models"},
     "io": {"core", "saes"},
     "splice": {"core", "models", "saes"},
-    "evals": {"core", "data", "models", "saes", "activations", "splice"},
+    "evals": {"core", "data", "models", "saes", "activations", "splice", "analysis"},  # auto-interp reads statistics
     "training": {"core", "data", "models", "saes", "activations", "io", "splice", "evals"},
-    "analysis": {"core", "data", "models", "saes", "activations", "io", "splice", "evals"},
+    "analysis": {"core", "data", "models", "saes", "activations", "io", "splice"},
     "synthetic": {"core", "saes", "activations", "training"},
     "runs": {"core", "data", "models", "saes", "activations", "io", "splice", "evals", "training", "synthetic"},
 }

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from saelab.analysis.statistics import FeatureStatistics, FeatureStats
-from saelab.data.config import DataConfig
+from saelab.data.config import DataConfig, data_config_from_metadata
 from saelab.data.tokens import ContextBatches, excluded_token_ids
 from saelab.models.hooks import HookedModel
 from saelab.saes.base import SAE
@@ -119,11 +119,9 @@ def feature_statistics(
     """`FeatureStats` of `sae` over `n_contexts` contexts: model and data default to those in the SAE's metadata;
     special tokens (BOS, separators) are not counted; `token_sets` default to `default_token_sets`; `n_logits` 0
     leaves the logit effects out. The last four arguments go to `FeatureStatistics`."""
-    from saelab.evals.evaluate import data_config_of
-
     sae = sae.eval()
     model = model_for(sae, model)
-    data = data or data_config_of(sae)
+    data = data or data_config_from_metadata(sae.cfg.metadata)
     token_sets = default_token_sets(model.tokenizer) if token_sets is None else token_sets
     hook_in, _ = hooks_of(sae)
     excluded = torch.tensor(excluded_token_ids(model.tokenizer, data.exclude_special_tokens), dtype=torch.long)

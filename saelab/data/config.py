@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from saelab.core.config import PYDANTIC
 
@@ -44,3 +45,10 @@ class DataConfig:
     """Activation rows held for shuffling (memory: shuffle_buffer x width x 4 bytes)."""
     cache: str | None = None
     """Folder written by `saelab cache-activations`: train from it instead of running the model."""
+
+
+def data_config_from_metadata(metadata: Mapping[str, Any], **overrides: Any) -> DataConfig:
+    """The data settings a run recorded in an SAE's metadata (`sae.cfg.metadata`), with overrides; the activation
+    cache a run read from is left out (evaluation reads text)."""
+    known = {k: v for k, v in metadata.items() if k in DataConfig.__dataclass_fields__ and k != "cache"}
+    return DataConfig(**{**known, **overrides})

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from saelab.core.files import atomic_write_bytes, atomic_write_text
-from saelab.data.config import DataConfig
+from saelab.data.config import DataConfig, data_config_from_metadata
 from saelab.data.tokens import excluded_token_ids
 from saelab.evals import metrics as M
 from saelab.evals.heldout import Groups, by_source, heldout_groups, worst_source
@@ -31,8 +31,7 @@ EVAL_FILE = "eval.json"
 
 def data_config_of(sae: SAE, **overrides: Any) -> DataConfig:
     """The data settings an SAE was trained with (from its metadata), with overrides."""
-    known = {k: v for k, v in sae.cfg.metadata.items() if k in DataConfig.__dataclass_fields__ and k != "cache"}
-    return DataConfig(**{**known, **overrides})
+    return data_config_from_metadata(sae.cfg.metadata, **overrides)
 
 
 class ActivationBatch(NamedTuple):

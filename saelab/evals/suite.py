@@ -307,11 +307,11 @@ def comparison_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> 
 def write_suite(results: Mapping[str, Mapping[str, Mapping[str, Any]]], out: str | Path) -> list[Path]:
     """Write `<out>/<sae>/<eval>.json`, each eval's comparison plots, comparison.md, comparison.csv and index.html
     (atomically, file by file); returns the files written."""
-    from saelab.analysis.suite_page import write_suite_page
     from saelab.evals.absorption import plot_absorption
     from saelab.evals.autointerp import plot_autointerp
     from saelab.evals.geometry import plot_geometry
     from saelab.evals.probing import plot_probing
+    from saelab.evals.suite_page import write_suite_page
 
     out = Path(out)
     written = []
@@ -329,5 +329,5 @@ def write_suite(results: Mapping[str, Mapping[str, Mapping[str, Any]]], out: str
     header, rows = comparison_rows(results)
     atomic_write_text(out / "comparison.csv", "\n".join(",".join(row) for row in [header, *rows]) + "\n")
     written += [out / "comparison.md", out / "comparison.csv"]
-    written.append(write_suite_page(results, out, [p for p in written if p.suffix == ".png"]))
+    written.append(write_suite_page(results, out, (header, rows), [p for p in written if p.suffix == ".png"]))
     return written

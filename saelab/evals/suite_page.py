@@ -81,13 +81,15 @@ def _sections(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[st
 
 
 def write_suite_page(
-    results: Mapping[str, Mapping[str, Mapping[str, Any]]], out: str | Path, images: Sequence[Path] = ()
+    results: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    out: str | Path,
+    table: tuple[Sequence[str], Sequence[Sequence[str]]],
+    images: Sequence[Path] = (),
 ) -> Path:
-    """Write `out/index.html` for the suite's `results` (SAE -> eval -> result) and the plot files `images`."""
-    from saelab.evals.suite import comparison_rows
-
+    """Write `out/index.html` for the suite's `results` (SAE -> eval -> result), its comparison `table` (header,
+    rows) and the plot files `images`."""
     out = Path(out)
-    header, rows = comparison_rows(results)
+    header, rows = table
     plots = "".join(f'<img src="{html.escape(p.relative_to(out).as_posix())}" alt="{p.stem}">' for p in images)
     links = " · ".join(
         f'<a href="{html.escape(n)}/{e}.json">{html.escape(n)}/{e}.json</a>' for n, r in results.items() for e in r
