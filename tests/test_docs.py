@@ -221,6 +221,8 @@ def run_file(path: Path, folder: Path) -> subprocess.CompletedProcess:
 
 
 SLOW_DOCS = {"docs/training.md", "docs/analysis.md", "docs/cli.md", "docs/evaluation.md"}
+SLOW_DOCS |= {f"docs/eval-{name}.md" for name in ("absorption", "autointerp", "geometry", "probing")}  # the real
+# model, minutes each; tests/test_eval_*.py cover the same code on tiny models, and README's suite example runs fast
 """Pages whose examples train and evaluate on the real model for minutes each: run with `pytest -m slow`."""
 
 
