@@ -137,8 +137,13 @@ def test_unknown_evals_and_settings_are_named_before_any_work(tiny):
     assert parse_suite("probing, core") == ["core", "probing"]  # suite order, spaces allowed
 
 
-def test_the_eval_command_compares_saved_saes(tiny, tmp_path, capsys):
+def test_the_eval_command_compares_saved_saes(tiny, tmp_path, capsys, monkeypatch):
+    from saelab.models import loading
+
     folder, _, _ = tiny
+    opened = []
+    monkeypatch.setattr(loading, "open_model", lambda config, open_model=loading.open_model: opened.append(config)
+                        or open_model(config))  # fmt: skip
     for k in (4, 8):
         saelab.create_sae("topk", d_in=32, d_sae=64, k=k, hook_name=HOOK, model_name=str(folder / "model")).save(
             tmp_path / f"sae{k}"
@@ -148,6 +153,7 @@ def test_the_eval_command_compares_saved_saes(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     command = ["eval", str(tmp_path / "sae4"), str(tmp_path / "sae8"), "--suite", "core,geometry", "--out", str(out)]
     assert main([*command, *flags, "--names", "small,large"]) == 0
+    assert len(opened) == 1  # SAEs of one model share it (and probing's pass over the texts)
     printed = capsys.readouterr().out
     assert "| small " in printed and "| large " in printed
     large = read_result(out / "large" / "geometry.json")

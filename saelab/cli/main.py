@@ -150,10 +150,10 @@ def run_eval_suite(args: argparse.Namespace, flag_names: list[str]) -> None:
     names = args.names.split(",") if args.names else [Path(s.rstrip("/")).name or s for s in sources]
     if len(names) != len(sources) or len(set(names)) != len(names):
         raise ConfigError(f"--names needs one distinct name per SAE ({len(sources)}), got {names}")
-    saes, models, data = {}, {}, {}
+    saes, models, data, opened = {}, {}, {}, {}
     for name, source in zip(names, sources, strict=True):
         args.sae_dir = source
-        saes[name], models[name], data[name] = sae_model_and_data(args, given)
+        saes[name], models[name], data[name] = sae_model_and_data(args, given, opened)
     if args.out:
         out = Path(args.out)
     elif len(sources) == 1:

@@ -4,6 +4,7 @@ once, and for eval and dashboard its model, checked to have the SAE's hook at th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,11 @@ def _one_of(flag: str, value: Any, config_flag: str, config_value: Any) -> Any:
     return value if value is not None else config_value
 
 
-def sae_model_and_data(args: argparse.Namespace, overrides: dict[str, Any]):
+def sae_model_and_data(args: argparse.Namespace, overrides: dict[str, Any], opened: dict | None = None):
     """The SAE, its model and its data settings: from its files, with --model_name / --hook_name and the
     --model.* / --data.* `overrides` (a nested dict). Checks that the model has the SAE's hook at the SAE's
-    width before any work."""
+    width before any work. `opened` (model settings -> model) keeps models for the next SAE of a command that
+    reads several: SAEs of one model then share it, and one pass of it."""
     from saelab.core.config import check_device, from_dict
     from saelab.data.config import DataConfig
     from saelab.evals.evaluate import data_config_of
@@ -124,6 +126,9 @@ def sae_model_and_data(args: argparse.Namespace, overrides: dict[str, Any]):
     model_options.update(name=sae.cfg.model_name, hook_name=sae.cfg.hook_name)
     config = from_dict(ModelConfig, model_options, "model")
     check_device(config.device)
-    model = open_model(config)
+    key = repr({**dataclasses.asdict(config), "hook_name": None})  # one model serves every hook point
+    model = opened[key] if opened is not None and key in opened else open_model(config)
+    if opened is not None:
+        opened[key] = model
     check_fits(model, sae)
     return sae, model, data_config_of(sae, **data_overrides)
