@@ -291,6 +291,11 @@ def test_run_probing_checks_the_config_before_loading_anything(tiny_task):
         run_probing(sae, None, config, progress=False)  # None: would load model 'tiny', which does not exist
 
 
+LLM_FLOORS = {"5_hist_fig_ismale": 0.75, "92_glue_sst2": 0.68, "66_living-room": 0.88}
+"""Test accuracy of the full-width probe on SmolLM2's activations, measured 0.839, 0.768 and 0.971 with 1024 + 1000
+texts (the default sizes), less a margin for this test's 512 + 400."""
+
+
 @wheel
 @pytest.mark.slow
 def test_the_default_model_reads_real_tasks():
