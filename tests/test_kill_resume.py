@@ -3,7 +3,7 @@ get bit-identical weights to an uninterrupted run (which writes no checkpoints: 
 weights either). The resumed processes must say so: equal weights alone would also come from a run that silently
 started over.
 
-The runs are short (400 steps): a kill comes at most a tenth of a second after the attempt's first checkpoint,
+The runs are short (256 steps): a kill comes at most a tenth of a second after the attempt's first checkpoint,
 so three kills use up well under half of the run, and the uninterrupted run trains meanwhile on the other core."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ RUN = [
     "--synthetic.n_features",
     "32",
     "--train.total_tokens",
-    "102400",  # 400 steps
+    "65536",  # 256 steps
     "--train.batch_size",
     "256",
     "--train.progress_bar",
@@ -150,7 +150,7 @@ def test_sigkill_and_resume_from_an_activation_cache_is_bit_identical(tmp_path):
         "--data.shuffle_buffer",
         "1024",
         "--train.total_tokens",
-        "102400",  # 400 steps, ~80 passes over the cache
+        "65536",  # 256 steps, ~50 passes over the cache
         "--train.batch_size",
         "256",
         "--train.progress_bar",
