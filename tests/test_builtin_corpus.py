@@ -87,15 +87,19 @@ digest = h.hexdigest()
 def test_the_corpus_is_the_same_bytes_in_another_process():
     """This process and another with another string-hash seed (set and dict orders of strings) read the same
     bytes: every sae-probes document, the held-out part and the start of the training part of the mix."""
-    here: dict[str, str] = {}
-    exec(DIGEST_SCRIPT, here)
     root = str(Path(saelab.__file__).parents[1])
     env = {**os.environ, "PYTHONHASHSEED": "0" if os.environ.get("PYTHONHASHSEED") != "0" else "1"}
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     script = DIGEST_SCRIPT + "print(digest)"
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == here["digest"] and len(here["digest"]) == 64
+    # the other process reads while this one does (each takes ~15 s, mostly reading the sae-probes wheel)
+    other = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    here: dict[str, str] = {}
+    try:
+        exec(DIGEST_SCRIPT, here)
+    finally:
+        out, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err.decode()
+    assert out.decode().strip() == here["digest"] and len(here["digest"]) == 64
 
 
 def test_every_prefix_of_the_stream_mixes_the_sources_in_their_shares():
