@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from saelab.cli.parser import build_parser, overrides, suggest_unknown
 from saelab.cli.sae_source import load_sae_from_args, report_folder, sae_model_and_data
@@ -150,7 +151,8 @@ def run_eval_suite(args: argparse.Namespace, flag_names: list[str]) -> None:
     names = args.names.split(",") if args.names else [Path(s.rstrip("/")).name or s for s in sources]
     if len(names) != len(sources) or len(set(names)) != len(names):
         raise ConfigError(f"--names needs one distinct name per SAE ({len(sources)}), got {names}")
-    saes, models, data, opened = {}, {}, {}, {}
+    saes, models, data = {}, {}, {}
+    opened: dict[str, Any] = {}
     for name, source in zip(names, sources, strict=True):
         args.sae_dir = source
         saes[name], models[name], data[name] = sae_model_and_data(args, given, opened)
