@@ -77,7 +77,8 @@ class CLTConfig(SAEConfig):
         for name in ("hook_name", "hook_name_out"):
             hook = getattr(self, name)
             if hook is not None and LAYER not in hook and self.n_layers > 1:
-                raise ConfigError(f"{name} '{hook}' must say where the layer goes, e.g. 'blocks.{{layer}}.hook_mlp_out'")
+                example = "blocks.{layer}.hook_mlp_out"
+                raise ConfigError(f"{name} '{hook}' must say where the layer goes, e.g. '{example}'")
         if self.activation == "topk" and not 1 <= self.k <= self.d_sae // self.n_layers:
             raise ConfigError(f"k must be between 1 and the latents per layer ({self.d_sae // self.n_layers})")
         if self.normalize_activations == "layer_norm":
@@ -107,6 +108,8 @@ class CrossLayerTranscoder(SAE):
     config_class = CLTConfig
     cfg: CLTConfig
     default_decoder_init_norm = 0.1
+    log_threshold: nn.Parameter  # JumpReLU only, as the threshold buffer
+    threshold: Tensor
     per_latent_scaling = False  # one code path for TopK and JumpReLU: only uniform scales are folded
 
     # ----- shapes --------------------------------------------------------------------------------------
@@ -253,7 +256,7 @@ class CrossLayerTranscoder(SAE):
             pres.append(pre)
             values.append(active.values.view(n, k))
             cols.append(active.cols.view(n, k) + i * self.m)
-        latents = SparseLatents(
+        active_all = SparseLatents(
             torch.cat(cols, dim=1).reshape(-1),
             torch.arange(0, n * k * self.n_layers, k * self.n_layers, device=x.device),
             torch.cat(values, dim=1).reshape(-1),
@@ -261,7 +264,7 @@ class CrossLayerTranscoder(SAE):
         skip = self.skip(x)
         output = self.with_skip(out.reshape(*x.shape[:-1], -1), skip)
         hidden_pre = torch.cat(pres, dim=1).reshape(*x.shape[:-1], -1)
-        return TrainOutput(x, hidden_pre, output, sparse=latents, skip=skip)
+        return TrainOutput(x, hidden_pre, output, sparse=active_all, skip=skip)
 
     # ----- losses --------------------------------------------------------------------------------------
     def decoder_norms(self) -> Tensor:
@@ -330,7 +333,9 @@ class CrossLayerTranscoder(SAE):
             W.div_(W.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1))
 
     @torch.no_grad()
-    def fold_activation_scale(self, in_scale: float | Sequence[float], out_scale: float | Sequence[float] | None = None) -> None:
+    def fold_activation_scale(
+        self, in_scale: float | Sequence[float], out_scale: float | Sequence[float] | None = None
+    ) -> None:
         """As `SAE.fold_activation_scale`, with one factor per layer allowed (each layer's activations scaled by
         their own factor in training)."""
         ins = _per_layer(in_scale, self.n_layers)
@@ -362,7 +367,7 @@ class CrossLayerTranscoder(SAE):
             weights = {**weights, "log_threshold": self.log_threshold.data}
         super().load_saved_weights(weights)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse: bool = True):
         result = nn.Module._apply(self, fn, recurse)
         self.cfg.dtype = str(self.b_dec.dtype).removeprefix("torch.")
         self.cfg.device = str(self.b_dec.device)
