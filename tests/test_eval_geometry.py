@@ -165,7 +165,7 @@ def random_sae(architecture: str, transcoder: bool = False) -> saelab.SAE:
     return sae.eval()
 
 
-CASES = [(a, False) for a in saelab.available_architectures()] + [("standard", True), ("jumprelu", True)]
+CASES = [(a, False) for a in saelab.available_architectures(layered=False)] + [("standard", True), ("jumprelu", True)]
 
 
 @pytest.mark.parametrize("architecture,transcoder", CASES)

@@ -13,7 +13,7 @@ from test_saes import randomised
 import saelab
 from saelab.training.state import load_state, save_state
 
-ARCHITECTURES = saelab.available_architectures()
+ARCHITECTURES = saelab.available_architectures(layered=False)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -33,7 +33,7 @@ SAEBENCH_CFG_READS = (
 core, sparse_probing and absorption evals); `_standardize_sae_cfg` also writes each onto cfg and cfg.metadata."""
 
 
-@pytest.mark.parametrize("architecture", saelab.available_architectures())
+@pytest.mark.parametrize("architecture", saelab.available_architectures(layered=False))
 def test_every_sae_meets_saebench_custom_sae_contract(architecture, tmp_path):
     """What SAEBench reads from and writes to a custom SAE: weights, encode/decode, cfg fields filled from the
     run's data settings, metadata by attribute, a JSON-ready cfg.to_dict(), dtype kept by sae.to(...)."""

@@ -10,7 +10,7 @@ import torch
 import saelab
 from saelab.saes.outputs import TrainOutput
 
-ARCHITECTURES = saelab.available_architectures()
+ARCHITECTURES = saelab.available_architectures(layered=False)
 
 
 def randomised(sae: saelab.SAE) -> saelab.SAE:

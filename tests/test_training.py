@@ -35,7 +35,7 @@ def quick_config(**overrides) -> TrainConfig:
 
 
 def test_every_architecture_has_planted_settings():
-    assert set(ARCHITECTURE_OPTIONS) == set(saelab.available_architectures())
+    assert set(ARCHITECTURE_OPTIONS) == set(saelab.available_architectures(layered=False))
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURE_OPTIONS))

@@ -201,7 +201,11 @@ def _parallel_blocks(model: nn.Module, blocks_path: str, entries: dict[int, str]
         for key, module in ((("block", i), f"{blocks_path}.{i}"), (("entry", i), entry)):
             handles.append(model.get_submodule(module).register_forward_pre_hook(keep(key), with_kwargs=True))
     handles.append(model.get_submodule(f"{blocks_path}.{max(entries)}").register_forward_hook(stop))
-    tokens = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    # Not the padding token: its embedding may be all zeros, and attention over zeros adds nothing, which
+    # would make every block look parallel.
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    ids = [i for i in range(4) if i != pad][:2]
+    tokens = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     try:
         with torch.no_grad():
             model(input_ids=tokens, use_cache=False)

@@ -18,7 +18,7 @@ from saelab.core.files import atomic_write_text
 from saelab.runs import folder as run_folder
 from saelab.runs.config import DEFAULT_TOKENS, RunConfig, load_run_config, read_config_file, run_sae_specs
 from saelab.runs.folder import RESUMABLE_OPTIONS, RUN_CONFIG_FILE
-from saelab.runs.specs import build_sae, initial_sae
+from saelab.runs.specs import build_sae, initial_sae, spec_hooks
 from saelab.saes.base import SAE
 from saelab.splice import hooks_of
 from saelab.synthetic.planted import SyntheticSource, feature_recovery
@@ -39,6 +39,7 @@ def build_saes(
     saes = {}
     for name, options in run_sae_specs(config).items():
         hook = options.get("hook_name")
+        inputs, outputs = spec_hooks(options)
         if isinstance(d_in, int):
             width = d_in
         elif hook is None:  # the model's hook_name fills in a missing one, not a null
@@ -47,7 +48,9 @@ def build_saes(
                 "read model.hook_name)"
             )
         else:
-            width = d_in[hook]
+            width = sum(d_in[h] for h in inputs)
+            if len(inputs) > 1:  # several layers: the target's width is theirs too
+                options = {"d_out": sum(d_in[h] for h in outputs), **options}
         where = None
         if origin:
             layer = None if hook is None else (layers or {}).get(hook)
@@ -58,7 +61,7 @@ def build_saes(
 
 
 def _hooks_read(specs: dict[str, dict[str, Any]]) -> list[str]:
-    hooks = [h for o in specs.values() for h in (o.get("hook_name"), o.get("hook_name_out")) if h is not None]
+    hooks = [h for options in specs.values() for side in spec_hooks(options) for h in side]
     return list(dict.fromkeys(hooks))
 
 

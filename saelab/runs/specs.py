@@ -16,6 +16,7 @@ from typing import Any
 
 from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
+from saelab.saes.clt import hooks_at_layers
 from saelab.saes.config import SAEConfig
 from saelab.saes.registry import make_config, sae_from_config
 
@@ -70,6 +71,19 @@ def sae_specs(
                 options.setdefault("hook_name", default_hook)
             specs[full_name] = options
     return specs
+
+
+def spec_hooks(options: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(the hook points read, the hook points reconstructed) of an SAE's options; a dictionary over several
+    layers (`layers` given) names them with a '{layer}' template."""
+    hook, hook_out = options.get("hook_name"), options.get("hook_name_out")
+    layers = options.get("layers")
+    if layers is not None:
+        if not isinstance(layers, list) or not all(isinstance(layer, int) for layer in layers):
+            raise ConfigError(f"layers must be a list of layer numbers, got {layers!r}")
+        return hooks_at_layers(hook, layers), hooks_at_layers(hook_out or hook, layers)
+    inputs = [] if hook is None else [hook]
+    return inputs, ([hook_out] if hook_out else inputs)
 
 
 def build_sae(options: Mapping[str, Any], d_in: int, origin: Mapping[str, Any] | None = None) -> SAE:

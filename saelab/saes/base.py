@@ -9,7 +9,7 @@ and, optionally, a linear skip connection `W_skip (d_out, d_in)`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,6 +37,9 @@ class SAE(nn.Module):
     per_latent_scaling: ClassVar[bool] = True
     """Scaling one latent (and dividing its decoder row) leaves outputs unchanged; false where latents compete
     for selection (TopK, BatchTopK), where only a uniform scale does."""
+    layered: ClassVar[bool] = False
+    """Reads and writes several layers (cross-layer transcoders, transcoder sets: saes/clt.py), with parameters
+    of their own shapes; the rest read one hook point with the shapes above."""
     hook_z_reshaping_mode: ClassVar[bool] = False
     """SAEBench asks SAELens SAEs this for hook_z: saelab's hook_z SAEs read the heads flattened already."""
 
@@ -202,13 +205,16 @@ class SAE(nn.Module):
 
     # ----- normalisation folding and saving ----------------------------------------------------------
     @torch.no_grad()
-    def fold_activation_scale(self, in_scale: float, out_scale: float | None = None) -> None:
+    def fold_activation_scale(
+        self, in_scale: float | Sequence[float], out_scale: float | Sequence[float] | None = None
+    ) -> None:
         """Make an SAE trained on `x * in_scale` (targets `* out_scale`) work on raw activations.
 
         Latents are unchanged; only weights move: pre-activations of `x` through `in_scale * W_enc` equal
         those of the scaled input, and dividing the decoder by `out_scale` returns outputs to raw units.
         """
-        out_scale = in_scale if out_scale is None else out_scale
+        in_scale = _one_factor(in_scale)
+        out_scale = in_scale if out_scale is None else _one_factor(out_scale)
         self.W_enc.mul_(in_scale)
         self.W_dec.div_(out_scale)
         self.b_dec.div_(out_scale)
@@ -300,3 +306,12 @@ class SAE(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
+
+
+def _one_factor(scale: float | Sequence[float]) -> float:
+    """An SAE reads one hook: one scale factor (dictionaries over several layers take one per layer)."""
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    if len(scale) != 1:
+        raise ValueError(f"an SAE over one hook point takes one scale factor, got {len(scale)}")
+    return float(scale[0])

@@ -86,17 +86,18 @@ class CLTConfig(SAEConfig):
 
     def input_hooks(self) -> list[str]:
         """The hook point read at each layer."""
-        return [_at(self.hook_name, layer) for layer in self.layers]
+        return hooks_at_layers(self.hook_name, self.layers)
 
     def output_hooks(self) -> list[str]:
         """The hook point written at each layer."""
-        return [_at(self.hook_name_out, layer) for layer in self.layers]
+        return hooks_at_layers(self.hook_name_out, self.layers)
 
 
-def _at(template: str | None, layer: int) -> str:
+def hooks_at_layers(template: str | None, layers: Sequence[int]) -> list[str]:
+    """`template` ('blocks.{layer}.hook_mlp_out') at each of `layers`."""
     if template is None:
         raise ConfigError("a cross-layer transcoder needs hook_name and hook_name_out (with '{layer}')")
-    return template.replace(LAYER, str(layer))
+    return [template.replace(LAYER, str(layer)) for layer in layers]
 
 
 @register("clt")
@@ -107,6 +108,7 @@ class CrossLayerTranscoder(SAE):
 
     config_class = CLTConfig
     cfg: CLTConfig
+    layered = True
     default_decoder_init_norm = 0.1
     log_threshold: nn.Parameter  # JumpReLU only, as the threshold buffer
     threshold: Tensor

@@ -144,6 +144,16 @@ class SAEConfig:
         except AttributeError:
             raise ConfigError(f"unknown dtype '{self.dtype}'") from None
 
+    def input_hooks(self) -> list[str]:
+        """The hook points whose activations, concatenated, are the input (one for an SAE; one per layer for a
+        dictionary over several layers)."""
+        return [] if self.hook_name is None else [self.hook_name]
+
+    def output_hooks(self) -> list[str]:
+        """The hook points whose activations, concatenated, are the target (a transcoder's hook_name_out)."""
+        hook = self.hook_name_out if self.transcoder and self.hook_name_out else self.hook_name
+        return [] if hook is None else [hook]
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)

@@ -26,9 +26,9 @@ def register(name: str) -> Callable[[S], S]:
     return add
 
 
-def available_architectures() -> list[str]:
-    """Names accepted by `create_sae`."""
-    return sorted(_ARCHITECTURES)
+def available_architectures(layered: bool | None = None) -> list[str]:
+    """Names accepted by `create_sae`; `layered` True/False: only those over several layers / over one hook."""
+    return sorted(name for name, cls in _ARCHITECTURES.items() if layered is None or cls.layered == layered)
 
 
 def architecture_class(name: str) -> type[SAE]:

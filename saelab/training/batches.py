@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from saelab.activations.source import Batch
@@ -18,10 +19,18 @@ def select_inputs(batch: Batch, sae: SAE) -> tuple[Tensor, Tensor]:
         return batch, batch
     if isinstance(batch, tuple):
         return batch[0], batch[1]
-    names = list(batch)
-    x_name = cfg.hook_name if cfg.hook_name is not None or len(names) != 1 else names[0]
-    y_name = cfg.hook_name_out if cfg.transcoder else x_name
-    return _read(batch, x_name), _read(batch, y_name)
+    if cfg.hook_name is None and len(batch) == 1:  # the only activations there are
+        only = next(iter(batch.values()))
+        return only, (_concatenated(batch, cfg.output_hooks()) if cfg.transcoder else only)
+    return _concatenated(batch, cfg.input_hooks()), _concatenated(batch, cfg.output_hooks())
+
+
+def _concatenated(batch: dict[str, Tensor], names: list[str]) -> Tensor:
+    """The activations at `names`, side by side (a dictionary over several layers reads several hooks)."""
+    if not names:
+        raise ConfigError(f"the SAE names no hook point to read, and the batch has several: {', '.join(batch)}")
+    tensors = [_read(batch, name) for name in names]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=-1)
 
 
 def _read(batch: dict[str, Tensor], name: str | None) -> Tensor:

@@ -9,7 +9,7 @@ folded into its weights (`SAE.fold_activation_scale`), which leaves its latents 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -21,39 +21,63 @@ SCALED = "expected_average_only_in"
 
 @dataclass
 class ActivationScaler:
-    """Input and target scale factors of one SAE (1.0 each when its activations are not normalised)."""
+    """Input and target scale factors of one SAE (1.0 each when its activations are not normalised). A dictionary
+    over several layers reads the concatenation of their activations and scales each layer by its own factor
+    (norms grow with depth: one factor would let the deepest layer dominate the loss)."""
 
-    in_scale: float = 1.0
-    out_scale: float = 1.0
+    in_scale: list[float] = field(default_factory=lambda: [1.0])
+    out_scale: list[float] = field(default_factory=lambda: [1.0])
 
     def estimate(self, sae: SAE, inputs: Tensor, targets: Tensor) -> None:
         """Set the factors from a sample of raw inputs and targets, if `sae` trains on scaled activations."""
         if sae.cfg.normalize_activations == SCALED:
-            self.in_scale = math.sqrt(inputs.shape[-1]) / float(inputs.norm(dim=-1).mean())
-            self.out_scale = math.sqrt(targets.shape[-1]) / float(targets.norm(dim=-1).mean())
+            blocks = len(sae.cfg.input_hooks()) or 1
+            self.in_scale, self.out_scale = _factors(inputs, blocks), _factors(targets, blocks)
 
     def scale_input(self, x: Tensor) -> Tensor:
-        return x * self.in_scale
+        return _scaled(x, self.in_scale)
 
     def scale_target(self, y: Tensor) -> Tensor:
-        return y * self.out_scale
+        return _scaled(y, self.out_scale)
 
     def unscale_output(self, y: Tensor) -> Tensor:
         """An output of the SAE in training back in raw activation units."""
-        return y / self.out_scale
+        return _scaled(y, [1 / s for s in self.out_scale])
 
     def fold_into(self, sae: SAE) -> None:
         """Make `sae` (trained on scaled activations) work on raw ones; its config then says so."""
         if sae.cfg.normalize_activations == SCALED:
-            sae.fold_activation_scale(self.in_scale, self.out_scale)
+            sae.fold_activation_scale(*_as_arguments(self.in_scale, self.out_scale))
             sae.cfg.normalize_activations = "none"
 
     def unfold_from(self, sae: SAE) -> None:
         """The inverse of `fold_into` for an SAE saved for raw activations that now trains on scaled ones."""
-        sae.fold_activation_scale(1 / self.in_scale, 1 / self.out_scale)
+        sae.fold_activation_scale(*_as_arguments([1 / s for s in self.in_scale], [1 / s for s in self.out_scale]))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"in_scale": self.in_scale, "out_scale": self.out_scale}
+        return {"in_scale": _as_arguments(self.in_scale)[0], "out_scale": _as_arguments(self.out_scale)[0]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.in_scale, self.out_scale = float(state["in_scale"]), float(state["out_scale"])
+        self.in_scale, self.out_scale = _as_list(state["in_scale"]), _as_list(state["out_scale"])
+
+
+def _factors(x: Tensor, blocks: int) -> list[float]:
+    """Per block of the last dimension: sqrt(block width) / the mean norm of the block."""
+    parts = x.reshape(-1, blocks, x.shape[-1] // blocks)
+    return [math.sqrt(parts.shape[-1]) / float(n) for n in parts.norm(dim=-1).mean(dim=0)]
+
+
+def _scaled(x: Tensor, factors: list[float]) -> Tensor:
+    if len(factors) == 1:
+        return x * factors[0]
+    per_block = x.new_tensor(factors).repeat_interleave(x.shape[-1] // len(factors))
+    return x * per_block
+
+
+def _as_arguments(*scales: list[float]) -> tuple[float | list[float], ...]:
+    """One float per scale when there is one block (the SAE interface's form), else the list."""
+    return tuple(s[0] if len(s) == 1 else s for s in scales)
+
+
+def _as_list(value: float | list[float]) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, list) else [float(value)]
