@@ -277,6 +277,7 @@ def test_the_suite_writes_the_replacement_eval_and_the_command_runs_it(tiny, tmp
     assert [d["fvu"] for d in written["eval_result_details"]] == pytest.approx([d["fvu"] for d in direct["layers"]])
     assert "replacement" in results["clt"]["core"]["error"]  # the core eval is for one hook point: says so
     assert "repl. CE score" in (tmp_path / "out" / "comparison.md").read_text()
+    assert "Replacement model per layer" in (tmp_path / "out" / "index.html").read_text()
     with pytest.raises(ConfigError, match="not a 'topk': use the core eval"):
         run_replacement(saelab.create_sae("topk", d_in=D, d_sae=M, k=K, hook_name="blocks.0.hook_mlp_out"), model)
     with pytest.raises(ConfigError, match="--suite replacement"):
