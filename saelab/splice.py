@@ -15,22 +15,31 @@ With `error_term=True` the model receives reconstruction + error: without edits 
 exactly, so the logits are the clean ones while every latent is visible; an edit of the latents then changes
 the activation by exactly the change of the decoded reconstruction.
 
+A cross-layer transcoder (or transcoder set) splices at each of its layers: it reads each layer's input hook and
+replaces each layer's output hook with the decoding of the latents of that layer and the layers before it (plus
+the skip connection). Each layer's latents are computed once per forward pass, at that layer's output hook, from
+the input the model gives it in that pass, and kept for the later layers. Each layer has the hook points above
+under its own output hook; an edit of one layer's latents changes what every later layer decodes from them.
+
 `positions` (a (batch, position) mask) limits the splice to those positions, e.g. all but special tokens: the
 SAE then runs on the rows of those positions only, and its hook points hold those rows. `run(sae, x, activation)`
 replaces how an SAE computes what the model receives (end-to-end training runs its training forward; the
-zero-ablation baseline returns zeros); the SAE hook points are then not available.
+zero-ablation baseline returns zeros; a cross-layer transcoder's `run` is called at each layer with that layer's
+rows); the SAE hook points are then not available.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 from torch import Tensor
 
 from saelab.core.config import ConfigError, closest
 from saelab.models.hooks import HookedModel, UnknownHookError
 from saelab.saes.base import SAE
+from saelab.saes.clt import CrossLayerTranscoder
 
 SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error", "hook_sae_output")
 
@@ -39,6 +48,9 @@ Edit = Callable[[Tensor], Tensor]
 
 Run = Callable[[SAE, Tensor, Tensor], Tensor]
 """(sae, its input rows, the activation rows it replaces) -> the rows the model receives instead."""
+
+Compute = Callable[[Tensor, Tensor], Tensor]
+"""(input rows, activation rows) -> the rows the model receives: one SAE (or one layer of a CLT) at one hook."""
 
 
 def hooks_of(sae: SAE) -> tuple[str, str]:
@@ -49,17 +61,33 @@ def hooks_of(sae: SAE) -> tuple[str, str]:
     return hook_in, (sae.cfg.hook_name_out if sae.cfg.transcoder and sae.cfg.hook_name_out else hook_in)
 
 
+def splice_points(sae: SAE) -> list[tuple[str, str]]:
+    """(hook read, hook replaced) of each place the SAE splices in: one (`hooks_of`), or one per layer of a
+    cross-layer transcoder."""
+    if isinstance(sae, CrossLayerTranscoder):
+        return list(zip(sae.cfg.input_hooks(), sae.cfg.output_hooks(), strict=True))
+    return [hooks_of(sae)]
+
+
+def _widths(sae: SAE) -> tuple[int, int]:
+    """(input width, output width) at each splice point."""
+    if isinstance(sae, CrossLayerTranscoder):
+        return sae.d_layer, sae.d_layer_out
+    assert sae.cfg.d_out is not None  # set from d_in by the config
+    return sae.cfg.d_in, sae.cfg.d_out
+
+
 def check_splice(model: HookedModel, saes: SAE | Sequence[SAE]) -> None:
     """Refuse SAEs that cannot be spliced together into `model`: a hook point it lacks (UnknownHookError,
     listing the valid ones), or two SAEs replacing the same activation."""
     replaced: set[str] = set()
     for sae in _as_list(saes):
-        hook_in, hook_out = hooks_of(sae)
-        model.hook_point(hook_in)
-        model.hook_point(hook_out)
-        if hook_out in replaced:
-            raise ConfigError(f"two SAEs replace the same hook point '{hook_out}': splice them one at a time")
-        replaced.add(hook_out)
+        for hook_in, hook_out in splice_points(sae):
+            model.hook_point(hook_in)
+            model.hook_point(hook_out)
+            if hook_out in replaced:
+                raise ConfigError(f"two SAEs replace the same hook point '{hook_out}': splice them one at a time")
+            replaced.add(hook_out)
 
 
 def check_fits(model: HookedModel, saes: SAE | Sequence[SAE]) -> None:
@@ -67,21 +95,23 @@ def check_fits(model: HookedModel, saes: SAE | Sequence[SAE]) -> None:
     forward pass): a clear error instead of a shape mismatch deep inside a forward pass."""
     saes = _as_list(saes)
     check_splice(model, saes)
-    hooks = list(dict.fromkeys(hook for sae in saes for hook in hooks_of(sae)))
+    hooks = list(dict.fromkeys(hook for sae in saes for point in splice_points(sae) for hook in point))
     widths = model.hook_widths(hooks)
     for sae in saes:
-        hook_in, hook_out = hooks_of(sae)
+        d_in, d_out = _widths(sae)
+        per_layer = " per layer" if isinstance(sae, CrossLayerTranscoder) else ""
         where = f" of {sae.cfg.model_name}" if sae.cfg.model_name else ""
-        if widths[hook_in] != sae.cfg.d_in:
-            raise ConfigError(
-                f"the SAE's d_in is {sae.cfg.d_in} but {hook_in}{where} has width {widths[hook_in]} "
-                "(is it the SAE's model and hook point?)"
-            )
-        if widths[hook_out] != sae.cfg.d_out:
-            raise ConfigError(
-                f"the transcoder's d_out is {sae.cfg.d_out} but its output hook {hook_out}{where} has "
-                f"width {widths[hook_out]}"
-            )
+        for hook_in, hook_out in splice_points(sae):
+            if widths[hook_in] != d_in:
+                raise ConfigError(
+                    f"the SAE's d_in{per_layer} is {d_in} but {hook_in}{where} has width {widths[hook_in]} "
+                    "(is it the SAE's model and hook point?)"
+                )
+            if widths[hook_out] != d_out:
+                raise ConfigError(
+                    f"the transcoder's d_out{per_layer} is {d_out} but its output hook {hook_out}{where} has "
+                    f"width {widths[hook_out]}"
+                )
 
 
 def model_for(sae: SAE, model: HookedModel | None = None) -> HookedModel:
@@ -98,7 +128,7 @@ def model_for(sae: SAE, model: HookedModel | None = None) -> HookedModel:
 
 def sae_hook_names(saes: SAE | Sequence[SAE]) -> list[str]:
     """Every SAE hook point of `saes` (see the module docstring)."""
-    return [f"{hooks_of(sae)[1]}.{name}" for sae in _as_list(saes) for name in SAE_HOOKS]
+    return [f"{hook_out}.{name}" for sae in _as_list(saes) for _, hook_out in splice_points(sae) for name in SAE_HOOKS]
 
 
 def _as_list(saes: SAE | Sequence[SAE]) -> list[SAE]:
@@ -136,37 +166,45 @@ def spliced(
             )
     if run is not None and (edit or sae_reads or error_term):
         raise ValueError("an SAE spliced with its own `run` has no SAE hook points, edits or error term")
-    inputs = [hook_in for hook_in, hook_out in map(hooks_of, saes) if hook_in != hook_out]
+    inputs = [hook_in for sae in saes for hook_in, hook_out in splice_points(sae) if hook_in != hook_out]
     model_reads = [name for name in read if name not in sae_reads]
 
     # One dict for both: the model's hooks fill it with what is read (transcoder inputs among them), the SAEs
     # add their own hook points.
     with model.hooks(read=[*inputs, *model_reads]) as cache:
 
-        def splice(sae: SAE) -> Callable[[Tensor], Tensor]:
-            hook_in, hook_out = hooks_of(sae)
-            compute = run or _sae_hook_points(hook_out, cache, error_term, edit, sae_reads)
-
+        def replacing(hook_in: str, hook_out: str, compute: Compute) -> Callable[[Tensor], Tensor]:
             def replace(activation: Tensor) -> Tensor:
                 x = cache[hook_in] if hook_in != hook_out else activation
                 if positions is None:
-                    return compute(sae, x, activation).to(activation.dtype)
+                    return compute(x, activation).to(activation.dtype)
                 keep = positions.to(activation.device)
                 new = activation.clone()
-                new[keep] = compute(sae, x[keep], activation[keep]).to(activation.dtype)
+                new[keep] = compute(x[keep], activation[keep]).to(activation.dtype)
                 return new
 
             return replace
 
-        with model.hooks(write={hooks_of(sae)[1]: splice(sae) for sae in saes}):
+        writes = {}
+        for sae in saes:
+            computes: list[Compute]
+            if run is not None:
+                computes = [partial(run, sae)] * len(splice_points(sae))
+            elif isinstance(sae, CrossLayerTranscoder):
+                computes = _clt_hook_points(sae, cache, error_term, edit, sae_reads)
+            else:
+                computes = [_sae_hook_points(sae, cache, error_term, edit, sae_reads)]
+            for (hook_in, hook_out), compute in zip(splice_points(sae), computes, strict=True):
+                writes[hook_out] = replacing(hook_in, hook_out, compute)
+        with model.hooks(write=writes):
             yield cache
 
 
-def _sae_hook_points(
-    hook_out: str, cache: dict[str, Tensor], error_term: bool, edit: Mapping[str, Edit], reads: Sequence[str]
-) -> Run:
-    """The default `run`: encode and decode, passing through the SAE hook points (edits, reads, error term)."""
+HookPointValue = Callable[[str, Tensor], Tensor]
+"""(SAE hook point name without its output hook, value) -> the value, edited and recorded as asked."""
 
+
+def _at(hook_out: str, cache: dict[str, Tensor], edit: Mapping[str, Edit], reads: Sequence[str]) -> HookPointValue:
     def at(name: str, value: Tensor) -> Tensor:
         full = f"{hook_out}.{name}"
         if full in edit:  # on a copy, so that an in-place edit cannot reach the unedited values
@@ -175,23 +213,78 @@ def _sae_hook_points(
             cache[full] = value
         return value
 
-    def run(sae: SAE, x: Tensor, activation: Tensor) -> Tensor:
+    return at
+
+
+def _sae_hook_points(
+    sae: SAE, cache: dict[str, Tensor], error_term: bool, edit: Mapping[str, Edit], reads: Sequence[str]
+) -> Compute:
+    """The default splice: encode and decode, passing through the SAE hook points (edits, reads, error term)."""
+    hook_out = hooks_of(sae)[1]
+    at = _at(hook_out, cache, edit, reads)
+    wants_error = error_term or any(f"{hook_out}.hook_sae_error" in names for names in (reads, edit))
+
+    def compute(x: Tensor, activation: Tensor) -> Tensor:
         x = at("hook_sae_input", x.to(sae.device, sae.dtype))
         latents = sae.encode(x)
         skip = sae.skip(x)
         clean = sae.with_skip(sae.decode(latents), skip)
         edited = at("hook_sae_acts_post", latents)
         recons = clean if edited is latents else sae.with_skip(sae.decode(edited), skip)
-        output = recons = at("hook_sae_recons", recons)
-        error_name = f"{hook_out}.hook_sae_error"
-        if error_term or error_name in reads or error_name in edit:
-            error = activation.to(recons.dtype) - clean.detach()
-            edited_error = at("hook_sae_error", error)
-            if error_term:
-                output = _with_error(activation, recons, clean, error, edited_error)
-        return at("hook_sae_output", output)
+        return _output(at, activation, clean, recons, error_term, wants_error)
 
-    return run
+    return compute
+
+
+def _clt_hook_points(
+    clt: CrossLayerTranscoder,
+    cache: dict[str, Tensor],
+    error_term: bool,
+    edit: Mapping[str, Edit],
+    reads: Sequence[str],
+) -> list[Compute]:
+    """The default splice of a cross-layer transcoder, one function per layer index: layer j encodes its input
+    and decodes the latents of layers 0..j kept from the same forward pass (the model reaches them in order)."""
+    clean: list[Tensor] = []  # this pass's latents of the layers reached so far, as encoded
+    edited: list[Tensor] = []  # and as edited: what the decoders read
+
+    def layer(j: int, hook_out: str) -> Compute:
+        at = _at(hook_out, cache, edit, reads)
+        wants_error = error_term or any(f"{hook_out}.hook_sae_error" in names for names in (reads, edit))
+
+        def compute(x: Tensor, activation: Tensor) -> Tensor:
+            if j == 0:  # a new forward pass
+                clean.clear()
+                edited.clear()
+            if len(clean) != j:
+                raise RuntimeError(f"{hook_out} ran before the cross-layer transcoder's earlier layers in this pass")
+            x = at("hook_sae_input", x.to(clt.device, clt.dtype))
+            latents = clt.encode_layer(j, x)
+            clean.append(latents)
+            edited.append(at("hook_sae_acts_post", latents))
+            skip = clt.skip_layer(j, x)
+            decoded = clt.with_skip(clt.decode_layer(j, clean), skip)
+            unchanged = all(e is c for e, c in zip(edited, clean, strict=True))
+            recons = decoded if unchanged else clt.with_skip(clt.decode_layer(j, edited), skip)
+            return _output(at, activation, decoded, recons, error_term, wants_error)
+
+        return compute
+
+    return [layer(j, hook_out) for j, hook_out in enumerate(clt.cfg.output_hooks())]
+
+
+def _output(
+    at: HookPointValue, activation: Tensor, clean: Tensor, recons: Tensor, error_term: bool, wants_error: bool
+) -> Tensor:
+    """What the model receives from the reconstruction of unedited latents (`clean`) and of the edited ones
+    (`recons`, the same tensor when nothing was edited), through the last SAE hook points."""
+    output = recons = at("hook_sae_recons", recons)
+    if wants_error:
+        error = activation.to(recons.dtype) - clean.detach()
+        edited_error = at("hook_sae_error", error)
+        if error_term:
+            output = _with_error(activation, recons, clean, error, edited_error)
+    return at("hook_sae_output", output)
 
 
 def _with_error(activation: Tensor, recons: Tensor, clean: Tensor, error: Tensor, edited_error: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from saelab.core.errors import ConfigError
 from saelab.core.files import atomic_write_bytes, atomic_write_text
 from saelab.data.config import DataConfig, data_config_from_metadata
 from saelab.data.tokens import excluded_token_ids
@@ -24,7 +25,8 @@ from saelab.evals import metrics as M
 from saelab.evals.heldout import Groups, by_source, heldout_groups, worst_source
 from saelab.evals.spliced import SplicedEvaluation
 from saelab.saes.base import SAE
-from saelab.splice import hooks_of, model_for
+from saelab.saes.clt import CrossLayerTranscoder
+from saelab.splice import hooks_of, model_for, splice_points
 
 EVAL_FILE = "eval.json"
 
@@ -53,14 +55,16 @@ def activation_batches(
     sae: SAE, model, token_batches: Iterable[Tensor], excluded: Sequence[int]
 ) -> Iterator[ActivationBatch]:
     """Each batch of contexts run through `model` as far as `sae`'s hooks need, positions holding an `excluded`
-    token id dropped (what `evaluate` and the geometry eval read)."""
-    hook_in, hook_out = hooks_of(sae)
+    token id dropped (what `evaluate`, the geometry and the replacement evals read). A cross-layer transcoder's
+    inputs and targets are the concatenations of its layers' activations."""
+    points = splice_points(sae)
+    hooks = list(dict.fromkeys(hook for point in points for hook in point))
     excluded_ids = torch.tensor(list(excluded), dtype=torch.long)
     for tokens in token_batches:
-        acts = model.run_with_cache(tokens, list(dict.fromkeys([hook_in, hook_out])))
+        acts = model.run_with_cache(tokens, hooks)
         keep = ~torch.isin(tokens, excluded_ids)
-        x = acts[hook_in][keep].to(sae.device, sae.dtype)
-        yield ActivationBatch(tokens, keep, x, acts[hook_out][keep].to(sae.device, sae.dtype))
+        x, y = (torch.cat([acts[point[side]][keep] for point in points], dim=-1) for side in (0, 1))
+        yield ActivationBatch(tokens, keep, x.to(sae.device, sae.dtype), y.to(sae.device, sae.dtype))
 
 
 @dataclasses.dataclass
@@ -119,6 +123,8 @@ def evaluate(
     `data` to the data it was trained on; `contexts` (batches by source, from `heldout_groups`) saves reading
     the held-out contexts again when the same ones are evaluated many times."""
 
+    if isinstance(sae, CrossLayerTranscoder):
+        raise ConfigError("a cross-layer transcoder has its own eval: saelab eval --suite replacement")
     sae = sae.eval()
     model = model_for(sae, model)
     data = data or data_config_of(sae)

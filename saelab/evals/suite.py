@@ -6,7 +6,8 @@ gives `results["k32"]["absorption"]`, and with `out` writes `evals/<sae>/<eval>.
 plots, `comparison.md`/`comparison.csv` (one row per SAE, the headline number of each eval) and `index.html`
 (the suite's dashboard page: table, plots, and the auto-interpretation explanations). `saelab eval A B --suite ...`
 is this function. Each eval also runs alone: `run_geometry`, `run_absorption`, `run_probing`, `run_autointerp`,
-and `run_core` here (`evaluate` in the suite's envelope).
+`run_replacement`, and `run_core` here (`evaluate` in the suite's envelope). A cross-layer transcoder (or transcoder
+set) has one eval, `replacement`; every other eval measures an SAE or transcoder at one hook point.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from saelab.core.files import atomic_write_text
 from saelab.data.config import DataConfig
 from saelab.evals.results import make_result, write_result
 from saelab.saes.base import SAE
+from saelab.saes.clt import CrossLayerTranscoder
 
 
 @dataclass
@@ -97,9 +99,11 @@ def config_classes() -> dict[str, type]:
     from saelab.evals.autointerp import AutoInterpConfig
     from saelab.evals.geometry import GeometryConfig
     from saelab.evals.probing import ProbingConfig
+    from saelab.evals.replacement import ReplacementConfig
 
     return {
         "core": CoreConfig,
+        "replacement": ReplacementConfig,
         "geometry": GeometryConfig,
         "absorption": AbsorptionConfig,
         "probing": ProbingConfig,
@@ -109,8 +113,13 @@ def config_classes() -> dict[str, type]:
 
 def _run_one(eval_name: str, sae: SAE, model, config: Any, progress: bool, llm, data) -> dict[str, Any]:
     """One eval (not probing, which runs SAEs in groups) of one SAE."""
+    check_measurable(eval_name, sae)
     if eval_name == "core":
         return run_core(sae, model, config, progress, data)
+    if eval_name == "replacement":
+        from saelab.evals.replacement import run_replacement
+
+        return run_replacement(sae, model, config, progress, data)
     if eval_name == "geometry":
         from saelab.evals.geometry import run_geometry
 
@@ -124,14 +133,31 @@ def _run_one(eval_name: str, sae: SAE, model, config: Any, progress: bool, llm, 
     return run_autointerp(sae, model, config, progress, llm=llm)
 
 
-EVALS = ("core", "geometry", "absorption", "probing", "autointerp")
+EVALS = ("core", "replacement", "geometry", "absorption", "probing", "autointerp")
 """Every eval of the suite, in the order `run_suite` runs them (cheap first)."""
+ALL = tuple(name for name in EVALS if name != "replacement")
+"""What `--suite all` runs: every eval of an SAE at one hook point (a cross-layer transcoder's is `replacement`)."""
+
+
+def check_measurable(eval_name: str, sae: SAE) -> None:
+    """Refuse an eval of one hook point for a cross-layer transcoder (ConfigError; the suite records it and goes
+    on). The replacement eval refuses anything else itself."""
+    if isinstance(sae, CrossLayerTranscoder) and eval_name != "replacement":
+        raise ConfigError(
+            f"the {eval_name} eval measures an SAE at one hook point: a cross-layer transcoder's eval is 'replacement'"
+        )
+
 
 HEADLINES: tuple[tuple[str, str, str, str], ...] = (
     ("core", "reconstruction_quality/explained_variance", "EV", ".3f"),
     ("core", "sparsity/l0", "L0", ".1f"),
     ("core", "model_performance_preservation/ce_loss_score", "CE score", ".3f"),
     ("core", "model_behavior_preservation/kl_div_score", "KL score", ".3f"),
+    ("replacement", "model_performance_preservation/ce_loss_score", "repl. CE score", ".3f"),
+    ("replacement", "model_performance_preservation/ce_loss_increase", "repl. CE incr.", "+.4f"),
+    ("replacement", "model_behavior_preservation/kl_div_with_sae", "repl. KL", ".4f"),
+    ("replacement", "reconstruction_quality/fvu", "FVU", ".3f"),
+    ("replacement", "sparsity/l0", "L0 (layers)", ".1f"),
     ("geometry", "misc_metrics/frac_alive", "alive", ".3f"),
     ("geometry", "shrinkage/l2_ratio", "L2 ratio", ".3f"),
     ("geometry", "misc_metrics/average_max_decoder_cosine_sim", "max dec cos", ".3f"),
@@ -149,11 +175,11 @@ HEADLINES: tuple[tuple[str, str, str, str], ...] = (
 
 def parse_suite(names: str | Sequence[str]) -> list[str]:
     """Eval names from "core,geometry" or a list, checked (an unknown one gets the closest name), in suite order;
-    "all" means every eval."""
+    "all" means every eval of an SAE at one hook point (`ALL`)."""
     listed = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     listed = [n for n in listed if n]
     if "all" in listed:
-        return list(EVALS)
+        return list(ALL)
     for name in listed:
         if name not in EVALS:
             raise _unknown_eval(name)
@@ -253,6 +279,7 @@ def _run_probing(
     groups: dict[tuple[int, str], dict[str, SAE]] = {}
     for name, sae in saes.items():
         try:
+            check_measurable("probing", sae)
             key = (id(model_of(sae)), hooks_of(sae)[0])
         except SaelabError as error:
             results[name]["probing"] = {"eval_type_id": "probing", "error": str(error)}

@@ -1,6 +1,6 @@
 """The eval suite's dashboard page: one static `index.html` beside the suite's results (no server, no script):
-the comparison table, each eval's plots, per-source core metrics, absorption per letter, and every interpreted
-latent's explanation and scores."""
+the comparison table, each eval's plots, per-source core metrics, a cross-layer transcoder's metrics per layer,
+absorption per letter, and every interpreted latent's explanation and scores."""
 
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ def _sections(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[st
             columns = [k for k in core["eval_result_details"][0] if k != "source"]
             rows = [[d["source"], *(d.get(k, math.nan) for k in columns)] for d in core["eval_result_details"]]
             lines += ["<h3>Core metrics per source (held out)</h3>", _table(["source", *columns], rows)]
+        layers = [d for d in per_sae.get("replacement", {}).get("eval_result_details") or [] if "layer" in d]
+        if layers:
+            columns = [k for k in layers[0] if k != "layer"]
+            rows = [[d["layer"], *(d[k] for k in columns)] for d in layers]
+            lines += ["<h3>Replacement model per layer (from clean inputs)</h3>", _table(["layer", *columns], rows)]
         absorption = per_sae.get("absorption", {})
         if absorption.get("eval_result_details"):
             columns = [
