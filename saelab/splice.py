@@ -66,6 +66,11 @@ def splice_points(sae: SAE) -> list[tuple[str, str]]:
     cross-layer transcoder."""
     if isinstance(sae, CrossLayerTranscoder):
         return list(zip(sae.cfg.input_hooks(), sae.cfg.output_hooks(), strict=True))
+    if len(sae.cfg.input_hooks()) > 1:
+        raise ConfigError(
+            f"a {sae.cfg.architecture} reads {', '.join(sae.cfg.input_hooks())} at once: it cannot be spliced "
+            "into one forward pass (its output at a layer depends on later layers)"
+        )
     return [hooks_of(sae)]
 
 

@@ -187,3 +187,106 @@ def test_a_clt_learns_cross_layer_structure_that_a_transcoder_set_cannot():
             results[architecture] = explained_variance(y_test, trained(x_test))
     assert results["clt"] >= 0.9, results
     assert results["transcoder_set"] <= results["clt"] - 0.15, results
+
+
+def test_a_run_trains_a_clt_from_a_models_hooks_and_saves_it_whole(tmp_path):
+    """`saelab train` with a '{layer}' template: one harvest feeds every layer, the saved CLT reloads with its
+    layers and computes what the run's final SAE computed; its layers' widths come from the model."""
+    from tiny import save_tiny_model, sentences, write_jsonl
+
+    from saelab.cli import main
+
+    model = save_tiny_model(tmp_path / "model", n_layers=3)
+    data = write_jsonl(tmp_path / "text.jsonl", sentences(200))
+    flags = {
+        "--model.name": str(model),
+        "--data.dataset": str(data),
+        "--data.context_size": "16",
+        "--data.heldout_contexts": "4",
+        "--data.shuffle_buffer": "1024",
+        "--train.total_tokens": "4096",
+        "--train.batch_size": "256",
+        "--train.eval_every": "0",
+        "--train.progress_bar": "false",
+        "--sae.architecture": "clt",
+        "--sae.layers": "[0, 2]",
+        "--sae.k": "4",
+        "--sae.expansion_factor": "2",
+        "--sae.hook_name": "blocks.{layer}.hook_resid_mid",
+        "--sae.hook_name_out": "blocks.{layer}.hook_mlp_out",
+        "--out_dir": str(tmp_path / "run"),
+    }
+    assert main(["train", *[part for item in flags.items() for part in item]]) == 0
+    clt = saelab.load_sae(tmp_path / "run" / "sae")
+    assert clt.cfg.layers == [0, 2] and clt.cfg.d_in == 2 * 32 and clt.cfg.d_sae == 2 * 64
+    assert clt.cfg.input_hooks() == ["blocks.0.hook_resid_mid", "blocks.2.hook_resid_mid"]
+    assert clt.cfg.normalize_activations == "none"  # the per-layer scales were folded in
+    from saelab.models.loading import load_model
+
+    hooked = load_model(str(model))
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    acts = hooked.run_with_cache(tokens, clt.cfg.input_hooks() + clt.cfg.output_hooks())
+    x = torch.cat([acts[h][0] for h in clt.cfg.input_hooks()], dim=-1)
+    y = torch.cat([acts[h][0] for h in clt.cfg.output_hooks()], dim=-1)
+    with torch.no_grad():
+        assert explained_variance(y, clt(x)) > 0.0  # trained, in raw units: better than predicting the mean
+
+
+def test_crosscoder_loss_is_the_per_layer_sum_written_out():
+    torch.manual_seed(0)
+    cc = saelab.create_sae("crosscoder", L * D, 24, layers=[1, 2, 4], hook_name="blocks.{layer}.hook_resid_post")
+    with torch.no_grad():
+        cc.b_enc.normal_(0, 0.1)
+        cc.W_dec.mul_(torch.rand(24, 1) + 0.5)
+    x = torch.randn(12, L * D)
+    out = cc.training_forward(x)
+    blocks = range(L)
+    per_layer_error = sum(
+        (x[:, slice(layer * D, (layer + 1) * D)] - out.output[:, layer * D : (layer + 1) * D]).pow(2).sum(-1)
+        for layer in blocks
+    )
+    torch.testing.assert_close(cc.reconstruction_loss(out, x), per_layer_error.mean())
+    norms = [
+        cc.W_dec[:, layer * D : (layer + 1) * D].norm(dim=1) for layer in blocks
+    ]  # each latent's decoder into layer layer
+    penalty = (out.latents * sum(norms)).sum(-1).mean()
+    torch.testing.assert_close(cc.sparsity_loss(out), penalty)
+    assert cc.cfg.input_hooks() == cc.cfg.output_hooks() == [f"blocks.{layer}.hook_resid_post" for layer in (1, 2, 4)]
+    from saelab.splice import splice_points
+
+    with pytest.raises(ConfigError, match="cannot be spliced"):
+        splice_points(cc)
+
+
+def test_crosscoder_decoder_norms_tell_shared_latents_from_layer_exclusive_ones():
+    """Planted features: some write to both layers, some to layer 0 only, some to layer 1 only. Each latent's
+    share of decoder norm in layer 1 (model diffing's relative decoder norm) sorts them into the three groups."""
+    d = 12
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(18, 2, d, generator=g)
+    directions[6:12, 1] = 0  # layer 0 only
+    directions[12:, 0] = 0  # layer 1 only
+    directions /= directions.flatten(1).norm(dim=1).view(-1, 1, 1)
+
+    def sample(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        codes = torch.rand(n, 18, generator=gen) * (torch.rand(n, 18, generator=gen) < 2 / 18)
+        return torch.einsum("nf,fld->nld", codes, directions).reshape(n, 2 * d)
+
+    torch.manual_seed(0)
+    cc = saelab.create_sae(
+        "crosscoder", 2 * d, 36, layers=[0, 1], l1_coefficient=0.5, normalize_activations="expected_average_only_in"
+    )
+    config = TrainConfig(total_tokens=256 * 1500, batch_size=256, lr=3e-3, progress_bar=False)
+    trained = Trainer(cc, config).fit(TensorSource(sample(8192, 1), 256))["sae"]
+    x = sample(2048, 2)
+    with torch.no_grad():
+        assert explained_variance(x, trained(x)) > 0.9
+        norms = trained.layer_decoder_norms()
+        share = norms[:, 1] / norms.sum(dim=1)
+        # the latent that best matches each planted feature
+        cos = torch.nn.functional.normalize(trained.W_dec, dim=1) @ directions.flatten(1).T
+        best = cos.argmax(dim=0)
+    assert float(cos.max(dim=0).values.mean()) > 0.9
+    assert bool((share[best[:6]] - 0.5).abs().lt(0.3).all()), share[best[:6]]
+    assert bool(share[best[6:12]].lt(0.1).all()) and bool(share[best[12:]].gt(0.9).all())

@@ -56,6 +56,9 @@ SAELENS_ONLY = {
     "expansion_factor",
 }
 """Keys only SAELens writes: a cfg.json holding any of them (or an old name in RENAMES) is SAELens's."""
+SAELAB_ONLY = {"b_dec_init", "decoder_init_norm", "normalize_decoder"}
+"""Fields every cfg.json saelab writes has and SAELens never writes: such a file is saelab's, whatever its
+metadata records (a trained SAE's metadata holds SAELens's names for the data settings, context_size...)."""
 INFERENCE_KEYS = {
     "architecture",
     "d_in",
@@ -96,7 +99,7 @@ def _nested_metadata(options: dict[str, Any]) -> dict[str, Any]:
 def is_saelens_config(options: dict[str, Any]) -> bool:
     """Whether a cfg.json was written by SAELens (not by saelab, even after saelab loaded a SAELens file)."""
     nested = _nested_metadata(options)
-    if nested.get("source_format") == "saelens":  # saelab re-saved it under saelab's own keys
+    if nested.get("source_format") == "saelens" or SAELAB_ONLY <= set(options):  # saelab wrote it
         return False
     return bool((SAELENS_ONLY | set(RENAMES)) & (set(options) | set(nested)))
 

@@ -20,7 +20,8 @@ from saelab.runs.config import DEFAULT_TOKENS, RunConfig, load_run_config, read_
 from saelab.runs.folder import RESUMABLE_OPTIONS, RUN_CONFIG_FILE
 from saelab.runs.specs import build_sae, initial_sae, spec_hooks
 from saelab.saes.base import SAE
-from saelab.splice import hooks_of
+from saelab.saes.clt import CrossLayerTranscoder
+from saelab.splice import splice_points
 from saelab.synthetic.planted import SyntheticSource, feature_recovery
 from saelab.training.distributed import Distributed, init_distributed
 from saelab.training.memory import keep_freed_memory
@@ -125,6 +126,8 @@ def make_trainer(
     initial = {name: initial_sae(o["init_from"], saes[name]) for name, o in specs.items() if o.get("init_from")}
     objective, splicer = config.objective, None
     if objective.end_to_end:
+        if layered := [name for name, sae in saes.items() if len(sae.cfg.input_hooks()) > 1]:
+            raise ConfigError(f"end-to-end training reads one hook per SAE: {', '.join(layered)} read several layers")
         excluded = excluded_token_ids(model.tokenizer, config.data.exclude_special_tokens)
         splicer = SplicedModel(model, excluded, objective.downstream_hooks)
         _check_downstream(model, objective.downstream_hooks, saes)
@@ -157,6 +160,12 @@ def _check_downstream(model: Any, hooks: list[str], saes: dict[str, SAE]) -> Non
             )
 
 
+def splices(sae: SAE) -> bool:
+    """Whether `sae` can be spliced into one forward pass (all but dictionaries that read several layers at once
+    without writing them in order: crosscoders)."""
+    return isinstance(sae, CrossLayerTranscoder) or len(sae.cfg.input_hooks()) <= 1
+
+
 def make_evaluator(model, config: RunConfig):
     """For eval_every: each SAE evaluated alone (`evaluate`: explained variance, L0, spliced CE/KL), and all of them
     spliced at once when there are several, on `train.eval_contexts` held-out contexts. On a built-in corpus of
@@ -166,6 +175,7 @@ def make_evaluator(model, config: RunConfig):
     from saelab.data.tokens import excluded_token_ids
     from saelab.evals.evaluate import evaluate as evaluate_sae
     from saelab.evals.heldout import Groups, by_source, core_metrics, heldout_contexts, heldout_groups
+    from saelab.evals.replacement import replacement_metrics
     from saelab.evals.spliced import SplicedEvaluation
 
     count = config.train.eval_contexts
@@ -186,10 +196,29 @@ def make_evaluator(model, config: RunConfig):
     )
 
     def run(sae: SAE, groups: Groups) -> dict[str, float]:
+        if isinstance(sae, CrossLayerTranscoder):
+            return run_replacement(sae, groups)
+        if not splices(sae):  # a crosscoder: reads layers after those it writes, no spliced model to measure
+            return {}
         result = evaluate_sae(sae, model, config.data, error_term=False, contexts=groups)
         metrics = {**core_metrics(result), **{k: v for k, v in result["downstream"].items() if k in keep}}
         for source, values in by_source(result).items():
             metrics.update({f"source/{source}/{k}": v for k, v in values.items()})
+        return metrics
+
+    def run_replacement(clt: CrossLayerTranscoder, groups: Groups) -> dict[str, float]:
+        """The replacement model's CE/KL (all layers spliced in) and the reconstruction over all layers."""
+        result = replacement_metrics(clt, model, config.data, error_term=False, contexts=groups)
+        parts = {None: result, **result.get("sources", {})}
+        metrics = {}
+        for source, part in parts.items():
+            prefix = "" if source is None else f"source/{source}/"
+            values = {
+                "explained_variance": part["reconstruction"]["explained_variance"],
+                "l0": part["sparsity"]["l0"],
+                **{k: v for k, v in part["replacement"].items() if k in keep},
+            }
+            metrics.update({prefix + k: v for k, v in values.items()})
         return metrics
 
     def run_together(saes: list[SAE], groups: Groups) -> dict[str, float]:
@@ -204,9 +233,10 @@ def make_evaluator(model, config: RunConfig):
             per_source.update(heldout_groups(model, config.data, count, batch_contexts=count))
         groups = per_source if final else mixed
         results = {name: run(sae, groups) for name, sae in saes.items()}
-        replaced = [hooks_of(sae)[1] for sae in saes.values()]
-        if len(saes) > 1 and len(set(replaced)) == len(replaced):  # a sweep on one hook cannot splice at once
-            results[WHOLE_MODEL] = run_together(list(saes.values()), groups)
+        spliceable = [sae for sae in saes.values() if splices(sae)]
+        replaced = [hook for sae in spliceable for _, hook in splice_points(sae)]
+        if len(spliceable) > 1 and len(set(replaced)) == len(replaced):  # a sweep on one hook cannot splice at once
+            results[WHOLE_MODEL] = run_together(spliceable, groups)
         return results
 
     return evaluate

@@ -1,6 +1,6 @@
 """SAE architectures, one per file, each registered by name."""
 
-from saelab.saes import batchtopk, clt, gated, jumprelu, matryoshka, standard, topk  # noqa: F401  (registers them)
+from saelab.saes import batchtopk, clt, crosscoder, gated, jumprelu, matryoshka, standard, topk  # noqa: F401  (registers them)
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
 from saelab.saes.outputs import SparseLatents, TrainOutput

@@ -1,0 +1,83 @@
+"""Acausal crosscoder (Lindsey et al. 2024, "Sparse Crosscoders"): one set of latents read from and written to
+several layers at once.
+
+It reads the concatenation of one hook point at each of `layers` (a '{layer}' template, as a CLT's hooks) and
+reconstructs all of them from one latent vector: `f = ReLU(sum_l x_l W_enc^l + b_enc)`, `x_l' = f W_dec^l +
+b_dec^l`. In saelab's shapes that is an SAE on the concatenated activations (`W_enc (L*d, m)`, `W_dec (m, L*d)`),
+trained with each layer's activations scaled by their own factor; what makes it a crosscoder is the sparsity
+penalty: each latent weighted by the *sum* of its per-layer decoder norms, `sum_i f_i sum_l ||W_dec_i^l||`. (The
+norm of the concatenated decoder would make it an ordinary SAE on concatenated activations; the sum favours latents
+that live in few layers, and `layer_decoder_norms` shows where each one lives.)
+
+A crosscoder reads layers after the ones it writes, so it cannot be spliced into one forward pass of a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from saelab.core.config import ConfigError
+from saelab.saes.clt import hooks_at_layers
+from saelab.saes.outputs import TrainOutput
+from saelab.saes.registry import register
+from saelab.saes.standard import StandardConfig, StandardSAE
+
+
+@dataclass
+class CrosscoderConfig(StandardConfig):
+    layers: list[int] = field(default_factory=lambda: [0])
+    """Model layers read (and reconstructed); hook_name names their hook point with '{layer}'. d_in is the total
+    width over these layers."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers must be distinct, got {self.layers}")
+        if self.d_in % len(self.layers):
+            raise ConfigError(f"d_in ({self.d_in}) must be a multiple of the {len(self.layers)} layers")
+        if self.transcoder:
+            raise ConfigError("a crosscoder reconstructs the activations it reads: no hook_name_out or d_out")
+        if self.hook_name is not None and "{layer}" not in self.hook_name and len(self.layers) > 1:
+            raise ConfigError(f"hook_name '{self.hook_name}' must say where the layer goes ('blocks.{{layer}}...')")
+
+    def input_hooks(self) -> list[str]:
+        return [] if self.hook_name is None else hooks_at_layers(self.hook_name, self.layers)
+
+    def output_hooks(self) -> list[str]:
+        return self.input_hooks()
+
+
+@register("crosscoder")
+class Crosscoder(StandardSAE):
+    config_class = CrosscoderConfig
+    cfg: CrosscoderConfig
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.cfg.layers)
+
+    def layer_decoder_norms(self) -> Tensor:
+        """`(d_sae, n_layers)`: each latent's decoder norm into each layer (where the latent lives)."""
+        return self.W_dec.reshape(self.cfg.d_sae, self.n_layers, -1).norm(dim=-1)
+
+    def sparsity_loss(self, out: TrainOutput) -> Tensor:
+        weights = self.layer_decoder_norms().sum(dim=1).to(out.latents.dtype)
+        return (out.latents.reshape(-1, self.cfg.d_sae) @ weights).mean()
+
+    @torch.no_grad()
+    def fold_activation_scale(
+        self, in_scale: float | Sequence[float], out_scale: float | Sequence[float] | None = None
+    ) -> None:
+        """As `SAE.fold_activation_scale`, with one factor per layer allowed (input and target are the same
+        activations, so one set of factors)."""
+        factors = torch.tensor([float(in_scale)] * self.n_layers if isinstance(in_scale, (int, float)) else in_scale)
+        if factors.numel() != self.n_layers:
+            raise ValueError(f"{factors.numel()} scale factors for {self.n_layers} layers")
+        per_dim = factors.to(self.W_enc).repeat_interleave(self.cfg.d_in // self.n_layers)
+        self.W_enc.mul_(per_dim.unsqueeze(1))
+        self.W_dec.div_(per_dim)
+        self.b_dec.div_(per_dim)
