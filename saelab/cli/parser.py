@@ -190,8 +190,9 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
         "--suite",
         metavar="EVALS",
         default=None,
-        help="comma-separated evals: core, geometry, absorption, probing, autointerp, or all "
-        "(default: core alone, written as eval.json beside the SAE)",
+        help="comma-separated evals: core, geometry, absorption, probing, autointerp, or all (those five); "
+        "replacement for a cross-layer transcoder or transcoder set (default: core alone, written as eval.json "
+        "beside the SAE)",
     )
     evaluate.add_argument(
         "--names", metavar="NAMES", default=None, help="comma-separated names of the SAEs (default: folder names)"
