@@ -16,13 +16,13 @@ logit minus the mean logit (without the unembedding's bias). Errors and tokens h
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saelab.analysis.influence import Pruned, graph_scores, partial_influence, prune
 from saelab.analysis.replacement import LOGITS, LocalReplacement
@@ -164,6 +164,7 @@ def attribute(
     weights[local.n_sources :] = probabilities.to(local.dtype)
     visited = torch.zeros(F, dtype=torch.bool)
     done = K
+    bar = tqdm(total=wanted, desc="attribution: feature rows", disable=not progress)
     while done < K + wanted:
         if wanted == F:
             queue = torch.arange(F)
@@ -178,10 +179,8 @@ def attribute(
             row_nodes[done : done + len(targets)] = batch_features
             visited[batch_features] = True
             done += len(targets)
-            if progress:
-                print(f"\rattribution: {done - K}/{wanted} feature rows", end="", file=sys.stderr)
-    if progress and wanted:
-        print(file=sys.stderr)
+            bar.update(len(targets))
+    bar.close()
     selected = visited.nonzero().squeeze(1)
     columns = torch.cat([selected, torch.arange(F, n_all)])
     ordered = rows[row_nodes.argsort()][:, columns]

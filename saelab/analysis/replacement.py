@@ -32,6 +32,8 @@ from saelab.models.frozen import Freeze
 from saelab.models.hooks import HookedModel
 from saelab.saes.clt import LAYER, CrossLayerTranscoder
 
+CHUNK = 1024
+"""Source vectors contracted with a batch of gradients at a time (bounds the memory of a backward pass's rows)."""
 LOGITS = -1
 """The read point of logit targets: the unembedding's input, at the last position."""
 
@@ -182,7 +184,7 @@ class LocalReplacement:
         self.encoders = torch.stack(encoders).to(self.dtype) if encoders else torch.zeros(0, clt.d_layer)
         self.errors: dict[int, Tensor] = {}
         self.constants: dict[int, Tensor] = {}
-        self.pieces: dict[int, list[tuple[int, Tensor, Tensor]]] = {}  # layer -> (position, columns, vectors)
+        self.pieces: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # layer -> (positions, columns, vectors)
         for layer in range(self.n_layers):
             m = run.outputs[layer][0].to(self.dtype)
             skip = self._skip(layer, run.reads[layer][0].detach()) if layer in self.covered else None
@@ -191,7 +193,8 @@ class LocalReplacement:
                 j = self.covered[layer]
                 reconstruction = clt.decode_layer(j, acts).to(self.dtype)
                 bias = clt.b_dec[j * clt.d_layer_out : (j + 1) * clt.d_layer_out].to(self.dtype)
-                self.pieces[layer] = self._pieces(j)
+                if (pieces := self._pieces(j)) is not None:
+                    self.pieces[layer] = pieces
             else:
                 reconstruction, bias = torch.zeros_like(m), torch.zeros_like(m[0])
             error = held - reconstruction
@@ -200,19 +203,20 @@ class LocalReplacement:
             constant[:1] = held[:1]  # at position 0, everything is a constant: its features are not sources
             self.errors[layer], self.constants[layer] = error, constant
 
-    def _pieces(self, j: int) -> list[tuple[int, Tensor, Tensor]]:
-        """What the active latents write at transcoder layer j: per position, (columns, activation * decoder)."""
-        decoders = [self.clt.decoder(i, j) for i in range(self.clt.n_layers)]
-        found = []
-        for position in range(self.n_pos):
-            at = (self.active[:, 1] == position).nonzero().squeeze(1).tolist()
-            columns = [c for c in at if decoders[int(self.active[c, 0])] is not None]
-            if not columns:
-                continue
-            rows = [decoders[int(self.active[c, 0])][int(self.active[c, 2])] for c in columns]  # type: ignore[index]
-            vectors = torch.stack(rows).to(self.dtype) * self.values[columns, None]
-            found.append((position, torch.tensor(columns), vectors))
-        return found
+    def _pieces(self, j: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """What the active latents write at transcoder layer j: (positions, columns, activation * decoder row),
+        or None if none does."""
+        rows, columns = [], []
+        for c, (i, _, latent) in enumerate(self.active.tolist()):
+            decoder = self.clt.decoder(i, j)
+            if decoder is not None:
+                rows.append(decoder[latent])
+                columns.append(c)
+        if not rows:
+            return None
+        at = torch.tensor(columns, dtype=torch.long, device=self.active.device)
+        vectors = torch.stack(rows).to(self.dtype) * self.values[at, None]
+        return self.active[at, 1], at, vectors
 
     # ----- edges ------------------------------------------------------------------------------------
     def rows(self, targets: Sequence[tuple[int, int, Tensor]], keep_graph: bool = True) -> Tensor:
@@ -235,8 +239,12 @@ class LocalReplacement:
             if grad is None:
                 continue
             g = grad[:n].to(self.dtype)
-            for position, columns, vectors in self.pieces.get(layer, []):
-                rows.index_add_(1, columns.to(rows.device), g[:, position] @ vectors.T)
+            if layer in self.pieces:
+                positions, columns, vectors = self.pieces[layer]
+                for start in range(0, len(columns), CHUNK):  # (targets, chunk, d) at a time
+                    part = slice(start, start + CHUNK)
+                    effects = (g[:, positions[part]] * vectors[part]).sum(-1)
+                    rows.index_add_(1, columns[part], effects)
             start = self.error_start + layer * T
             rows[:, start : start + T] = torch.einsum("btd,td->bt", g, self.errors[layer])
         if grads[-1] is not None:
@@ -254,8 +262,9 @@ class LocalReplacement:
             value = self.constants[layer].clone()
             start = self.error_start + layer * self.n_pos
             value += scales[start : start + self.n_pos, None] * self.errors[layer]
-            for position, columns, vectors in self.pieces.get(layer, []):
-                value[position] += (scales[columns, None] * vectors).sum(0)
+            if layer in self.pieces:
+                positions, columns, vectors = self.pieces[layer]
+                value.index_add_(0, positions, scales[columns, None] * vectors)
             constants[layer] = value
         embedding = scales[self.token_start :, None] * self.token_vectors
         run = self._run(1, constants, embedding)

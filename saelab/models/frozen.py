@@ -95,8 +95,8 @@ class Freeze:
             x = first_input(args, kwargs)
             n = self.normalize(path, x)
             y = output[0] if isinstance(output, tuple) else output
-            if not self.replaying:  # the weight-and-bias map, checked against what the norm just gave
-                self._affine[path] = norm_affine(module, n, y, path)
+            if not self.replaying:  # the weight-and-bias map, checked against what the norm just gave (one row)
+                self._affine[path] = norm_affine(module, n[:1], y[:1], path)
             new = self._affine[path](n)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
