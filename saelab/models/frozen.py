@@ -8,8 +8,8 @@ fixed scalings, biases.
 
 `Freeze(model).frozen()` installs that on a Hugging Face model, without changing any value of a forward pass:
 
-* norms (every LayerNorm / RMSNorm module saelab recognises) compute `(x - mean) * scale` with the reciprocal
-  denominator `scale` detached, then their weight and bias as before;
+* norms (every LayerNorm / RMSNorm module saelab recognises) pass gradient as `(x - mean) * scale` with the
+  reciprocal denominator `scale` detached, then their weight and bias (their values stay their own);
 * attention patterns depend only on the query and key projections' outputs (and fixed positions), so those are
   detached: gradients flow through the values only. Separate `q_proj`/`k_proj` (Llama, Mistral, Qwen, Gemma,
   OLMo, GPT-J), GPT-2's fused `c_attn` and GPT-NeoX's `query_key_value` are known.
@@ -95,9 +95,12 @@ class Freeze:
             x = first_input(args, kwargs)
             n = self.normalize(path, x)
             y = output[0] if isinstance(output, tuple) else output
-            if not self.replaying:  # the weight-and-bias map, checked against what the norm just gave (one row)
+            if self.replaying:
+                new = self._affine[path](n)
+            else:  # the norm's own values, with the gradient of the frozen map (its weight and bias, checked)
                 self._affine[path] = norm_affine(module, n[:1], y[:1], path)
-            new = self._affine[path](n)
+                linear = self._affine[path](n)
+                new = y.detach() + (linear - linear.detach())
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
