@@ -79,7 +79,9 @@ def test_edges_plus_constants_give_each_target_and_match_the_clean_model(case):
     # and, with every source in place, what the unmodified model computes: demeaned logits, pre-activations
     tokens = torch.tensor([graph.tokens])
     logits = model.logits(tokens)[0, -1].double()
-    torch.testing.assert_close(everything[: graph.n_logits], (logits - logits.mean())[graph.logit_tokens], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        everything[: graph.n_logits], (logits - logits.mean())[graph.logit_tokens], atol=1e-5, rtol=0
+    )
     reads = model.run_with_cache(tokens, clt.cfg.input_hooks())
     layer_of = {layer: i for i, layer in enumerate(clt.cfg.layers)}
     for n, (layer, position, latent) in enumerate(graph.features.tolist()):
@@ -125,7 +127,9 @@ def test_node_order_and_what_has_no_inputs():
     at_zero = [graph.errors.start + layer * graph.n_positions for layer in range(3)]
     assert not graph.adjacency[:, at_zero].any()  # position 0's errors are no sources
     probabilities = torch.softmax(model.logits(torch.tensor([graph.tokens]))[0, -1].double(), -1)
-    assert graph.logit_probabilities.tolist() == pytest.approx(probabilities.sort(descending=True).values[: graph.n_logits].tolist())
+    assert graph.logit_probabilities.tolist() == pytest.approx(
+        probabilities.sort(descending=True).values[: graph.n_logits].tolist()
+    )
 
 
 def test_a_transcoder_set_is_a_clt_without_cross_layer_decoders():
@@ -167,7 +171,10 @@ def test_logit_targets_stop_at_the_desired_probability_or_the_cap():
 
 def test_prompts_begin_with_a_special_token():
     tokenizer = word_tokenizer()
-    assert prompt_tokens(tokenizer, "the cat").tolist() == [1, *tokenizer("the cat", add_special_tokens=False).input_ids]
+    assert prompt_tokens(tokenizer, "the cat").tolist() == [
+        1,
+        *tokenizer("the cat", add_special_tokens=False).input_ids,
+    ]
     assert prompt_tokens(tokenizer, [1, 5, 6]).tolist() == [1, 5, 6]
     with pytest.raises(ConfigError, match="empty"):
         prompt_tokens(tokenizer, "")
@@ -181,7 +188,9 @@ def test_influence_is_the_sum_over_paths():
     adjacency[1, 3] = -5.0
     weights = torch.tensor([0, 0, 0, 0, 1.0], dtype=torch.float64)
     shares = normalized_inputs(adjacency)
-    closed = weights @ (torch.linalg.inv(torch.eye(5, dtype=torch.float64) - shares) - torch.eye(5, dtype=torch.float64))
+    closed = weights @ (
+        torch.linalg.inv(torch.eye(5, dtype=torch.float64) - shares) - torch.eye(5, dtype=torch.float64)
+    )
     torch.testing.assert_close(influence(shares, weights), closed)
     assert influence(shares, weights).tolist() == pytest.approx([0.75, 0.375, 0.25, 0.75, 0.0])
 

@@ -47,18 +47,38 @@ def test_graph_json_is_circuit_tracers_layout():
     data = graph_json(graph, "demo", node_threshold=1.0, edge_threshold=1.0)
     assert set(data) == {"metadata", "qParams", "nodes", "links"}
     meta = data["metadata"]
-    assert (meta["slug"], meta["scan"], meta["prompt"], meta["prompt_tokens"]) == ("demo", "tiny-llama", "cat sat", ["<s>", "cat", "sat"])
+    assert (meta["slug"], meta["scan"], meta["prompt"], meta["prompt_tokens"]) == (
+        "demo",
+        "tiny-llama",
+        "cat sat",
+        ["<s>", "cat", "sat"],
+    )
     nodes = {n["node_id"]: n for n in data["nodes"]}
     assert set(nodes) == {"0_7_1", "1_3_2", "1_-1_2", "E_1_0", "E_6_1", "E_7_2", "3_8_2", "3_9_2"}
     assert all(REQUIRED_NODE_KEYS <= set(n) for n in data["nodes"])
     feature = nodes["0_7_1"]
-    assert (feature["feature"], feature["layer"], feature["ctx_idx"], feature["jsNodeId"]) == (cantor(0, 7), "0", 1, "0_7-0")
+    assert (feature["feature"], feature["layer"], feature["ctx_idx"], feature["jsNodeId"]) == (
+        cantor(0, 7),
+        "0",
+        1,
+        "0_7-0",
+    )
     assert feature["feature_type"] == "cross layer transcoder" and feature["activation"] == 2.5
     assert cantor(0, 7) == 35 and cantor(1, 3) == 13
     error = nodes["1_-1_2"]
-    assert (error["feature"], error["layer"], error["ctx_idx"], error["feature_type"]) == (-1, "1", 2, "mlp reconstruction error")
+    assert (error["feature"], error["layer"], error["ctx_idx"], error["feature_type"]) == (
+        -1,
+        "1",
+        2,
+        "mlp reconstruction error",
+    )
     token = nodes["E_6_1"]
-    assert (token["feature"], token["layer"], token["feature_type"], token["jsNodeId"]) == (1, "E", "embedding", "E_6-1")
+    assert (token["feature"], token["layer"], token["feature_type"], token["jsNodeId"]) == (
+        1,
+        "E",
+        "embedding",
+        "E_6-1",
+    )
     top, second = nodes["3_8_2"], nodes["3_9_2"]
     assert top["clerp"] == 'Output "on" (p=0.620)' and top["is_target_logit"] and not second["is_target_logit"]
     assert top["token_prob"] == 0.62 and top["feature"] == 8 and top["feature_type"] == "logit"

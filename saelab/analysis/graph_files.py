@@ -80,14 +80,14 @@ def node_records(graph: AttributionGraph, cumulative: list[float]) -> list[dict]
     for n in range(graph.errors.start, graph.errors.stop):
         layer, position = divmod(n - graph.errors.start, graph.n_positions)
         records.append(
-            _node(f"{layer}_-1_{position}", -1, str(layer), position, "mlp reconstruction error", f"{layer}_{position}-0")
+            _node(
+                f"{layer}_-1_{position}", -1, str(layer), position, "mlp reconstruction error", f"{layer}_{position}-0"
+            )
         )
         records[-1]["influence"] = cumulative[n]
     for position, token in enumerate(graph.tokens):
         n = graph.token_nodes.start + position
-        records.append(
-            _node(f"E_{token}_{position}", position, "E", position, "embedding", f"E_{token}-{position}")
-        )
+        records.append(_node(f"E_{token}_{position}", position, "E", position, "embedding", f"E_{token}-{position}"))
         records[-1]["influence"] = cumulative[n]
     last, layer = graph.n_positions - 1, str(graph.n_layers + 1)
     for k, (token, text) in enumerate(zip(graph.logit_tokens, graph.logit_strings, strict=True)):
@@ -144,7 +144,8 @@ def graph_json(
         "node_threshold": node_threshold,
         "schema_version": 1,
         "generation_settings": {
-            key: graph.info.get(key) for key in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
+            key: graph.info.get(key)
+            for key in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
         },
         "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
     }

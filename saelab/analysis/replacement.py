@@ -23,6 +23,7 @@ import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,12 +86,14 @@ class LocalReplacement:
         self.model, self.clt, self.tokens, self.batch = model, clt, tokens, batch
         self.freeze = Freeze(model)
         self.covered = {layer: i for i, layer in enumerate(clt.cfg.layers)}  # model layer -> transcoder layer
-        self.points = {layer: model.hook_point(name) for layer, name in zip(clt.cfg.layers, clt.cfg.input_hooks())}
+        self.points = {
+            layer: model.hook_point(name) for layer, name in zip(clt.cfg.layers, clt.cfg.input_hooks(), strict=True)
+        }
         self.writes = {layer: _output_name(clt, layer) for layer in range(model.n_layers)}
         for name in self.writes.values():
             if model.hook_point(name).residual:
                 raise ConfigError(f"a transcoder's output hook must be an MLP's output, not the residual {name}")
-        hf = model.model
+        hf: Any = model.model  # a Hugging Face model (Freeze checked)
         self.embed_path = module_path(model, hf.get_input_embeddings())
         self.unembed = hf.get_output_embeddings()
         self.n_layers, self.n_pos = model.n_layers, tokens.shape[0]
@@ -134,7 +137,7 @@ class LocalReplacement:
                 held = constants[layer].to(m).expand_as(m) if constants is not None else m.detach()
                 if skip is not None and not replay:
                     held = held - skip.detach()
-                new = held.clone().requires_grad_(not replay) if skip is None else held + skip
+                new = held.clone().requires_grad_(not replay) if skip is None else (held + skip).to(m.dtype)
                 run.written[layer] = new
                 return new
 
@@ -164,6 +167,8 @@ class LocalReplacement:
     def _record(self) -> None:
         """The recording pass, and every source and constant of the prompt."""
         run = self._run(self.batch)
+        assert run.final is not None and run.embedding is not None and run.embedded is not None
+        assert run.logits is not None
         self.reads, self.written, self.final, self.embedding_leaf = run.reads, run.written, run.final, run.embedding
         self.logits = run.logits[0, -1].detach()
         self.token_vectors = run.embedded[0].to(self.dtype)  # the embedding module's outputs (Gemma's scale in)
@@ -230,9 +235,11 @@ class LocalReplacement:
             if layer not in injected:
                 injected[layer] = torch.zeros_like(tensor)
             injected[layer][b, -1 if layer == LOGITS else position] = direction.to(tensor.dtype)
-        outputs = [self.final if layer == LOGITS else self.reads[layer] for layer in injected]
-        inputs = [self.written[layer] for layer in range(self.n_layers)] + [self.embedding_leaf]
-        grads = torch.autograd.grad(outputs, inputs, list(injected.values()), retain_graph=keep_graph, allow_unused=True)
+        outputs: list[Tensor] = [self.final if layer == LOGITS else self.reads[layer] for layer in injected]
+        inputs: list[Tensor] = [self.written[layer] for layer in range(self.n_layers)] + [self.embedding_leaf]
+        grads = torch.autograd.grad(
+            outputs, inputs, list(injected.values()), retain_graph=keep_graph, allow_unused=True
+        )
         n, T = len(targets), self.n_pos
         rows = torch.zeros(n, self.n_sources, dtype=self.dtype, device=self.token_vectors.device)
         for layer, grad in enumerate(grads[:-1]):
@@ -268,6 +275,7 @@ class LocalReplacement:
             constants[layer] = value
         embedding = scales[self.token_start :, None] * self.token_vectors
         run = self._run(1, constants, embedding)
+        assert run.final is not None
         values = []
         for layer, position, direction in directions:
             tensor = run.final if layer == LOGITS else run.reads[layer]

@@ -237,7 +237,9 @@ def run_graph(args: argparse.Namespace, _flag_names: list[str]) -> None:
     page = write_graph_files(graph, out, slug, args.scan or name, args.node_threshold, args.edge_threshold)
     pruned = graph.prune(args.node_threshold, args.edge_threshold)
     replacement, completeness = graph.scores()
-    top = ", ".join(f"{t!r} {float(p):.3f}" for t, p in zip(graph.logit_strings, graph.logit_probabilities))
+    top = ", ".join(
+        f"{t!r} {float(p):.3f}" for t, p in zip(graph.logit_strings, graph.logit_probabilities, strict=True)
+    )
     print(f"{len(graph.tokens)} tokens; next token: {top}")
     print(
         f"{graph.n_features} feature nodes of {graph.n_active_features} active latents; after pruning "

@@ -317,7 +317,10 @@ def _graph_parser(commands) -> _ExactParser:
     graph.add_argument("sae_dir", metavar="CLT", help="a cross-layer transcoder or transcoder set: " + SAE_SOURCE_HELP)
     graph.add_argument("prompt", metavar="PROMPT", help="the text whose next token is attributed")
     graph.add_argument(
-        "--out", metavar="DIR", default=None, help=f"output folder (default: graphs/ in the folder eval writes to: {REPORT_DEFAULT})"
+        "--out",
+        metavar="DIR",
+        default=None,
+        help=f"output folder (default: graphs/ in the folder eval writes to: {REPORT_DEFAULT})",
     )
     graph.add_argument("--model", default=None, help="the model to run (default: the transcoder's model_name)")
     graph.add_argument(

@@ -112,7 +112,9 @@ class Freeze:
                 return self.held(path, lambda: output, batch)
             if layout == GPT2_FUSED:  # [query | key | value] along the last dimension
                 width = output.shape[-1] // 3
-                return torch.cat([self.held(path, lambda: output[..., : 2 * width], batch), output[..., 2 * width :]], -1)
+                return torch.cat(
+                    [self.held(path, lambda: output[..., : 2 * width], batch), output[..., 2 * width :]], -1
+                )
             # GPT-NeoX: per head [query | key | value]
             heads = output.view(*output.shape[:-1], -1, 3 * module_head_size(self.model, path))
             width = heads.shape[-1] // 3
@@ -126,9 +128,7 @@ class Freeze:
         """Within the block, forward passes of the model run frozen (recording, or with `replay` replaying)."""
         modules = dict(self.model.model.named_modules())
         self.replaying = replay
-        handles = [
-            modules[path].register_forward_hook(self._norm_hook(path), with_kwargs=True) for path in self.norms
-        ]
+        handles = [modules[path].register_forward_hook(self._norm_hook(path), with_kwargs=True) for path in self.norms]
         handles += [modules[path].register_forward_hook(self._projection_hook(path, k)) for path, k in self.projections]
         try:
             yield self
@@ -140,4 +140,6 @@ class Freeze:
 
 def module_head_size(model: HookedModel, projection_path: str) -> int:
     attention = model.model.get_submodule(projection_path.rpartition(".")[0])
-    return int(attention.head_size)
+    size = attention.head_size
+    assert isinstance(size, int)
+    return size
