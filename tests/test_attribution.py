@@ -22,8 +22,10 @@ def tiny(architecture: str = "llama", n_layers: int = 3) -> HookedModel:
     return HookedModel(tiny_causal_lm(architecture, n_layers=n_layers).double(), word_tokenizer())
 
 
-def make_clt(architecture="clt", layers=(0, 1, 2), hook_name="blocks.{layer}.hook_resid_mid", skip=True, seed=1):
-    torch.manual_seed(seed)
+def make_clt(
+    architecture="clt", layers=(0, 1, 2), hook_name="blocks.{layer}.hook_resid_mid", skip=True, activation="topk"
+):
+    torch.manual_seed(1)
     n = len(layers)
     clt = create_sae(
         architecture,
@@ -35,6 +37,7 @@ def make_clt(architecture="clt", layers=(0, 1, 2), hook_name="blocks.{layer}.hoo
         hook_name_out="blocks.{layer}.hook_mlp_out",
         k=4,
         skip_connection=skip,
+        activation=activation,
     ).double()
     with torch.no_grad():
         for p in clt.parameters():
@@ -60,7 +63,7 @@ def rows_of_targets(graph: AttributionGraph) -> torch.Tensor:
 
 CASES = {
     "clt-resid_mid-skip": dict(),
-    "transcoder_set": dict(architecture="transcoder_set"),
+    "transcoder_set-jumprelu": dict(architecture="transcoder_set", activation="jumprelu"),
     "normalized-input-two-layers": dict(layers=(1, 2), hook_name="blocks.{layer}.ln2.hook_normalized"),
 }
 
@@ -79,6 +82,7 @@ def test_edges_plus_constants_give_each_target_and_match_the_clean_model(case):
     # and, with every source in place, what the unmodified model computes: demeaned logits, pre-activations
     tokens = torch.tensor([graph.tokens])
     logits = model.logits(tokens)[0, -1].double()
+    torch.testing.assert_close(local.logits, logits, rtol=0, atol=1e-12)  # the recording pass: the clean model
     torch.testing.assert_close(
         everything[: graph.n_logits], (logits - logits.mean())[graph.logit_tokens], atol=1e-5, rtol=0
     )
