@@ -130,7 +130,7 @@ def test_saelab_graph_command(tmp_path, capsys):
         d_sae=64,
         d_out=64,
         layers=[0, 1],
-        hook_name="blocks.{layer}.hook_mlp_in",  # resid_mid: saelab takes this model's blocks for parallel ones
+        hook_name="blocks.{layer}.hook_mlp_in",
         hook_name_out="blocks.{layer}.hook_mlp_out",
         k=4,
         model_name=str(model),

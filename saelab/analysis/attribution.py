@@ -159,7 +159,8 @@ def attribute(
         batch = range(start, min(start + batch_size, K))
         rows[batch.start : batch.stop, : local.n_sources] = local.rows([(LOGITS, T - 1, directions[k]) for k in batch])
         row_nodes[batch.start : batch.stop] = torch.arange(batch.start, batch.stop) + local.n_sources
-    layers = torch.tensor(clt.cfg.layers)[local.active[:, 0]] if F else torch.zeros(0, dtype=torch.long)
+    active = local.active.cpu()  # (transcoder layer, position, latent) of each active latent
+    layers = torch.tensor(clt.cfg.layers, dtype=torch.long)[active[:, 0]]  # model layers
     weights = torch.zeros(n_all, dtype=local.dtype)
     weights[local.n_sources :] = probabilities.to(local.dtype)
     visited = torch.zeros(F, dtype=torch.bool)
@@ -174,7 +175,7 @@ def attribute(
         for start in range(0, len(queue), batch_size):
             batch_features = queue[start : start + batch_size]
             last = done + len(batch_features) == K + wanted
-            targets = [(int(layers[f]), int(local.active[f, 1]), local.encoders[f]) for f in batch_features]
+            targets = [(int(layers[f]), int(active[f, 1]), local.encoders[int(f)]) for f in batch_features]
             rows[done : done + len(targets), : local.n_sources] = local.rows(targets, keep_graph=not last)
             row_nodes[done : done + len(targets)] = batch_features
             visited[batch_features] = True
@@ -188,7 +189,7 @@ def attribute(
     adjacency = torch.zeros(n, n, dtype=local.dtype)
     adjacency[: len(selected)] = ordered[: len(selected)]
     adjacency[n - K :] = ordered[len(selected) :]
-    features = local.active[selected].cpu().clone()
+    features = active[selected].clone()
     features[:, 0] = layers[selected]
     text = model.tokenizer
     return AttributionGraph(
@@ -197,7 +198,7 @@ def attribute(
         token_strings=[text.decode([t]) for t in tokens.tolist()],
         n_layers=local.n_layers,
         features=features,
-        activations=local.values[selected].cpu(),
+        activations=local.values.cpu()[selected],
         logit_tokens=ids.tolist(),
         logit_strings=[text.decode([t]) for t in ids.tolist()],
         logit_probabilities=probabilities.cpu(),

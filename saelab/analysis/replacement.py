@@ -263,7 +263,7 @@ class LocalReplacement:
     def replay(self, scales: Tensor, directions: Sequence[tuple[int, int, Tensor]]) -> Tensor:
         """What each target `(layer, position, direction)` reads when every source's output is multiplied by
         `scales` (n_sources), attention patterns and norm denominators those of the prompt."""
-        scales = scales.to(self.dtype)
+        scales = scales.to(self.token_vectors.device, self.dtype)
         constants = {}
         for layer in range(self.n_layers):
             value = self.constants[layer].clone()
