@@ -120,3 +120,24 @@ def test_latent_page_shows_its_contexts_with_tokens(dashboard):
     assert "<svg" in dom  # the histogram
     shot = browser(f"--screenshot={ARTIFACTS / 'dashboard_latent.png'}", (dashboard / "latent.html").as_uri() + "#217")
     assert shot.returncode == 0 and (ARTIFACTS / "dashboard_latent.png").stat().st_size > 5000
+
+
+def test_graph_page_draws_the_graph_and_follows_a_node(tmp_path):
+    from test_graph_files import small_graph
+
+    from saelab.analysis.graph_files import write_graph_files
+
+    page = write_graph_files(small_graph(), tmp_path, "demo", node_threshold=1.0, edge_threshold=1.0)
+    dom = browser("--dump-dom", page.as_uri() + "#demo").stdout
+    drawn = set(re.findall(r'data-node="([^"]+)"', dom))
+    assert drawn == {"0_7_1", "1_3_2", "1_-1_2", "E_1_0", "E_6_1", "E_7_2", "3_8_2", "3_9_2"}
+    assert dom.count('class="edge positive"') == 6 and dom.count('class="edge negative"') == 1
+    assert "8 nodes, 7 edges" in dom and "replacement score" in dom
+    # ?node= opens a node as a click does: its inputs and outputs, strongest first
+    chosen = browser("--dump-dom", page.as_uri() + "?node=1_3_2#demo").stdout
+    assert "latent 3 of layer 1 at" in chosen and "inputs (2)" in chosen and "outputs (1)" in chosen
+    rows = re.findall(r'<tr data-node="([^"]+)">', chosen)
+    assert rows == ["E_7_2", "0_7_1", "3_8_2"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = browser(f"--screenshot={ARTIFACTS / 'attribution_graph.png'}", page.as_uri() + "?node=1_3_2")
+    assert shot.returncode == 0 and (ARTIFACTS / "attribution_graph.png").stat().st_size > 5000

@@ -207,6 +207,48 @@ def run_dashboard(args: argparse.Namespace, flag_names: list[str]) -> None:
         print(f"Neuronpedia batch files -> {out}/")
 
 
+def run_graph(args: argparse.Namespace, _flag_names: list[str]) -> None:
+    from saelab.analysis.attribution import attribute
+    from saelab.analysis.graph_files import graph_slug, write_graph_files
+    from saelab.core.config import check_device
+    from saelab.models.loading import load_model
+
+    device = check_device(args.device or "cpu")
+    clt = load_sae_from_args(args, args.sae_dir, device=device)
+    if args.model and args.model_name and args.model != args.model_name:
+        raise ConfigError(f"--model {args.model} and --model_name {args.model_name} disagree; give one of them")
+    name = args.model or clt.cfg.model_name
+    if name is None:
+        raise ConfigError(f"{args.sae_dir} does not say which model it reads: give --model")
+    model = load_model(name, dtype=args.dtype, device=device)
+    clt = clt.to(next(model.model.parameters()).dtype)
+    graph = attribute(
+        model,
+        clt,
+        args.prompt,
+        max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob,
+        batch_size=args.batch_size,
+        max_feature_nodes=args.max_feature_nodes,
+        progress=True,
+    )
+    slug = args.slug or graph_slug(args.prompt)
+    out = Path(args.out) if args.out else report_folder(args) / "graphs"
+    page = write_graph_files(graph, out, slug, args.scan or name, args.node_threshold, args.edge_threshold)
+    pruned = graph.prune(args.node_threshold, args.edge_threshold)
+    replacement, completeness = graph.scores()
+    top = ", ".join(
+        f"{t!r} {float(p):.3f}" for t, p in zip(graph.logit_strings, graph.logit_probabilities, strict=True)
+    )
+    print(f"{len(graph.tokens)} tokens; next token: {top}")
+    print(
+        f"{graph.n_features} feature nodes of {graph.n_active_features} active latents; after pruning "
+        f"{int(pruned.nodes.sum())} nodes, {int(pruned.edges.sum())} edges; replacement score {replacement:.3f}, "
+        f"completeness {completeness:.3f}"
+    )
+    print(f"graph -> {out / (slug + '.json')} (circuit-tracer / Neuronpedia JSON); page -> {page}#{slug}")
+
+
 def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
     from saelab.io.publish import push_to_hub, upload_sae_folder
 
@@ -257,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache-activations": run_cache_activations,
         "eval": run_eval,
         "dashboard": run_dashboard,
+        "graph": run_graph,
         "upload": run_upload,
         "convert": run_convert,
     }

@@ -253,6 +253,7 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     dashboard.add_argument(
         "--neuronpedia_sae_set", default=None, help="Neuronpedia SAE set name (default: the hook name)"
     )
+    graph = _graph_parser(commands)
     upload = commands.add_parser(
         "upload",
         help="upload a saved SAE folder to the Hugging Face hub",
@@ -276,10 +277,10 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     convert.add_argument(
         "--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)"
     )
-    for command in (evaluate, dashboard, upload, convert):
+    for command in (evaluate, dashboard, graph, upload, convert):
         add_sae_source_options(command, with_model=command in (evaluate, dashboard))
     flags = _data_flags()
-    flag_names["upload"] = flag_names["convert"] = []
+    flag_names["upload"] = flag_names["convert"] = flag_names["graph"] = []
     for command, name in (
         (pretokenize, "pretokenize"),
         (cache, "cache-activations"),
@@ -297,10 +298,58 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
         "cache-activations": cache,
         "eval": evaluate,
         "dashboard": dashboard,
+        "graph": graph,
         "upload": upload,
         "convert": convert,
     }
     return parser, subparsers, flag_names
+
+
+def _graph_parser(commands) -> _ExactParser:
+    graph = commands.add_parser(
+        "graph",
+        help="the attribution graph of a prompt through a cross-layer transcoder or transcoder set: circuit-tracer "
+        "/ Neuronpedia JSON and a page that draws it",
+        description="Compute the attribution graph (Ameisen et al. 2025) of PROMPT's next token in the local "
+        "replacement model of the transcoder's model (attention patterns and norm denominators frozen, errors "
+        "held), prune it by influence on the logits, and write it as JSON that circuit-tracer's and Neuronpedia's "
+        "graph viewers read, plus graph.html, a page drawing it that opens from disk.",
+    )
+    graph.add_argument("sae_dir", metavar="CLT", help="a cross-layer transcoder or transcoder set: " + SAE_SOURCE_HELP)
+    graph.add_argument("prompt", metavar="PROMPT", help="the text whose next token is attributed")
+    graph.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help=f"output folder (default: graphs/ in the folder eval writes to: {REPORT_DEFAULT})",
+    )
+    graph.add_argument("--model", default=None, help="the model to run (default: the transcoder's model_name)")
+    graph.add_argument(
+        "--dtype", default="float32", help="the model's dtype: float32, bfloat16, float16 or auto (default: float32)"
+    )
+    graph.add_argument("--slug", default=None, help="the graph's name in its files (default: from the prompt)")
+    graph.add_argument("--scan", default=None, help="the model id the viewer shows (default: the model's name)")
+    graph.add_argument(
+        "--max_feature_nodes",
+        type=int,
+        default=7500,
+        help="at most this many feature nodes, the most influential (default: 7500)",
+    )
+    graph.add_argument(
+        "--node_threshold", type=float, default=0.8, help="keep the nodes carrying this share of influence (0.8)"
+    )
+    graph.add_argument(
+        "--edge_threshold", type=float, default=0.98, help="keep the edges carrying this share of influence (0.98)"
+    )
+    graph.add_argument("--max_n_logits", type=int, default=10, help="at most this many logit nodes (default: 10)")
+    graph.add_argument(
+        "--desired_logit_prob",
+        type=float,
+        default=0.95,
+        help="the most likely next tokens whose probabilities add up to this are logit nodes (default: 0.95)",
+    )
+    graph.add_argument("--batch_size", type=int, default=64, help="targets per backward pass (default: 64)")
+    return graph
 
 
 def suggest_unknown(unknown: list[str], flag_names: list[str], command: str) -> str:

@@ -72,27 +72,40 @@ class _Site:
         return value
 
 
-def normalized(norm: nn.Module, x: Tensor) -> Tensor:
-    """The norm's input normalised before its weight and bias, in float32 (as TransformerLens's hook_normalized)."""
-    x = x.float()
-    if "rmsnorm" not in type(norm).__name__.lower():
-        x = x - x.mean(-1, keepdim=True)
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 models
+
+
+def _centred(norm: nn.Module, x: Tensor) -> Tensor:
+    x = x.to(_compute_dtype(x))
+    return x if "rmsnorm" in type(norm).__name__.lower() else x - x.mean(-1, keepdim=True)
+
+
+def norm_scale(norm: nn.Module, x: Tensor) -> Tensor:
+    """`(..., 1)`: the reciprocal of the norm's denominator for its input `x` (1 / rms or 1 / std)."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     assert eps is not None  # hook points are put only on norms with an epsilon (hook_points.is_norm)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return torch.rsqrt(_centred(norm, x).pow(2).mean(-1, keepdim=True) + eps)
+
+
+def normalized(norm: nn.Module, x: Tensor, scale: Tensor | None = None) -> Tensor:
+    """The norm's input normalised before its weight and bias, in float32 or wider (as TransformerLens's
+    hook_normalized). `scale`: the reciprocal denominator to use instead of x's own (a frozen norm)."""
+    return _centred(norm, x) * (norm_scale(norm, x) if scale is None else scale)
 
 
 def norm_affine(norm: nn.Module, n: Tensor, output: Tensor, name: str) -> Callable[[Tensor], Tensor]:
     """The map from normalised values to the norm's output (its weight and bias), checked against the output
     it just gave: RMSNorms scale by `weight` (Llama) or by `1 + weight` (Gemma)."""
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    gains = [None] if weight is None else [weight.float(), 1.0 + weight.float()]
+    dtype = _compute_dtype(n)
+    gains = [None] if weight is None else [weight.to(dtype), 1.0 + weight.to(dtype)]
     tolerance = 1e-4 if output.dtype in (torch.float32, torch.float64) else 2e-2
     for gain in gains:
 
         def affine(values: Tensor, gain=gain) -> Tensor:
-            out = values.float() if gain is None else values.float() * gain
-            return (out if bias is None else out + bias.float()).to(output.dtype)
+            out = values.to(dtype) if gain is None else values.to(dtype) * gain
+            return (out if bias is None else out + bias.to(dtype)).to(output.dtype)
 
         if torch.allclose(affine(n), output, rtol=tolerance, atol=tolerance):
             return affine
