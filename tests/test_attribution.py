@@ -10,7 +10,7 @@ from tiny import tiny_causal_lm, word_tokenizer
 
 from saelab.analysis.attribution import AttributionGraph, attribute, logit_targets, prompt_tokens
 from saelab.analysis.influence import influence, normalized_inputs, prune
-from saelab.analysis.replacement import LOGITS, LocalReplacement
+from saelab.analysis.local_replacement import LOGITS, LocalReplacement
 from saelab.core.errors import ConfigError
 from saelab.models.hooks import HookedModel
 from saelab.saes import create_sae

@@ -9,7 +9,7 @@ latent; not at position 0, a special token prepended when the prompt does not st
 layer and position (what the transcoder misses of that MLP output; all of it in layers the transcoder does not
 cover), one per token embedding, and the top logits of the last position (the fewest whose probabilities add up to
 `desired_logit_prob`, at most `max_n_logits`). `adjacency[t, s]` is the direct linear effect of s on t in the
-local replacement model (`saelab.analysis.replacement`): s's activation times the gradient of t's pre-activation
+local replacement model (`saelab.analysis.local_replacement`): s's activation times the gradient of t's pre-activation
 along frozen paths, for a feature target its pre-activation (without its encoder bias), for a logit target the
 logit minus the mean logit (without the unembedding's bias). Errors and tokens have no inputs.
 """
@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.analysis.influence import Pruned, graph_scores, partial_influence, prune
-from saelab.analysis.replacement import LOGITS, LocalReplacement
+from saelab.analysis.local_replacement import LOGITS, LocalReplacement
 from saelab.core.errors import ConfigError
 from saelab.models.hooks import HookedModel
 from saelab.saes.clt import CrossLayerTranscoder
