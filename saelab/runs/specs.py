@@ -18,7 +18,7 @@ from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
 from saelab.saes.clt import hooks_at_layers
 from saelab.saes.config import SAEConfig
-from saelab.saes.registry import make_config, sae_from_config
+from saelab.saes.registry import architecture_class, make_config, sae_from_config
 
 RUN_KEYS = ("lr", "init_from")
 """Per-SAE settings that are not part of the SAE's config."""
@@ -28,14 +28,22 @@ def _shared_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(SAEConfig)} | {"expansion_factor", *RUN_KEYS}
 
 
+def _own_keys(architecture: Any) -> set[str]:
+    """The options an architecture takes (none for a name that is not one: make_config reports it later)."""
+    try:
+        return {f.name for f in dataclasses.fields(architecture_class(architecture).config_class)}
+    except ConfigError:
+        return set()
+
+
 def merge_options(defaults: Mapping[str, Any], *overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`defaults` updated by each override in turn; an override that changes the architecture drops the
-    options specific to the previous one (a TopK `k` means nothing to a standard SAE)."""
+    options the new one does not take (a TopK `k` means nothing to a standard SAE)."""
     merged = dict(defaults)
     for override in overrides:
         if "architecture" in override and override["architecture"] != merged.get("architecture"):
-            shared = _shared_keys()
-            merged = {k: v for k, v in merged.items() if k in shared}
+            kept = _shared_keys() | _own_keys(override["architecture"])  # topk -> batchtopk keeps k
+            merged = {k: v for k, v in merged.items() if k in kept}
         merged.update(override)
     if "d_sae" in merged and "expansion_factor" in merged and not any("expansion_factor" in o for o in overrides):
         merged.pop("expansion_factor")  # an explicit width wins over the inherited factor
