@@ -16,7 +16,7 @@ from saelab.cli import main
 from saelab.core.errors import ConfigError, FileFormatError
 from saelab.io import load_circuit_tracer, save_circuit_tracer, save_saelens_layers
 from saelab.saes.clt import CrossLayerTranscoder, TranscoderSet
-from saelab.saes.clt_layers import layer_transcoder
+from saelab.saes.clt_layers import layer_transcoder, transcoder_set_from_layers
 
 D, M, K = 8, 16, 3  # width per layer, latents per layer, TopK's k
 HOOKS = {"hook_name": "blocks.{layer}.hook_resid_mid", "hook_name_out": "blocks.{layer}.hook_mlp_out"}
@@ -323,13 +323,13 @@ def test_layers_of_relu_transcoders_join_into_a_set():
                                 hook_name_out=f"blocks.{layer}.hook_mlp_out", hook_layer=layer)  # fmt: skip
         sae.load_saved_weights({name: torch.randn(t.shape, generator=g) for name, t in sae.state_dict().items()})
         layers.append(sae)
-    tset = TranscoderSet.from_layer_transcoders(layers[::-1])  # in any order: hook_layer places them
+    tset = transcoder_set_from_layers(layers[::-1])  # in any order: hook_layer places them
     x = inputs(tset)
     assert tset.cfg.layers == [3, 4] and tset.cfg.hook_name == "blocks.{layer}.hook_mlp_in"
     assert torch.allclose(tset(x), torch.cat([layers[0](x[:, :D]), layers[1](x[:, D:])], dim=-1), atol=1e-6)
     layers[1].cfg.hook_name = "blocks.4.hook_resid_mid"
     with pytest.raises(ConfigError, match="differ in hook_name"):
-        TranscoderSet.from_layer_transcoders(layers)
+        transcoder_set_from_layers(layers)
     with pytest.raises(ConfigError, match="only a transcoder set's layer is an ordinary transcoder"):
         layer_transcoder(make("clt"), 0)
 

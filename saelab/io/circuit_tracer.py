@@ -115,7 +115,7 @@ def circuit_tracer_files(clt: SAE, model_name: str | None = None) -> tuple[dict[
     if not isinstance(clt, CrossLayerTranscoder):
         raise ConfigError(
             f"circuit-tracer's layout holds transcoder sets and cross-layer transcoders, not a {clt.cfg.architecture} "
-            "SAE (per-layer transcoders join into a set: TranscoderSet.from_layer_transcoders)"
+            "SAE (per-layer transcoders join into a set: saelab.saes.clt_layers.transcoder_set_from_layers)"
         )
     cfg, L = clt.cfg, clt.n_layers
     kind = "cross-layer transcoder" if cfg.cross_layer else "transcoder set"
@@ -293,7 +293,7 @@ def _listed_files(folder: Path, listed: Any) -> list[Path]:
         if not path.endswith(".safetensors"):
             raise FileFormatError(
                 f"{file}: layer {layer}'s file {path} is not circuit-tracer's safetensors layout (Gemma Scope's "
-                "params.npz: load each with saelab.load_sae and join them with TranscoderSet.from_layer_transcoders)"
+                "params.npz: load each with saelab.load_sae and join them with clt_layers.transcoder_set_from_layers)"
             )
         paths[int(layer)] = path
     if sorted(paths) != list(range(len(paths))):

@@ -15,6 +15,7 @@ from saelab.core.files import FileFormatError, atomic_directory, read_json, read
 from saelab.io.saelens_compat import fold_decoder_norms, from_saelens, saelens_weights, to_saelens
 from saelab.saes.base import SAE
 from saelab.saes.clt import CrossLayerTranscoder, TranscoderSet
+from saelab.saes.clt_layers import layer_transcoder, transcoder_set_from_layers
 from saelab.saes.files import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, save_sae
 from saelab.saes.registry import make_config, sae_from_config
 
@@ -99,7 +100,7 @@ def save_saelens_layers(tset: SAE, folder: str | Path) -> Path:
             "SAELens 6 has no TopK transcoder class: a TopK set's layers go to SAELens as TopK SAEs, which read and "
             f"write one width without a skip connection, and this set {this} (circuit-tracer's layout holds it)"
         )
-    layers = {layer: to_saelens(tset.layer_transcoder(i)) for i, layer in enumerate(cfg.layers)}
+    layers = {layer: to_saelens(layer_transcoder(tset, i)) for i, layer in enumerate(cfg.layers)}
     folder = Path(folder)
     with replacing_directory(folder) if is_saelens_layers_folder(folder) else atomic_directory(folder) as staging:
         for layer, sae in layers.items():
@@ -128,6 +129,6 @@ def load_saelens_layers(folder: str | Path, device: str = "cpu") -> TranscoderSe
         raise FileFormatError(f"{folder}: no layer_{{l}} folders of per-layer transcoders")
     saes = [load_sae(path, device=device) for _, path in found]
     try:
-        return TranscoderSet.from_layer_transcoders(saes, [layer for layer, _ in found])
+        return transcoder_set_from_layers(saes, [layer for layer, _ in found])
     except ConfigError as e:
         raise FileFormatError(f"{folder}: {e}") from None

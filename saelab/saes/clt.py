@@ -406,16 +406,3 @@ class TranscoderSet(CrossLayerTranscoder):
 
     config_class = TranscoderSetConfig
     cfg: TranscoderSetConfig
-
-    def layer_transcoder(self, i: int) -> SAE:
-        """Layer index i as an ordinary transcoder with the same latents and outputs (see `saes.clt_layers`)."""
-        from saelab.saes.clt_layers import layer_transcoder
-
-        return layer_transcoder(self, i)
-
-    @staticmethod
-    def from_layer_transcoders(saes: Sequence[SAE], layers: Sequence[int] | None = None) -> TranscoderSet:
-        """A set of one transcoder per model layer (default: each one's hook_layer); see `saes.clt_layers`."""
-        from saelab.saes.clt_layers import transcoder_set_from_layers
-
-        return transcoder_set_from_layers(saes, layers)

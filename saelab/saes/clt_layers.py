@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saelab.core.errors import ConfigError
 from saelab.saes.base import SAE
-from saelab.saes.clt import LAYER, CrossLayerTranscoder
+from saelab.saes.clt import LAYER, CrossLayerTranscoder, TranscoderSet
 from saelab.saes.registry import create_sae
-
-if TYPE_CHECKING:
-    from saelab.saes.clt import TranscoderSet
 
 JUMPRELU_FAMILY = ("standard", "jumprelu")
 """Per-layer architectures a JumpReLU set is made of ('standard' is ReLU: JumpReLU at threshold 0)."""
