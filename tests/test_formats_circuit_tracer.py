@@ -332,6 +332,11 @@ def test_layers_of_relu_transcoders_join_into_a_set():
         transcoder_set_from_layers(layers)
     with pytest.raises(ConfigError, match="only a transcoder set's layer is an ordinary transcoder"):
         layer_transcoder(make("clt"), 0)
+    negative = make()  # as circuit-tracer files may hold: pre * (pre > threshold) passes negative values
+    negative.threshold[M : 2 * M] = -1.0
+    assert torch.equal(layer_transcoder(negative, 0).threshold, negative.threshold[:M])
+    with pytest.raises(ConfigError, match="layer 1 has negative thresholds"):
+        layer_transcoder(negative, 1)
 
 
 # ----- the command line -------------------------------------------------------------------------------------------

@@ -50,6 +50,12 @@ def layer_transcoder(tset: CrossLayerTranscoder, i: int) -> SAE:
     if not 0 <= i < tset.n_layers:
         raise IndexError(f"layer index {i} out of range: the set has {tset.n_layers} layers ({cfg.layers})")
     layer = cfg.layers[i]
+    m, d_out = tset.m, tset.d_layer_out
+    if cfg.activation == "jumprelu" and bool((tset.threshold[i * m : (i + 1) * m] < 0).any()):
+        raise ConfigError(
+            f"layer {layer} has negative thresholds, which let negative pre-activations through: a JumpReLU "
+            "transcoder (a ReLU after the jump) would compute other latents"
+        )
     hook_in = cfg.input_hooks()[i] if cfg.hook_name is not None else None
     hook_out = cfg.output_hooks()[i] if cfg.hook_name_out is not None else None
     options: dict = {"k": cfg.k, "k_aux": cfg.k_aux} if cfg.activation == "topk" else {"bandwidth": cfg.bandwidth}
@@ -73,7 +79,6 @@ def layer_transcoder(tset: CrossLayerTranscoder, i: int) -> SAE:
         metadata=dict(cfg.metadata),
         **options,
     )
-    m, d_out = tset.m, tset.d_layer_out
     weights = {
         "W_enc": tset.W_enc[i],
         "b_enc": tset.b_enc[i * m : (i + 1) * m],
