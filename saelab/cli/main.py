@@ -268,15 +268,24 @@ def run_upload(args: argparse.Namespace, _flag_names: list[str]) -> None:
 
 
 def run_convert(args: argparse.Namespace, _flag_names: list[str]) -> None:
-    from saelab.io import save_sparsify
+    from saelab.io import save_circuit_tracer, save_saelens_layers, save_sparsify
     from saelab.io.saelens_compat import to_saelens
     from saelab.io.saelens_format import load_sparsity
+    from saelab.saes.clt import TranscoderSet
     from saelab.saes.files import save_sae
 
     sae = load_sae_from_args(args, args.source)
     if args.to == "sparsify":
         save_sparsify(sae, args.out)
         written = sae
+    elif args.to == "circuit-tracer" or isinstance(sae, TranscoderSet):
+        if args.to == "circuit-tracer":
+            save_circuit_tracer(sae, args.out)
+        else:  # SAELens has no class for a set: one SAELens transcoder per layer
+            save_saelens_layers(sae, args.out)
+        layers = getattr(sae.cfg, "layers", None)
+        print(f"{sae.cfg.architecture} (layers {layers}) -> {args.out}/ ({args.to} layout)")
+        return
     else:  # what SAELens loads: the SAE itself or its equivalent (BatchTopK -> JumpReLU, ...), or an error line
         written = to_saelens(sae)
         source = Path(args.source)  # a saelab/SAELens folder's sparsity.safetensors goes along

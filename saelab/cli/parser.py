@@ -268,14 +268,18 @@ def build_parser() -> tuple[_ExactParser, dict[str, _ExactParser], dict[str, lis
     upload.add_argument("--message", default="Upload SAE with saelab", help="commit message")
     convert = commands.add_parser(
         "convert",
-        help="convert an SAE folder of any format saelab reads to saelab/SAELens or sparsify's layout",
-        description="Load SOURCE (saelab/SAELens, sparsify, dictionary_learning, Gemma Scope, e2e_sae; local, a hub "
-        "repo or a release) and write OUT.",
+        help="convert an SAE folder of any format saelab reads to saelab/SAELens, sparsify or circuit-tracer's layout",
+        description="Load SOURCE (saelab/SAELens, sparsify, dictionary_learning, Gemma Scope, e2e_sae, circuit-tracer; "
+        "local, a hub repo or a release) and write OUT. A transcoder set goes to SAELens as one transcoder folder per "
+        "layer (OUT/layer_L/); circuit-tracer's layout holds transcoder sets and cross-layer transcoders.",
     )
     convert.add_argument("source", metavar="SOURCE", help=SAE_SOURCE_HELP)
     convert.add_argument("out", metavar="OUT", help="output folder")
     convert.add_argument(
-        "--to", choices=["saelens", "sparsify"], default="saelens", help="layout written (default: saelens)"
+        "--to",
+        choices=["saelens", "sparsify", "circuit-tracer"],
+        default="saelens",
+        help="layout written (default: saelens)",
     )
     for command in (evaluate, dashboard, graph, upload, convert):
         add_sae_source_options(command, with_model=command in (evaluate, dashboard))

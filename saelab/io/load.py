@@ -10,6 +10,7 @@ from pathlib import Path
 from saelab.core.config import ConfigError, check_device, closest
 from saelab.core.files import FileFormatError
 from saelab.io import saelens_format
+from saelab.io.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
 from saelab.io.dictionary_learning import is_dictionary_learning_folder, load_dictionary_learning
 from saelab.io.e2e_sae import is_e2e_sae_folder, load_e2e_sae
 from saelab.io.gemma_scope import PARAMS_FILE, load_gemma_scope
@@ -34,11 +35,13 @@ def load_sae(
     """Load an SAE onto `device` (default CPU, whatever device its files name).
 
     `path` is a local folder: saelab/SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json +
-    sae.safetensors), dictionary_learning (ae.pt + config.json), Gemma Scope (params.npz) or an e2e_sae run
-    (samples_N.pt + final_config.yaml; `sae_id` names the hook position when it holds several); unknown layouts
-    fail with the list of known ones. `path` may also be a Hugging Face repo id `owner/name` (`subfolder` picks
-    the SAE inside it; downloaded through the hub cache, `revision` a branch, tag or commit) or a release name
-    from saelab/pretrained.yaml with its `sae_id`. A missing path that looks local is 'no such folder'.
+    sae.safetensors), dictionary_learning (ae.pt + config.json), Gemma Scope (params.npz), an e2e_sae run
+    (samples_N.pt + final_config.yaml; `sae_id` names the hook position when it holds several), circuit-tracer's
+    transcoder sets and cross-layer transcoders (config.yaml + safetensors files) or a folder of per-layer
+    transcoders `layer_{l}/` (a transcoder set); unknown layouts fail with the list of known ones. `path` may
+    also be a Hugging Face repo id `owner/name` (`subfolder` picks the SAE inside it; downloaded through the hub
+    cache, `revision` a branch, tag or commit) or a release name from saelab/pretrained.yaml with its `sae_id`.
+    A missing path that looks local is 'no such folder'.
 
     The model, hook and layer come from the files (or their path) where they say them; `model_name`,
     `hook_name` and `hook_layer` replace what was found (a hook name alone also sets the layer it names). A
@@ -109,10 +112,15 @@ def _read(path: Path, device: str, position: str | None) -> SAE:
             return load_e2e_sae(path, position, device)
         if is_dictionary_learning_folder(path):
             return load_dictionary_learning(path, device)
+        if is_circuit_tracer_folder(path):
+            return load_circuit_tracer(path, device)
+        if saelens_format.is_saelens_layers_folder(path):
+            return saelens_format.load_saelens_layers(path, device)
         if not (path / saelens_format.CFG_FILE).exists():
             raise FileFormatError(
                 f"{path}: no SAE found; expected {saelens_format.CFG_FILE} + {saelens_format.WEIGHTS_FILE} (saelab, "
                 f"SAELens), {saelens_format.CFG_FILE} + {SPARSIFY_WEIGHTS} (sparsify), ae.pt + config.json "
-                f"(dictionary_learning), {PARAMS_FILE} (Gemma Scope) or samples_N.pt (e2e_sae)"
+                f"(dictionary_learning), {PARAMS_FILE} (Gemma Scope), samples_N.pt (e2e_sae), config.yaml + "
+                "layer_{i}/W_enc_{i}.safetensors (circuit-tracer) or layer_{l}/ folders of per-layer transcoders"
             )
     return saelens_format.load_sae(path, device=device)

@@ -24,6 +24,7 @@ from torch import Tensor
 from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
 from saelab.saes.batchtopk import BatchTopKSAE
+from saelab.saes.clt import CrossLayerTranscoder
 from saelab.saes.config import SAEConfig
 from saelab.saes.files import TRANSCODERS
 from saelab.saes.gated import GatedSAE
@@ -183,6 +184,12 @@ def to_saelens(sae: SAE) -> SAE:
         raise ConfigError(
             f"{why}: with normalize_activations 'layer_norm' SAELens would compute other outputs (it "
             "divides by the unbiased standard deviation + 1e-5, saelab by sqrt(variance + 1e-5))"
+        )
+    if isinstance(sae, CrossLayerTranscoder):
+        per_layer = "" if sae.cfg.cross_layer else " (a set goes as one transcoder folder per layer: --to saelens)"
+        raise ConfigError(
+            f"{why}: SAELens has no class for dictionaries over several layers{per_layer}; circuit-tracer's layout "
+            "holds them (saelab convert --to circuit-tracer)"
         )
     if cfg.dtype not in SAELENS_DTYPES:
         raise ConfigError(f"{why} in dtype {cfg.dtype}: SAELens reads {', '.join(SAELENS_DTYPES)}")
