@@ -38,8 +38,8 @@ class SAE(nn.Module):
     """Scaling one latent (and dividing its decoder row) leaves outputs unchanged; false where latents compete
     for selection (TopK, BatchTopK), where only a uniform scale does."""
     layered: ClassVar[bool] = False
-    """Reads and writes several layers (cross-layer transcoders, transcoder sets: saes/clt.py), with parameters
-    of their own shapes; the rest read one hook point with the shapes above."""
+    """A dictionary over several layers (cross-layer transcoders and transcoder sets, with parameters of their own
+    shapes: saes/clt.py; crosscoders: saes/crosscoder.py); the rest read one hook point."""
     hook_z_reshaping_mode: ClassVar[bool] = False
     """SAEBench asks SAELens SAEs this for hook_z: saelab's hook_z SAEs read the heads flattened already."""
 

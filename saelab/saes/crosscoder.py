@@ -55,6 +55,7 @@ class CrosscoderConfig(StandardConfig):
 class Crosscoder(StandardSAE):
     config_class = CrosscoderConfig
     cfg: CrosscoderConfig
+    layered = True
 
     @property
     def n_layers(self) -> int:
