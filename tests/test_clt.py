@@ -294,3 +294,20 @@ def test_crosscoder_decoder_norms_tell_shared_latents_from_layer_exclusive_ones(
     assert float(cos.max(dim=0).values.mean()) > 0.9
     assert bool((share[best[:6]] - 0.5).abs().lt(0.3).all()), share[best[:6]]
     assert bool(share[best[6:12]].lt(0.1).all()) and bool(share[best[12:]].gt(0.9).all())
+
+
+def test_auxk_per_layer_is_the_dead_latents_top_k_aux_reconstruction_of_the_residual():
+    sae = make(dtype="float64", k_aux=3).train()
+    x, y = torch.randn(7, L * D, dtype=torch.float64), torch.randn(7, L * D, dtype=torch.float64)
+    dead = torch.rand(L * M, generator=torch.Generator().manual_seed(1)) < 0.5
+    out = sae.training_forward(x)
+    pre, residual = out.hidden_pre.reshape(-1, L * M), (y - out.output).detach()
+    predicted = torch.zeros_like(residual)
+    for i in range(L):  # written out: each layer's top-3 dead latents decode into every layer they reach
+        ids = dead[i * M : (i + 1) * M].nonzero().squeeze(1)
+        top = pre[:, i * M + ids].topk(3, dim=-1)
+        for j in range(i, L):
+            rows = sae.decoder(i, j)[ids][top.indices]  # (tokens, 3, D)
+            predicted[:, j * D : (j + 1) * D] += torch.einsum("tk,tkd->td", torch.relu(top.values), rows)
+    expected = min(1.0, int(dead.sum()) / (3 * L)) * (predicted - residual).pow(2).sum(-1).mean()
+    torch.testing.assert_close(sae.auxiliary_loss(out, y, dead), expected)

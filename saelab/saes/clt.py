@@ -307,10 +307,17 @@ class CrossLayerTranscoder(SAE):
             if dead.numel() == 0:
                 continue
             n_dead += dead.numel()
-            top = pre[:, i * self.m + dead].topk(min(k_aux, dead.numel()), dim=-1, sorted=False)
-            rows = W[dead].flatten(1)[top.indices]  # (tokens, k_aux, reach * d_out)
+            k = min(k_aux, dead.numel())
+            top = pre[:, i * self.m + dead].topk(k, dim=-1, sorted=False)
+            # decoded from the selected rows only (a (tokens, k_aux, width) gather would take gigabytes)
+            chosen = SparseLatents(
+                dead[top.indices].reshape(-1),
+                torch.arange(0, top.indices.numel(), k, device=pre.device),
+                torch.relu(top.values).reshape(-1),
+            )
+            written = sparse_decode(chosen, W.flatten(1))
             start = i * self.d_layer_out
-            predicted[:, start : start + rows.shape[-1]] += torch.einsum("tk,tkd->td", torch.relu(top.values), rows)
+            predicted[:, start : start + written.shape[-1]] += written
         scale = min(1.0, n_dead / (k_aux * self.n_layers))
         return scale * (predicted - residual).pow(2).sum(dim=-1).mean()
 
