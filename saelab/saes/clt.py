@@ -46,7 +46,8 @@ class CLTConfig(SAEConfig):
     k: int = 32
     """TopK: active latents per layer and token."""
     k_aux: int | None = None
-    """TopK: dead latents per layer used by the AuxK loss; None means half a layer's latents."""
+    """TopK: dead latents per layer used by the AuxK loss; None means half a layer's latents, at most 256 (AuxK
+    decodes into every later layer: half of a wide layer would cost more than the rest of the step)."""
     aux_coefficient: float | None = None
     """Weight of the auxiliary loss (TopK: AuxK, default 1/32; JumpReLU: pre-activation loss, default 3e-6)."""
     sparsity_coefficient: float = 1.0
@@ -300,7 +301,7 @@ class CrossLayerTranscoder(SAE):
         # AuxK per layer: the top k_aux dead latents of each layer model what the live latents left
         residual = (target - out.output).detach().reshape(pre.shape[0], -1)
         predicted = torch.zeros_like(residual)
-        k_aux = self.cfg.k_aux or self.m // 2
+        k_aux = self.cfg.k_aux or min(self.m // 2, 256)
         n_dead = 0
         for i, W in enumerate(self.decoders()):
             dead = dead_mask[i * self.m : (i + 1) * self.m].nonzero().squeeze(1)
