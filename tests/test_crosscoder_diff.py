@@ -155,7 +155,7 @@ def test_relative_norms_sort_planted_features():
         l1_coefficient=0.5,
         normalize_activations="expected_average_only_in",
     )
-    config = TrainConfig(total_tokens=256 * 1200, batch_size=256, lr=3e-3, progress_bar=False)
+    config = TrainConfig(total_tokens=256 * 500, batch_size=256, lr=3e-3, progress_bar=False)
     trained = Trainer(cc, config).fit(TensorSource(sample(8192, 1), 256))["sae"]
     x = sample(2048, 2)
     with torch.no_grad():
