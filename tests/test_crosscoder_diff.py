@@ -110,6 +110,10 @@ def test_compare_with_and_an_activation_cache_are_refused(pair, tmp_path):
 def test_hook_names_and_layers_are_not_both_given():
     with pytest.raises(ConfigError, match="not both"):
         saelab.create_sae("crosscoder", 8, 4, hook_names=["a", "b"], layers=[1, 2])
+    from saelab.runs.specs import spec_hooks
+
+    with pytest.raises(ConfigError, match="not both"):
+        spec_hooks({"hook_name": "blocks.{layer}.x", "layers": [0, 1], "hook_names": ["a", "b"]})
     with pytest.raises(ConfigError, match="not one of hook_names"):
         saelab.create_sae("crosscoder", 8, 4, hook_names=["a", "b"], hook_name="c")
 

@@ -77,7 +77,8 @@ def sae_specs(
             options = merge_options(base, entry, combo)
             if default_hook is not None:  # a list of hooks names its own: the first one's layer is recorded
                 named_hooks = options.get("hook_names")
-                options.setdefault("hook_name", named_hooks[0] if _is_hook_list(named_hooks) else default_hook)
+                first = named_hooks[0] if isinstance(named_hooks, list) and _is_hook_list(named_hooks) else None
+                options.setdefault("hook_name", first or default_hook)
             specs[full_name] = options
     return specs
 
