@@ -15,20 +15,29 @@ from saelab.core.errors import ConfigError
 from saelab.data.config import DataConfig
 from saelab.data.tokens import excluded_token_ids, training_contexts
 from saelab.models.hooks import HookedModel
+from saelab.models.pair import COMPARED, ModelPair, is_compared
+
+Models = HookedModel | ModelPair
+"""A model, or two read on the same tokens (model diffing: hooks named '<hook>@compare' are the second's)."""
 
 
 class Harvester:
     """Runs the model (only as deep as needed) and turns its activations at `hook_names` into rows: one per
-    kept token position, positions outside [seq_start, seq_end) and special tokens left out."""
+    kept token position, positions outside [seq_start, seq_end) and special tokens left out. With a ModelPair both
+    models read the same contexts and keep the same positions."""
 
     def __init__(
         self,
-        model: HookedModel,
+        model: Models,
         hook_names: Sequence[str],
         exclude_token_ids: Iterable[int] = (),
         seq_start: int = 0,
         seq_end: int | None = None,
     ):
+        if not isinstance(model, ModelPair) and (compared := [n for n in hook_names if is_compared(n)]):
+            raise ConfigError(
+                f"hook '{compared[0]}' reads the compared model ('{COMPARED}'): name it in model.compare_with"
+            )
         for name in hook_names:
             model.hook_point(name)  # unknown names fail here, listing the valid ones
         self.model, self.hook_names = model, list(hook_names)
@@ -133,14 +142,14 @@ class GatheredActivationStore(ActivationStore):
         return torch.cat(self.dist.gather_rows(own))
 
 
-def make_harvester(model: HookedModel, data: DataConfig, hook_names: Sequence[str]) -> Harvester:
+def make_harvester(model: Models, data: DataConfig, hook_names: Sequence[str]) -> Harvester:
     """A Harvester for the data settings: special tokens dropped when asked, positions sliced."""
     excluded = excluded_token_ids(model.tokenizer, data.exclude_special_tokens)
     return Harvester(model, hook_names, excluded, data.seq_start, data.seq_end)
 
 
 def model_activations(
-    model: HookedModel, data: DataConfig, hook_names: Sequence[str], batch_size: int, seed: int = 0, dist=None
+    model: Models, data: DataConfig, hook_names: Sequence[str], batch_size: int, seed: int = 0, dist=None
 ) -> ActivationStore:
     """Shuffled batches of activations at `hook_names`, read from the model as training goes. With several
     processes (`dist`): data parallel, each rank its own contexts and buffer; module parallel, the harvest is

@@ -27,3 +27,7 @@ class ModelConfig:
     the activations they read, and harvests ~3x faster on such a CPU."""
     device: str = "cpu"
     """Device of the model and of the activations."""
+    compare_with: str | None = None
+    """A second model (named as `name`; same tokenizer) run on the same tokens, for model diffing: a hook name
+    ending in '@compare' (`blocks.5.hook_resid_post@compare`) reads that hook point of this model. Not with
+    data.cache or end-to-end training."""

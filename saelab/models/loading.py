@@ -9,6 +9,7 @@ so the first load converts it once to an ordinary safetensors folder in the cach
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import os
@@ -189,3 +190,15 @@ def open_model(config: ModelConfig, backpropagate: bool = False) -> HookedModel:
     keeps float32 there; bfloat16 only when asked for by name."""
     dtype = "float32" if backpropagate and config.dtype == "auto" else config.dtype
     return load_model(config.name, dtype=dtype, device=config.device)
+
+
+def open_models(config: ModelConfig, backpropagate: bool = False):
+    """The model activations are read from: the configured model, or with `compare_with` the pair of models
+    (`saelab.models.pair.ModelPair`, whose tokenizers must agree)."""
+    from saelab.models.pair import ModelPair
+
+    model = open_model(config, backpropagate)
+    if config.compare_with is None:
+        return model
+    other = open_model(dataclasses.replace(config, name=config.compare_with, compare_with=None), backpropagate)
+    return ModelPair(model, other, (config.name, config.compare_with))

@@ -90,9 +90,13 @@ def activation_source(
     from saelab.activations.cache import cached_activations
     from saelab.activations.harvest import model_activations
     from saelab.data.tokens import check_dataset, data_info, model_contexts
-    from saelab.models.loading import open_model
+    from saelab.models.loading import open_models
+    from saelab.models.pair import ModelPair
 
     hooks = _hooks_read(run_sae_specs(config))
+    if config.model.compare_with is not None and (config.data.cache or config.objective.end_to_end):
+        reason = "data.cache holds one model's activations" if config.data.cache else "end-to-end training splices one"
+        raise ConfigError(f"model.compare_with runs two models on the same tokens: {reason}")
     if config.data.cache:
         if config.objective.end_to_end:
             raise ConfigError("end-to-end training runs the model: it cannot read activations from data.cache")
@@ -103,15 +107,19 @@ def activation_source(
         info = {k: v for k, v in cached.metadata.items() if k not in ("shards", "hooks", "format", "hook_layers")}
         layers = {h: cached.metadata.get("hook_layers", {}).get(h) for h in hooks}
         return cached, {h: cached.widths[h] for h in hooks}, info, layers, None
-    model = open_model(config.model, backpropagate=config.objective.end_to_end)
+    models = open_models(config.model, backpropagate=config.objective.end_to_end)
+    model = models.first if isinstance(models, ModelPair) else models  # the one evaluations splice into
     source: ActivationSource
     if config.objective.end_to_end:
         source = model_contexts(model.tokenizer, config.data, batch_size, shard)
     else:
-        source = model_activations(model, config.data, hooks, batch_size, seed, dist)
+        source = model_activations(models, config.data, hooks, batch_size, seed, dist)
     check_dataset(config.data, model.tokenizer)  # fail now, before anything is written
-    layers = {h: model.hook_point(h).layer for h in hooks}
-    return source, model.hook_widths(hooks), data_info(config.model.name, config.data), layers, model
+    layers = {h: models.hook_point(h).layer for h in hooks}
+    info = data_info(config.model.name, config.data)
+    if config.model.compare_with is not None:
+        info["compare_with"] = config.model.compare_with
+    return source, models.hook_widths(hooks), info, layers, model
 
 
 def make_trainer(
@@ -359,6 +367,8 @@ def cache_activations(
 
     if not isinstance(config, RunConfig):
         config = load_run_config(config)
+    if config.model.compare_with is not None:
+        raise ConfigError("cache-activations stores one model's activations: leave model.compare_with out")
     model = open_model(config.model)
     info = data_info(config.model.name, config.data)
     hooks = hooks or [config.model.hook_name]

@@ -75,23 +75,35 @@ def sae_specs(
             label = "_".join(f"{k}={_label(v)}" for k, v in combo.items())
             full_name = "_".join(p for p in (name if named or not label else "", label) if p) or name
             options = merge_options(base, entry, combo)
-            if default_hook is not None:
-                options.setdefault("hook_name", default_hook)
+            if default_hook is not None:  # a list of hooks names its own: the first one's layer is recorded
+                named_hooks = options.get("hook_names")
+                first = named_hooks[0] if isinstance(named_hooks, list) and _is_hook_list(named_hooks) else None
+                options.setdefault("hook_name", first or default_hook)
             specs[full_name] = options
     return specs
 
 
 def spec_hooks(options: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """(the hook points read, the hook points reconstructed) of an SAE's options; a dictionary over several
-    layers (`layers` given) names them with a '{layer}' template."""
+    layers (`layers` given) names them with a '{layer}' template, a crosscoder may list them (`hook_names`)."""
     hook, hook_out = options.get("hook_name"), options.get("hook_name_out")
-    layers = options.get("layers")
+    layers, named = options.get("layers"), options.get("hook_names")
+    if named is not None:
+        if not _is_hook_list(named):
+            raise ConfigError(f"hook_names must be a non-empty list of hook names, got {named!r}")
+        if layers is not None:
+            raise ConfigError("give the hooks read as hook_names or as hook_name at each of layers, not both")
+        return list(named), list(named)
     if layers is not None:
         if not isinstance(layers, list) or not all(isinstance(layer, int) for layer in layers):
             raise ConfigError(f"layers must be a list of layer numbers, got {layers!r}")
         return hooks_at_layers(hook, layers), hooks_at_layers(hook_out or hook, layers)
     inputs = [] if hook is None else [hook]
     return inputs, ([hook_out] if hook_out else inputs)
+
+
+def _is_hook_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(name, str) for name in value)
 
 
 def build_sae(options: Mapping[str, Any], d_in: int, origin: Mapping[str, Any] | None = None) -> SAE:

@@ -33,22 +33,46 @@ class CrosscoderConfig(StandardConfig):
     """Model layers read (and reconstructed); hook_name names their hook point with '{layer}'. d_in is the total
     width over these layers."""
 
+    hook_names: list[str] | None = None
+    """The hook points read, in order, instead of hook_name at each of `layers`: e.g. one hook of two models for
+    model diffing (`[blocks.5.hook_resid_post, blocks.5.hook_resid_post@compare]`, see `model.compare_with`).
+    hook_name, when given, is one of them (the one whose layer is recorded)."""
+
     def validate(self) -> None:
         super().validate()
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers must be distinct, got {self.layers}")
-        if self.d_in % len(self.layers):
-            raise ConfigError(f"d_in ({self.d_in}) must be a multiple of the {len(self.layers)} layers")
+        if self.hook_names is not None:
+            _check_hook_names(self.hook_names, self.layers, self.hook_name)
+        if self.d_in % self.n_blocks:
+            raise ConfigError(f"d_in ({self.d_in}) must be a multiple of the {self.n_blocks} hooks read")
         if self.transcoder:
             raise ConfigError("a crosscoder reconstructs the activations it reads: no hook_name_out or d_out")
-        if self.hook_name is not None and "{layer}" not in self.hook_name and len(self.layers) > 1:
-            raise ConfigError(f"hook_name '{self.hook_name}' must say where the layer goes ('blocks.{{layer}}...')")
+        if self.hook_names is None and self.hook_name is not None and "{layer}" not in self.hook_name:
+            if len(self.layers) > 1:
+                raise ConfigError(f"hook_name '{self.hook_name}' must say where the layer goes ('blocks.{{layer}}...')")
+
+    @property
+    def n_blocks(self) -> int:
+        """How many hooks' activations are concatenated."""
+        return len(self.hook_names) if self.hook_names is not None else len(self.layers)
 
     def input_hooks(self) -> list[str]:
+        if self.hook_names is not None:
+            return list(self.hook_names)
         return [] if self.hook_name is None else hooks_at_layers(self.hook_name, self.layers)
 
     def output_hooks(self) -> list[str]:
         return self.input_hooks()
+
+
+def _check_hook_names(names: list[str], layers: list[int], hook_name: str | None) -> None:
+    if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"hook_names must be a list of distinct hook names, got {names!r}")
+    if layers != [0]:
+        raise ConfigError("give the hooks read as hook_names or as hook_name at each of layers, not both")
+    if hook_name is not None and hook_name not in names:
+        raise ConfigError(f"hook_name '{hook_name}' is not one of hook_names ({', '.join(names)})")
 
 
 @register("crosscoder")
@@ -59,10 +83,12 @@ class Crosscoder(StandardSAE):
 
     @property
     def n_layers(self) -> int:
-        return len(self.cfg.layers)
+        """How many blocks (layers, or hooks of `hook_names`) it reads and writes."""
+        return self.cfg.n_blocks
 
     def layer_decoder_norms(self) -> Tensor:
-        """`(d_sae, n_layers)`: each latent's decoder norm into each layer (where the latent lives)."""
+        """`(d_sae, n_layers)`: each latent's decoder norm into each layer, or each hook of `hook_names` (where the
+        latent lives)."""
         return self.W_dec.reshape(self.cfg.d_sae, self.n_layers, -1).norm(dim=-1)
 
     def sparsity_loss(self, out: TrainOutput) -> Tensor:
