@@ -154,13 +154,14 @@ def test_per_layer_scales_fold_exactly_and_survive_saving(tmp_path):
 
 
 def _cross_layer_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs: one sparse code per layer (3 of 16 features). Targets: layer j's output sums the decoded codes of
-    every layer <= j, each through its own dictionary, so layer 0's features reach layers 1 and 2 only through
-    cross-layer decoders (layer 1's input does not carry them)."""
+    """Inputs: one sparse code per layer (6 features, fewer than the width, so each layer's input determines its
+    code). Targets: layer j's output sums the decoded codes of every layer <= j, each through its own dictionary,
+    so layer 0's features reach layers 1 and 2 only through cross-layer decoders (layer 1's input lacks them)."""
     g = torch.Generator().manual_seed(seed)
-    enc = torch.randn(L, M, D, generator=torch.Generator().manual_seed(99))
-    dec = torch.randn(L, L, M, D, generator=torch.Generator().manual_seed(98)) / 2
-    codes = torch.rand(n, L, M, generator=g) * (torch.rand(n, L, M, generator=g) < 3 / M)
+    n_features = 6
+    enc = torch.randn(L, n_features, D, generator=torch.Generator().manual_seed(99))
+    dec = torch.randn(L, L, n_features, D, generator=torch.Generator().manual_seed(98))
+    codes = torch.rand(n, L, n_features, generator=g) * (torch.rand(n, L, n_features, generator=g) < 2 / n_features)
     x = torch.einsum("nlm,lmd->nld", codes, enc)
     y = torch.stack([sum(codes[:, i] @ dec[i, j] for i in range(j + 1)) for j in range(L)], dim=1)
     return x.reshape(n, -1), y.reshape(n, -1)
@@ -168,7 +169,7 @@ def _cross_layer_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_a_clt_learns_cross_layer_structure_that_a_transcoder_set_cannot():
     x, y = _cross_layer_data(8192, seed=0)
-    config = TrainConfig(total_tokens=256 * 1200, batch_size=256, lr=3e-3, progress_bar=False)
+    config = TrainConfig(total_tokens=256 * 800, batch_size=256, lr=3e-3, progress_bar=False)
     results = {}
     for architecture in ("clt", "transcoder_set"):
         torch.manual_seed(0)

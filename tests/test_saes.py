@@ -351,7 +351,7 @@ def test_trained_saes_are_saved_with_unit_norm_decoder_rows(tmp_path, architectu
     trainer.fit(TensorSource(raw, 256))
     loaded = saelab.load_sae(tmp_path / "sae").eval()
     assert torch.allclose(loaded.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
-    in_scale = trainer.units[0].scaler.in_scale
+    (in_scale,) = trainer.units[0].scaler.in_scale  # one hook point, one factor
     trained = trainer.saes["sae"].eval()
     with torch.no_grad():
         assert torch.allclose(loaded(raw[:256]), trained(raw[:256] * in_scale) / in_scale, rtol=1e-4, atol=1e-3)

@@ -83,11 +83,11 @@ def test_folded_normalisation_works_on_raw_activations(tmp_path):
     trainer = Trainer(sae, quick_config(total_tokens=256 * 600), out_dir=tmp_path)
     trainer.fit(TensorSource(raw, 256))
     unit = trainer.units[0]
-    assert unit.scaler.in_scale == pytest.approx(math.sqrt(32) / float(raw.norm(dim=-1).mean()), rel=0.05)
+    assert unit.scaler.in_scale == [pytest.approx(math.sqrt(32) / float(raw.norm(dim=-1).mean()), rel=0.05)]
     loaded = saelab.load_sae(tmp_path / "sae")
     assert loaded.cfg.normalize_activations == "none"
     with torch.no_grad():
-        in_scale = unit.scaler.in_scale
+        (in_scale,) = unit.scaler.in_scale
         assert torch.allclose(loaded(raw), trainer.saes["sae"](raw * in_scale) / in_scale, atol=1e-3)
         assert explained_variance(raw, loaded(raw)) >= 0.85
 
