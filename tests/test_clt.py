@@ -263,40 +263,6 @@ def test_crosscoder_loss_is_the_per_layer_sum_written_out():
         splice_points(cc)
 
 
-def test_crosscoder_decoder_norms_tell_shared_latents_from_layer_exclusive_ones():
-    """Planted features: some write to both layers, some to layer 0 only, some to layer 1 only. Each latent's
-    share of decoder norm in layer 1 (model diffing's relative decoder norm) sorts them into the three groups."""
-    d = 12
-    g = torch.Generator().manual_seed(0)
-    directions = torch.randn(18, 2, d, generator=g)
-    directions[6:12, 1] = 0  # layer 0 only
-    directions[12:, 0] = 0  # layer 1 only
-    directions /= directions.flatten(1).norm(dim=1).view(-1, 1, 1)
-
-    def sample(n, seed):
-        gen = torch.Generator().manual_seed(seed)
-        codes = torch.rand(n, 18, generator=gen) * (torch.rand(n, 18, generator=gen) < 2 / 18)
-        return torch.einsum("nf,fld->nld", codes, directions).reshape(n, 2 * d)
-
-    torch.manual_seed(0)
-    cc = saelab.create_sae(
-        "crosscoder", 2 * d, 36, layers=[0, 1], l1_coefficient=0.5, normalize_activations="expected_average_only_in"
-    )
-    config = TrainConfig(total_tokens=256 * 1500, batch_size=256, lr=3e-3, progress_bar=False)
-    trained = Trainer(cc, config).fit(TensorSource(sample(8192, 1), 256))["sae"]
-    x = sample(2048, 2)
-    with torch.no_grad():
-        assert explained_variance(x, trained(x)) > 0.9
-        norms = trained.layer_decoder_norms()
-        share = norms[:, 1] / norms.sum(dim=1)
-        # the latent that best matches each planted feature
-        cos = torch.nn.functional.normalize(trained.W_dec, dim=1) @ directions.flatten(1).T
-        best = cos.argmax(dim=0)
-    assert float(cos.max(dim=0).values.mean()) > 0.9
-    assert bool((share[best[:6]] - 0.5).abs().lt(0.3).all()), share[best[:6]]
-    assert bool(share[best[6:12]].lt(0.1).all()) and bool(share[best[12:]].gt(0.9).all())
-
-
 def test_auxk_per_layer_is_the_dead_latents_top_k_aux_reconstruction_of_the_residual():
     sae = make(dtype="float64", k_aux=3).train()
     x, y = torch.randn(7, L * D, dtype=torch.float64), torch.randn(7, L * D, dtype=torch.float64)
