@@ -31,7 +31,8 @@ from torch import Tensor
 from saelab.core.errors import ConfigError
 from saelab.models.frozen import Freeze
 from saelab.models.hooks import HookedModel
-from saelab.saes.clt import LAYER, CrossLayerTranscoder
+from saelab.saes.clt import CrossLayerTranscoder
+from saelab.saes.clt_config import LAYER
 
 CHUNK = 1024
 """Source vectors contracted with a batch of gradients at a time (bounds the memory of a backward pass's rows)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from saelab.core.config import ConfigError
 from saelab.saes.base import SAE
-from saelab.saes.clt import hooks_at_layers
+from saelab.saes.clt_config import hooks_at_layers
 from saelab.saes.config import SAEConfig
 from saelab.saes.registry import architecture_class, make_config, sae_from_config
 

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from saelab.core.errors import ConfigError
 from saelab.saes.base import SAE
-from saelab.saes.clt import LAYER, CrossLayerTranscoder, TranscoderSet
+from saelab.saes.clt import CrossLayerTranscoder, TranscoderSet
+from saelab.saes.clt_config import LAYER
 from saelab.saes.registry import create_sae
 
 JUMPRELU_FAMILY = ("standard", "jumprelu")

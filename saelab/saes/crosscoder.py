@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from saelab.core.config import ConfigError
-from saelab.saes.clt import hooks_at_layers
+from saelab.saes.clt_config import hooks_at_layers
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
 from saelab.saes.standard import StandardConfig, StandardSAE
