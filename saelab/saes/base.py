@@ -287,8 +287,8 @@ class SAE(nn.Module):
         # Every move or cast (.to, .cuda, .half, .bfloat16, ...) passes here: keep cfg.dtype/cfg.device true,
         # since SAELens/SAEBench code reads them rather than the parameters.
         result = super()._apply(fn, recurse)
-        self.cfg.dtype = str(self.W_dec.dtype).removeprefix("torch.")
-        self.cfg.device = str(self.W_dec.device)
+        self.cfg.dtype = str(self.b_dec.dtype).removeprefix("torch.")  # every architecture has b_dec
+        self.cfg.device = str(self.b_dec.device)
         return result
 
     def turn_off_forward_pass_hook_z_reshaping(self) -> None:
@@ -301,11 +301,11 @@ class SAE(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.W_dec.device
+        return self.b_dec.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.W_dec.dtype
+        return self.b_dec.dtype
 
 
 def _one_factor(scale: float | Sequence[float]) -> float:

@@ -305,20 +305,6 @@ class CrossLayerTranscoder(SAE):
             weights = {**weights, "log_threshold": self.log_threshold.data}
         super().load_saved_weights(weights)
 
-    def _apply(self, fn, recurse: bool = True):
-        result = nn.Module._apply(self, fn, recurse)
-        self.cfg.dtype = str(self.b_dec.dtype).removeprefix("torch.")
-        self.cfg.device = str(self.b_dec.device)
-        return result
-
-    @property
-    def device(self) -> torch.device:
-        return self.b_dec.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.b_dec.dtype
-
 
 def _per_layer(scale: float | Sequence[float], n_layers: int) -> Tensor:
     values = torch.tensor([float(scale)] * n_layers if isinstance(scale, (int, float)) else list(map(float, scale)))
