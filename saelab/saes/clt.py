@@ -15,16 +15,15 @@ paper's sparsity penalty `tanh(c * a * ||decoder||)` and its pre-activation loss
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from saelab.saes.base import SAE
-from saelab.saes.clt_config import CLTConfig, TranscoderSetConfig
+from saelab.saes.clt_config import CLTConfig, TranscoderSetConfig, per_layer_factors
 from saelab.saes.fused_topk import select_topk, sparse_decode, sparse_encode
-from saelab.saes.jumprelu import _JumpReLU
+from saelab.saes.jumprelu import _JumpReLU, add_thresholds, with_log_threshold
 from saelab.saes.outputs import SparseLatents, TrainOutput
 from saelab.saes.registry import register
 
@@ -91,9 +90,7 @@ class CrossLayerTranscoder(SAE):
         if self.cfg.skip_connection:
             self.W_skip = self._empty(L, d_out, d)
         if self.cfg.activation == "jumprelu":
-            init = torch.full((L * m,), math.log(self.cfg.init_threshold), dtype=self.cfg.torch_dtype)
-            self.log_threshold = nn.Parameter(init.to(self.cfg.device))
-            self.register_buffer("threshold", init.exp().to(self.cfg.device))
+            add_thresholds(self, L * m, self.cfg.init_threshold)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -276,8 +273,8 @@ class CrossLayerTranscoder(SAE):
     ) -> None:
         """As `SAE.fold_activation_scale`, with one factor per layer allowed (each layer's activations scaled by
         their own factor in training)."""
-        ins = _per_layer(in_scale, self.n_layers)
-        outs = ins if out_scale is None else _per_layer(out_scale, self.n_layers)
+        ins = per_layer_factors(in_scale, self.n_layers)
+        outs = ins if out_scale is None else per_layer_factors(out_scale, self.n_layers)
         self.W_enc.mul_(ins.to(self.W_enc).view(-1, 1, 1))
         for i, W in enumerate(self.decoders()):
             W.div_(outs[i : i + W.shape[1]].to(W).view(1, -1, 1))
@@ -301,16 +298,8 @@ class CrossLayerTranscoder(SAE):
     @torch.no_grad()
     def load_saved_weights(self, weights: dict[str, Tensor]) -> None:
         if self.cfg.activation == "jumprelu":
-            self.log_threshold.data = weights["threshold"].clamp_min(0).log().to(self.log_threshold)
-            weights = {**weights, "log_threshold": self.log_threshold.data}
+            weights = with_log_threshold(self, weights)
         super().load_saved_weights(weights)
-
-
-def _per_layer(scale: float | Sequence[float], n_layers: int) -> Tensor:
-    values = torch.tensor([float(scale)] * n_layers if isinstance(scale, (int, float)) else list(map(float, scale)))
-    if values.numel() != n_layers:
-        raise ValueError(f"{values.numel()} scale factors for {n_layers} layers")
-    return values
 
 
 @register("transcoder_set")

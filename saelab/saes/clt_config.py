@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+from torch import Tensor
+
 from saelab.core.config import ConfigError
 from saelab.saes.config import SAEConfig
 
@@ -89,3 +92,11 @@ class TranscoderSetConfig(CLTConfig):
         super().validate()
         if self.cross_layer:
             raise ConfigError("a transcoder set has no cross-layer decoders: use architecture 'clt' for those")
+
+
+def per_layer_factors(scale: float | Sequence[float], n_layers: int) -> Tensor:
+    """One activation-scaling factor per layer, from a single factor (every layer) or a list of them."""
+    values = torch.tensor([float(scale)] * n_layers if isinstance(scale, (int, float)) else list(map(float, scale)))
+    if values.numel() != n_layers:
+        raise ValueError(f"{values.numel()} scale factors for {n_layers} layers")
+    return values

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from saelab.core.config import ConfigError
-from saelab.saes.clt_config import hooks_at_layers
+from saelab.saes.clt_config import hooks_at_layers, per_layer_factors
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
 from saelab.saes.standard import StandardConfig, StandardSAE
@@ -101,10 +101,8 @@ class Crosscoder(StandardSAE):
     ) -> None:
         """As `SAE.fold_activation_scale`, with one factor per layer allowed (input and target are the same
         activations, so one set of factors)."""
-        factors = torch.tensor([float(in_scale)] * self.n_layers if isinstance(in_scale, (int, float)) else in_scale)
-        if factors.numel() != self.n_layers:
-            raise ValueError(f"{factors.numel()} scale factors for {self.n_layers} layers")
-        per_dim = factors.to(self.W_enc).repeat_interleave(self.cfg.d_in // self.n_layers)
+        factors = per_layer_factors(in_scale, self.n_layers).to(self.W_enc)
+        per_dim = factors.repeat_interleave(self.cfg.d_in // self.n_layers)
         self.W_enc.mul_(per_dim.unsqueeze(1))
         self.W_dec.div_(per_dim)
         self.b_dec.div_(per_dim)

@@ -64,6 +64,25 @@ class _FiringCount(torch.autograd.Function):
         return None, (-(1.0 / ctx.bandwidth) * per_latent).to(threshold.dtype), None
 
 
+def add_thresholds(sae: SAE, n: int, init_threshold: float) -> None:
+    """Gives `sae` n learned thresholds: the parameter `log_threshold` that training moves, and the buffer
+    `threshold`, the exact value used outside training and written to disk (a log parameter cannot hold every
+    float threshold exactly, so loading a file sets the buffer rather than exp(log))."""
+    init = torch.full((n,), math.log(init_threshold), dtype=sae.cfg.torch_dtype, device=sae.cfg.device)
+    sae.log_threshold = nn.Parameter(init)
+    sae.register_buffer("threshold", init.exp())
+
+
+@torch.no_grad()
+def with_log_threshold(sae: SAE, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Saved weights (which hold `threshold` only) completed with the `log_threshold` they imply, which is set
+    on `sae` too."""
+    # A threshold <= 0 acts as 0 after the ReLU; log(0) = -inf and exp(-inf) = 0 keep that exactly.
+    log_threshold = sae.get_parameter("log_threshold")
+    log_threshold.data = weights["threshold"].clamp_min(0).log().to(log_threshold)
+    return {**weights, "log_threshold": log_threshold.data}
+
+
 @dataclass
 class JumpReLUConfig(SAEConfig):
     l0_coefficient: float = 1.0
@@ -84,11 +103,7 @@ class JumpReLUSAE(SAE):
 
     def create_parameters(self) -> None:
         super().create_parameters()
-        init = torch.full((self.cfg.d_sae,), math.log(self.cfg.init_threshold), dtype=self.cfg.torch_dtype)
-        self.log_threshold = torch.nn.Parameter(init.to(self.cfg.device))
-        # The exact threshold used outside training and written to disk. A log parameter cannot hold
-        # every float threshold exactly, so loading a file sets this buffer rather than exp(log).
-        self.register_buffer("threshold", init.exp().to(self.cfg.device))
+        add_thresholds(self, self.cfg.d_sae, self.cfg.init_threshold)
 
     def current_threshold(self) -> Tensor:
         return self.log_threshold.exp() if self.training else self.threshold
@@ -120,7 +135,4 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def load_saved_weights(self, weights: dict[str, Tensor]) -> None:
-        threshold = weights["threshold"]
-        # A threshold <= 0 acts as 0 after the ReLU; log(0) = -inf and exp(-inf) = 0 keep that exactly.
-        self.log_threshold.data = threshold.clamp_min(0).log().to(self.log_threshold)
-        super().load_saved_weights({**weights, "log_threshold": self.log_threshold.data})
+        super().load_saved_weights(with_log_threshold(self, weights))
