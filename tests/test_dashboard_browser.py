@@ -138,6 +138,13 @@ def test_graph_page_draws_the_graph_and_follows_a_node(tmp_path):
     assert "latent 3 of layer 1 at" in chosen and "inputs (2)" in chosen and "outputs (1)" in chosen
     rows = re.findall(r'<tr data-node="([^"]+)">', chosen)
     assert rows == ["E_7_2", "0_7_1", "3_8_2"]
+    # drawn at its own size, the frame scrolls; ?fit=1 scales the drawing to the frame's width
+    width = re.search(r'<svg [^>]*id="graph"[^>]*>', dom).group(0)
+    assert re.search(r'width="(\d+)"', width) and 'viewBox="0 0 ' in width
+    fitted = browser("--dump-dom", page.as_uri() + "?fit=1#demo").stdout
+    svg = re.search(r'<svg [^>]*id="graph"[^>]*>', fitted).group(0)
+    assert 'width="100%"' in svg and re.search(r'<input id="fit" type="checkbox"[^>]*>', fitted)
+    assert '<div id="canvas" class="fit">' in fitted
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = browser(f"--screenshot={ARTIFACTS / 'attribution_graph.png'}", page.as_uri() + "?node=1_3_2")
+    shot = browser(f"--screenshot={ARTIFACTS / 'attribution_graph.png'}", page.as_uri() + "?node=1_3_2&fit=1")
     assert shot.returncode == 0 and (ARTIFACTS / "attribution_graph.png").stat().st_size > 5000

@@ -1,7 +1,8 @@
 // saelab attribution graph page: draws a graph in circuit-tracer's JSON layout as SVG, from data/graph_<slug>.js
 // (a script, so the page opens from disk with no server). Columns are prompt positions, rows are layers (token
 // embeddings at the bottom, logits at the top). Hover a node for its details; click it to keep only its edges
-// bright and list its inputs and outputs; click the background to let go.
+// bright and list its inputs and outputs; click the background to let go. "fit to width" scales the drawing
+// into the window.
 "use strict";
 const loaded = {};
 function saelabGraphs(slugs) { loaded.graphs(slugs); }
@@ -151,7 +152,23 @@ function render(data) {
   }
   const canvas = document.getElementById("canvas");
   canvas.replaceChildren(svg);
+  fitToWidth(g, svg);
   interact(g, svg);
+}
+
+// Long prompts draw wider than the window and the frame scrolls; "fit to width" (or ?fit=1 in the address, for
+// screenshots) scales the whole drawing into the frame instead.
+function fitToWidth(g, svg) {
+  const box = document.getElementById("fit");
+  if (new URLSearchParams(location.search).get("fit") === "1") box.checked = true;
+  function apply() {
+    svg.setAttribute("viewBox", `0 0 ${g.width} ${g.height}`);
+    svg.setAttribute("width", box.checked ? "100%" : g.width);
+    svg.setAttribute("height", box.checked ? "auto" : g.height);
+    document.getElementById("canvas").classList.toggle("fit", box.checked);
+  }
+  box.onchange = apply;
+  apply();
 }
 
 function interact(g, svg) {
