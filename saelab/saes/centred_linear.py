@@ -16,10 +16,10 @@ from saelab.saes.autocast import to_autocast
 
 class _CentredLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, shift: Tensor | None, W: Tensor, b: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, shift: Tensor | None, W: Tensor, b: Tensor | None) -> Tensor:
         centred = x if shift is None else x - shift
         ctx.save_for_backward(centred, W)
-        return torch.addmm(b, centred, W)
+        return centred @ W if b is None else torch.addmm(b, centred, W)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -32,7 +32,7 @@ class _CentredLinear(torch.autograd.Function):
         return grad_x, grad_shift, grad_w, grad_sum if need_b else None
 
 
-def centred_linear(x: Tensor, shift: Tensor | None, W: Tensor, b: Tensor) -> Tensor:
-    """`(x - shift) @ W + b` for inputs `(..., d_in)` (no shift when `shift` is None)."""
+def centred_linear(x: Tensor, shift: Tensor | None, W: Tensor, b: Tensor | None) -> Tensor:
+    """`(x - shift) @ W + b` for inputs `(..., d_in)` (no shift when `shift` is None, no bias when `b` is)."""
     flat, shift, W, b = to_autocast(x.reshape(-1, x.shape[-1]), shift, W, b)
     return _CentredLinear.apply(flat, shift, W, b).reshape(*x.shape[:-1], W.shape[1])

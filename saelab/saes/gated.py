@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.saes.base import SAE
+from saelab.saes.centred_linear import centred_linear
 from saelab.saes.config import SAEConfig
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
@@ -53,29 +54,34 @@ class GatedSAE(SAE):
 
     def pre_activation(self, sae_in: Tensor) -> Tensor:
         """Magnitude-path pre-activations (the 'hidden_pre' of a gated SAE)."""
-        return sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        return (sae_in @ self.W_enc) * self.r_mag.exp() + self.b_mag
 
-    def _gated(self, sae_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        gate_pre = self.gate_pre_activation(sae_in)
-        magnitude_pre = self.pre_activation(sae_in)
-        latents = (gate_pre > 0).to(magnitude_pre) * torch.relu(magnitude_pre)
+    def _gated(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Gate pre-activations, magnitude pre-activations and latents from `sae_in @ W_enc`, which both paths
+        share: one encoder matmul forward and one backward, not two of each."""
+        gate_pre = projected + self.b_gate
+        magnitude_pre = projected * self.r_mag.exp() + self.b_mag
+        latents = torch.where(gate_pre > 0, torch.relu(magnitude_pre), 0.0)
         return gate_pre, magnitude_pre, latents
 
     def encode(self, x: Tensor) -> Tensor:
-        return self._gated(self._sae_input(x))[2]
+        return self._gated(self._sae_input(x) @ self.W_enc)[2]
 
     def training_forward(self, x: Tensor) -> TrainOutput:
-        sae_in = self._sae_input(x)
-        gate_pre, magnitude_pre, latents = self._gated(sae_in)
+        normalized = self._normalize_input(x)
+        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        sae_in = normalized if shift is None else normalized - shift
+        gate_pre, magnitude_pre, latents = self._gated(centred_linear(normalized, shift, self.W_enc, None))
         skip = self.skip(x)
         output = self.with_skip(self.decode(latents), skip)
-        return TrainOutput(sae_in, magnitude_pre, output, latents=latents, skip=skip, extras={"gate_pre": gate_pre})
+        extras = {"gate_pre": gate_pre, "gate": torch.relu(gate_pre)}  # the gate is read by two losses
+        return TrainOutput(sae_in, magnitude_pre, output, latents=latents, skip=skip, extras=extras)
 
     def sparsity_coefficient(self) -> float:
         return self.cfg.l1_coefficient
 
     def sparsity_loss(self, out: TrainOutput) -> Tensor:
-        return decoder_weighted_lp(torch.relu(out.extras["gate_pre"]), self.W_dec, 1.0)
+        return decoder_weighted_lp(out.extras["gate"], self.W_dec, 1.0)
 
     def aux_coefficient(self) -> float:
         return self.cfg.aux_coefficient
@@ -83,7 +89,7 @@ class GatedSAE(SAE):
     def auxiliary_loss(self, out: TrainOutput, target: Tensor, dead_mask: Tensor | None) -> Tensor:
         # The gate path alone must reconstruct the target through a frozen decoder, which gives the gate
         # weights a reconstruction gradient the Heaviside step would otherwise block.
-        via_gate = torch.relu(out.extras["gate_pre"]) @ self.W_dec.detach() + self.b_dec.detach()
+        via_gate = out.extras["gate"] @ self.W_dec.detach() + self.b_dec.detach()
         if out.skip is not None:
             target = target - out.skip.detach()
         return (via_gate - target).pow(2).sum(dim=-1).mean()
