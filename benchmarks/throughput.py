@@ -1,16 +1,21 @@
 """Throughput of SAE training steps and of activation harvesting, as ratios to bounds measured on this machine.
 
-    python benchmarks/throughput.py [--d_in 576] [--d_sae 4608] [--batch 2048] [--large] [--no-model]
+    python benchmarks/throughput.py [--d_in 576] [--d_sae 4608] [--batch 2048] [--large] [--curve] [--no-model]
 
 Bounds, from one fp32 (batch x d_in x d_sae) matmul timed here into a preallocated output:
 - dense bound = 5 such matmuls (encoder forward, decoder forward, two for the decoder backward, one for the
   encoder weight gradient): what any dense SAE step must do;
-- sparse bound = 1 matmul (the encoder forward): with k << d_sae, TopK's decoder and both weight gradients
-  can be sparse.
+- own bound = the matmuls the architecture cannot avoid: 5 for a dense step, 7 for gated (its auxiliary loss
+  decodes the gate again and back-propagates through it), 1 for the sparse TopK family (the encoder forward:
+  with k << d_sae, the decoder and both weight gradients can be sparse);
+- own bound + Adam = that plus one optimiser step over all weights (timed alone in the same process), which
+  every step pays and which does not scale with the matmul speed: ratios to it compare across machines.
 Each case runs twice, in float32 and under `train.autocast` (bfloat16 matmuls, float32 weights), against bounds
 from a float32 and a bfloat16 matmul respectively. Each case runs in its own process, so its peak resident
-memory is its own. Harvesting, in float32 and with the model in bfloat16, is compared with the bare model
-forward stopped at the same block. Figures are from one run: compare ratios, not absolute numbers.
+memory is its own. `--curve` times the TopK step for d_sae 16k-64k at d_in 576 and 2304 (memory and time
+should grow with d_sae through the encoder matmul and the weights only). Harvesting, in float32 and with the
+model in bfloat16, is compared with the bare model forward stopped at the same block. Figures are from one run:
+compare ratios, not absolute numbers.
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ from functools import partial
 
 import torch
 
-CASES = {  # name: (architecture, options, dense SAE step?)
-    "standard": ("standard", {}, True),
-    "gated": ("gated", {}, True),
-    "jumprelu": ("jumprelu", {}, True),
-    "topk (dense)": ("topk", {"k": 32}, True),
-    "topk": ("topk", {"k": 32}, False),
-    "batchtopk": ("batchtopk", {"k": 32}, False),
-    "matryoshka": ("matryoshka", {"k": 32}, False),
+CASES = {  # name: (architecture, options, dense SAE step?, matmuls the step cannot avoid)
+    "standard": ("standard", {}, True, 5),
+    "gated": ("gated", {}, True, 7),
+    "jumprelu": ("jumprelu", {}, True, 5),
+    "topk (dense)": ("topk", {"k": 32}, True, 5),
+    "topk": ("topk", {"k": 32}, False, 1),
+    "batchtopk": ("batchtopk", {"k": 32}, False, 1),
+    "matryoshka": ("matryoshka", {"k": 32}, False, 1),
 }
 
 
@@ -53,12 +58,12 @@ def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch
     return timed(lambda: torch.mm(a, b, out=out))
 
 
-def run_case(name: str, batch: int, d_in: int, d_sae: int, autocast: bool = False) -> dict:
+def run_case(name: str, batch: int, d_in: int, d_sae: int, autocast: bool = False, budget: float = 4.0) -> dict:
     """Train-step time and peak memory of one case (run in a fresh process)."""
     import saelab
     from saelab.training import TrainConfig, Trainer
 
-    architecture, options, dense = CASES[name]
+    architecture, options, dense, _ = CASES[name]
     if architecture == "matryoshka":
         options = {**options, "matryoshka_widths": [d_sae // 8, d_sae // 2, d_sae]}
     sae = saelab.create_sae(architecture, d_in=d_in, d_sae=d_sae, **options)
@@ -68,11 +73,12 @@ def run_case(name: str, batch: int, d_in: int, d_sae: int, autocast: bool = Fals
     trainer = Trainer(sae, config)
     trainer.prepared = True
     x = torch.randn(batch, d_in) * 3
-    seconds = timed(lambda: trainer.train_step(x))
+    seconds = timed(lambda: trainer.train_step(x), budget)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    adam = timed(trainer.units[0].optimizer.step, budget / 2)  # the last step's gradients are still there
     # the bound's matmul in the same process, just after the step: the machine's speed drifts between processes
     gemm = matmul_seconds(batch, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
-    return {"seconds": seconds, "peak_mib": peak_mib, "gemm": gemm}
+    return {"seconds": seconds, "peak_mib": peak_mib, "gemm": gemm, "adam": adam}
 
 
 def harvest_rates(
@@ -100,66 +106,77 @@ def harvest_rates(
     return results
 
 
+def case_in_subprocess(name: str, batch: int, d_in: int, d_sae: int, autocast: bool, budget: float) -> dict:
+    """`run_case` in a fresh process (its own peak memory, no allocator state from earlier cases)."""
+    command = [sys.executable, __file__, "--case", name, "--batch", str(batch), "--d_in", str(d_in)]
+    command += ["--d_sae", str(d_sae), "--budget", str(budget)] + ["--autocast"] * autocast
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def step_table(batch: int, d_in: int, d_sae: int) -> None:
+    gemm, gemm16 = matmul_seconds(batch, d_in, d_sae), matmul_seconds(batch, d_in, d_sae, torch.bfloat16)
+    print(
+        f"\nbatch {batch}, d_in {d_in}, d_sae {d_sae}: one matmul {gemm * 1e3:.1f} ms float32 "
+        f"({2 * batch * d_in * d_sae / gemm / 1e9:.0f} GFLOP/s), {gemm16 * 1e3:.1f} ms bfloat16 "
+        "(each case re-measures its own)"
+    )
+    print(
+        f"{'SAE step':<14}{'tokens/s':>9}{'ms/step':>9}{'peak MiB':>9}{'Adam ms':>8}{'/ dense':>8}{'matmuls':>8}"
+        f"{'/ own':>7}{'/ own+Adam':>11}{'autocast tok/s':>15}{'speed-up':>9}{'/ bf16 own':>11}"
+    )
+    speeds = {}
+    for name, (_, _, _, matmuls) in CASES.items():
+        fp32, bf16 = (case_in_subprocess(name, batch, d_in, d_sae, autocast, 4.0) for autocast in (False, True))
+        speeds[name] = batch / fp32["seconds"]
+        own = matmuls * fp32["gemm"]
+        print(
+            f"{name:<14}{batch / fp32['seconds']:>9.0f}{fp32['seconds'] * 1e3:>9.1f}{fp32['peak_mib']:>9.0f}"
+            f"{fp32['adam'] * 1e3:>8.1f}{5 * fp32['gemm'] / fp32['seconds']:>8.2f}{matmuls:>8}"
+            f"{own / fp32['seconds']:>7.2f}{(own + fp32['adam']) / fp32['seconds']:>11.2f}"
+            f"{batch / bf16['seconds']:>15.0f}{fp32['seconds'] / bf16['seconds']:>8.1f}x"
+            f"{matmuls * bf16['gemm'] / bf16['seconds']:>11.2f}"
+        )
+    print(f"sparse over dense TopK: {speeds['topk'] / speeds['topk (dense)']:.1f}x")
+
+
+def width_curve(batch: int) -> None:
+    """The TopK step (float32) as the dictionary grows: time, memory and the ratio to its one-matmul bound."""
+    print(f"\nTopK k 32, batch {batch}, float32, as d_sae grows:")
+    header = f"{'d_in':>6}{'d_sae':>8}{'ms/step':>9}{'tokens/s':>9}{'peak MiB':>9}{'matmul ms':>10}{'Adam ms':>8}"
+    print(header + f"{'/ own':>7}")
+    for d_in in (576, 2304):
+        for d_sae in (16384, 32768, 65536):
+            r = case_in_subprocess("topk", batch, d_in, d_sae, False, 2.0)
+            print(
+                f"{d_in:>6}{d_sae:>8}{r['seconds'] * 1e3:>9.0f}{batch / r['seconds']:>9.0f}{r['peak_mib']:>9.0f}"
+                f"{r['gemm'] * 1e3:>10.1f}{r['adam'] * 1e3:>8.1f}{r['gemm'] / r['seconds']:>7.2f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d_in", type=int, default=576)
-    parser.add_argument("--d_sae", type=int, default=4608)
-    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--d_in", type=int, default=576, help="SAE input width (SmolLM2-135M's is 576)")
+    parser.add_argument("--d_sae", type=int, default=4608, help="number of latents")
+    parser.add_argument("--batch", type=int, default=2048, help="tokens per training step")
     parser.add_argument("--large", action="store_true", help="also d_in 2304, d_sae 16384 (a 2B model's width)")
-    parser.add_argument(
-        "--no-model", action="store_true", help="skip the harvesting benchmark (needs the default model)"
-    )
+    parser.add_argument("--curve", action="store_true", help="also the TopK step for d_sae 16k-64k, d_in 576 and 2304")
+    parser.add_argument("--no-model", action="store_true", help="skip harvesting (which needs the default model)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case in a subprocess
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)  # internal, with --case
+    parser.add_argument("--budget", type=float, default=4.0, help=argparse.SUPPRESS)  # internal, with --case
     args = parser.parse_args()
     from saelab.training.memory import keep_freed_memory
 
     keep_freed_memory()
     if args.case:
-        print(json.dumps(run_case(args.case, args.batch, args.d_in, args.d_sae, args.autocast)))
+        print(json.dumps(run_case(args.case, args.batch, args.d_in, args.d_sae, args.autocast, args.budget)))
         return
-    shapes = [(args.batch, args.d_in, args.d_sae)] + ([(args.batch, 2304, 16384)] if args.large else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for b, d, n in shapes:
-        gemm, gemm16 = matmul_seconds(b, d, n), matmul_seconds(b, d, n, torch.bfloat16)
-        print(
-            f"\nbatch {b}, d_in {d}, d_sae {n}: one matmul {gemm * 1e3:.1f} ms float32 "
-            f"({2 * b * d * n / gemm / 1e9:.0f} GFLOP/s), {gemm16 * 1e3:.1f} ms bfloat16 "
-            "(each case re-measures its own)"
-        )
-        print(
-            f"{'SAE step':<16}{'tokens/s':>10}{'ms/step':>9}{'peak MiB':>10}{'/ dense bound':>15}"
-            f"{'/ sparse bound':>16}{'autocast tok/s':>16}{'speed-up':>10}{'/ bf16 bound':>14}"
-        )
-        speeds = {}
-        for name, (_, _, dense) in CASES.items():
-            results = {}
-            for autocast in (False, True):
-                command = [
-                    sys.executable,
-                    __file__,
-                    "--case",
-                    name,
-                    "--batch",
-                    str(b),
-                    "--d_in",
-                    str(d),
-                    "--d_sae",
-                    str(n),
-                ]
-                out = subprocess.run(command + ["--autocast"] * autocast, capture_output=True, text=True, check=True)
-                results[autocast] = json.loads(out.stdout.strip().splitlines()[-1])
-            fp32, bf16 = results[False], results[True]
-            speeds[name] = b / fp32["seconds"]
-            matmuls = 1 if not dense else 5
-            dense_ratio = f"{5 * fp32['gemm'] / fp32['seconds']:>15.2f}"
-            sparse_ratio = f"{'':>16}" if dense else f"{fp32['gemm'] / fp32['seconds']:>16.2f}"
-            print(
-                f"{name:<16}{b / fp32['seconds']:>10.0f}{fp32['seconds'] * 1e3:>9.1f}{fp32['peak_mib']:>10.0f}"
-                f"{dense_ratio}{sparse_ratio}{b / bf16['seconds']:>16.0f}{fp32['seconds'] / bf16['seconds']:>9.1f}x"
-                f"{matmuls * bf16['gemm'] / bf16['seconds']:>14.2f}"
-            )
-        print(f"sparse over dense TopK: {speeds['topk'] / speeds['topk (dense)']:.1f}x")
+    for d_in, d_sae in [(args.d_in, args.d_sae)] + ([(2304, 16384)] if args.large else []):
+        step_table(args.batch, d_in, d_sae)
+    if args.curve:
+        width_curve(args.batch)
     if not args.no_model:
         for dtype in ("float32", "bfloat16"):
             print(f"\nharvesting SmolLM2-135M in {dtype}, 16 x 128 tokens:")
