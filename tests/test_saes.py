@@ -162,6 +162,26 @@ def test_gated_step_gradients_equal_the_papers_formulas_written_out(centre):
     assert torch.equal(sae.encode(x), sae.eval().encode(x)) and torch.allclose(out.latents, latents)
 
 
+@pytest.mark.parametrize("architecture", ["topk", "clt"])
+def test_decoder_gradient_loses_its_component_along_each_row(architecture):
+    """What keeps unit-norm decoder rows on the sphere: each row's gradient minus its projection on the row."""
+    options = {"layers": [0, 1], "k": 3} if architecture == "clt" else {"k": 3}
+    sae = saelab.create_sae(architecture, d_in=12, d_sae=32, dtype="float64", **options)
+    decoders = [sae.W_dec] if architecture == "topk" else sae.decoders()
+    for W in decoders:
+        with torch.no_grad():
+            W.mul_(1 + torch.rand(W.shape[0], *[1] * (W.dim() - 1), dtype=W.dtype))  # rows of different norms
+        W.grad = torch.randn_like(W)
+    before = [W.grad.clone().flatten(1) for W in decoders]
+    sae.remove_parallel_decoder_grad()
+    for W, g in zip(decoders, before, strict=True):
+        rows = W.detach().flatten(1)
+        unit = rows / rows.norm(dim=1, keepdim=True)
+        expected = g - (g * unit).sum(1, keepdim=True) * unit
+        assert torch.allclose(W.grad.flatten(1), expected, atol=1e-12)
+        assert (W.grad.flatten(1) * rows).sum(1).abs().max() < 1e-10
+
+
 def test_matryoshka_sums_prefix_reconstructions():
     sae = randomised(saelab.create_sae("matryoshka", 8, 16, k=4, matryoshka_widths=[4, 8])).train()
     x = torch.randn(10, 8)

@@ -187,9 +187,7 @@ class SAE(nn.Module):
         """Project out the gradient component along each decoder row, so unit-norm rows stay on the sphere."""
         if self.W_dec.grad is None:
             return
-        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        parallel = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * rows
+        remove_parallel_component(self.W_dec.grad, self.W_dec)
 
     @torch.no_grad()
     def normalize_decoder_rows(self) -> None:
@@ -315,3 +313,11 @@ def _one_factor(scale: float | Sequence[float]) -> float:
     if len(scale) != 1:
         raise ValueError(f"an SAE over one hook point takes one scale factor, got {len(scale)}")
     return float(scale[0])
+
+
+@torch.no_grad()
+def remove_parallel_component(grad: Tensor, rows: Tensor) -> None:
+    """In place, each row of `grad` minus its component along the same row of `rows` (both 2-D):
+    g - (g . w) w / |w|^2, in three passes over the rows and no temporary of their size."""
+    parallel = torch.linalg.vecdot(grad, rows) / rows.norm(dim=1).square_().clamp_min_(1e-24)
+    grad.addcmul_(rows, parallel.unsqueeze(1), value=-1)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from saelab.saes.base import SAE
+from saelab.saes.base import SAE, remove_parallel_component
 from saelab.saes.clt_config import CLTConfig, TranscoderSetConfig, per_layer_factors
 from saelab.saes.fused_topk import select_topk, sparse_decode, sparse_encode
 from saelab.saes.jumprelu import _JumpReLU, add_thresholds, with_log_threshold
@@ -258,9 +258,7 @@ class CrossLayerTranscoder(SAE):
         for W in self.decoders():
             if W.grad is None:
                 continue
-            rows = W.flatten(1) / W.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12)
-            grad = W.grad.view(W.shape[0], -1)
-            grad -= (grad * rows).sum(dim=1, keepdim=True) * rows
+            remove_parallel_component(W.grad.view(W.shape[0], -1), W.flatten(1))
 
     @torch.no_grad()
     def normalize_decoder_rows(self) -> None:
