@@ -151,13 +151,22 @@ class SAE(nn.Module):
     # ----- training ----------------------------------------------------------------------------------
     def training_forward(self, x: Tensor) -> TrainOutput:
         """Forward pass that keeps what the losses need."""
-        normalized = self._normalize_input(x)
-        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        sae_in = normalized if shift is None else normalized - shift  # for losses that encode again (AuxK)
-        hidden_pre = centred_linear(normalized, shift, self.W_enc, self.b_enc)
+        sae_in, hidden_pre = self._training_projection(x, self.b_enc)
         latents = self.activate(hidden_pre)
         skip = self.skip(x)
         return TrainOutput(sae_in, hidden_pre, self.with_skip(self.decode(latents), skip), latents=latents, skip=skip)
+
+    def _centring(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(normalised input, the shift the encoder subtracts (b_dec, or None), sae_in) for training kernels that
+        take the shift themselves (for b_dec's cheap gradient); sae_in is kept for losses that encode again."""
+        normalized = self._normalize_input(x)
+        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        return normalized, shift, normalized if shift is None else normalized - shift
+
+    def _training_projection(self, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(sae_in, sae_in @ W_enc + bias) for raw input `x`, the matmul through `centred_linear`."""
+        normalized, shift, sae_in = self._centring(x)
+        return sae_in, centred_linear(normalized, shift, self.W_enc, bias)
 
     def reconstruction_loss(self, out: TrainOutput, target: Tensor) -> Tensor:
         """Squared error summed over the activation dimension, averaged over tokens (as in SAELens)."""

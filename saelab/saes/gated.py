@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from saelab.saes.base import SAE
-from saelab.saes.centred_linear import centred_linear
 from saelab.saes.config import SAEConfig
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
@@ -68,13 +67,11 @@ class GatedSAE(SAE):
         return self._gated(self._sae_input(x) @ self.W_enc)[2]
 
     def training_forward(self, x: Tensor) -> TrainOutput:
-        normalized = self._normalize_input(x)
-        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        sae_in = normalized if shift is None else normalized - shift
-        gate_pre, magnitude_pre, latents = self._gated(centred_linear(normalized, shift, self.W_enc, None))
+        sae_in, projected = self._training_projection(x, None)
+        gate_pre, magnitude_pre, latents = self._gated(projected)
         skip = self.skip(x)
         output = self.with_skip(self.decode(latents), skip)
-        extras = {"gate_pre": gate_pre, "gate": torch.relu(gate_pre)}  # the gate is read by two losses
+        extras = {"gate": torch.relu(gate_pre)}  # the gate, read by the L1 and the auxiliary loss
         return TrainOutput(sae_in, magnitude_pre, output, latents=latents, skip=skip, extras=extras)
 
     def sparsity_coefficient(self) -> float:

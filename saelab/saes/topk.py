@@ -86,9 +86,7 @@ class TopKSAE(SAE):
         """As the dense forward, but decoding only the k active latents of each token (same values)."""
         if not self.sparse_training:
             return super().training_forward(x)
-        normalized = self._normalize_input(x)
-        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        sae_in = normalized if shift is None else normalized - shift  # what AuxK encodes dead latents from
+        normalized, shift, sae_in = self._centring(x)  # sae_in: what AuxK encodes dead latents from
         flat = normalized.reshape(-1, self.cfg.d_in)
         active, hidden_pre = sparse_encode(flat, self.W_enc, self.b_enc, self.selector(), shift)
         active = active._replace(values=torch.relu(active.values))
