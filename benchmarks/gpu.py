@@ -17,27 +17,14 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 
 import torch
+from throughput import harvest_rates, run_case  # benchmarks/throughput.py, beside this script
 
 
 def synchronise(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: str, seconds: float = 3.0) -> float:
-    """Mean seconds per call after two warm-up calls, the device's queue drained before each clock reading."""
-    fn()
-    fn()
-    synchronise(device)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or calls < 3:
-        fn()
-        calls += 1
-        synchronise(device)
-    return (time.perf_counter() - start) / calls
 
 
 def peak_mib(device: str) -> str:
@@ -49,43 +36,18 @@ def peak_mib(device: str) -> str:
 
 
 def harvest(device: str, contexts: int, context_size: int) -> None:
-    from saelab.activations.harvest import Harvester
-    from saelab.models import load_model
-
-    model = load_model(dtype="bfloat16", device=device)
-    tokens = torch.randint(3, 40000, (contexts, context_size), device=device)
-    tokens[:, 0] = model.tokenizer.bos_token_id
-    harvester = Harvester(model, ["blocks.5.hook_resid_post"], [model.tokenizer.bos_token_id])
-    seconds = timed(lambda: harvester(tokens), device)
-    base, blocks = model.model.model, model.blocks
-    base.layers = blocks[:6]  # the bare model cut after block 5: no hooks, no copies
-    try:
-        with torch.no_grad():
-            bare = timed(lambda: base(input_ids=tokens, use_cache=False), device)
-    finally:
-        base.layers = blocks
-    n = tokens.numel()
+    ((_, harvested, bare),) = harvest_rates([5], "bfloat16", contexts, context_size, device)
     print(f"harvest blocks.5.hook_resid_post, {contexts} x {context_size} tokens, bfloat16 model:")
-    print(f"  saelab harvest {n / seconds:,.0f} tokens/s; bare forward {n / bare:,.0f}; peak {peak_mib(device)}")
+    print(f"  saelab harvest {harvested:,.0f} tokens/s; bare forward {bare:,.0f}; peak {peak_mib(device)}")
 
 
 def train_step(device: str, d_sae: int, batch: int) -> None:
-    import saelab
-    from saelab.training import TrainConfig, Trainer
-
-    sae = saelab.create_sae("topk", d_in=576, d_sae=d_sae, k=32, device=device)
-    trainer = Trainer(sae, TrainConfig(total_tokens=10**12, batch_size=batch, progress_bar=False, autocast=True))
-    trainer.prepared = True
-    x = torch.randn(batch, 576, device=device) * 3
-    seconds = timed(lambda: trainer.train_step(x), device)
-    a = torch.randn(batch, 576, device=device, dtype=torch.bfloat16)
-    w = torch.randn(576, d_sae, device=device, dtype=torch.bfloat16)
-    gemm = timed(lambda: a @ w, device)
+    r = run_case("topk", batch, 576, d_sae, autocast=True, budget=3.0, device=device)
     print(f"TopK k 32 training step, d_in 576, d_sae {d_sae}, batch {batch}, autocast bfloat16:")
     print(
-        f"  {batch / seconds:,.0f} tokens/s ({seconds * 1e3:.2f} ms/step); one bfloat16 encoder matmul "
-        f"{gemm * 1e3:.2f} ms ({2 * batch * 576 * d_sae / gemm / 1e12:.2f} TFLOP/s), step / bound "
-        f"{gemm / seconds:.2f}; peak {peak_mib(device)}"
+        f"  {batch / r['seconds']:,.0f} tokens/s ({r['seconds'] * 1e3:.2f} ms/step, Adam {r['adam'] * 1e3:.2f} ms); "
+        f"one bfloat16 encoder matmul {r['gemm'] * 1e3:.2f} ms ({2 * batch * 576 * d_sae / r['gemm'] / 1e12:.2f} "
+        f"TFLOP/s), step / bound {r['gemm'] / r['seconds']:.2f}; peak {peak_mib(device)}"
     )
 
 

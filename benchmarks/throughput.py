@@ -41,65 +41,74 @@ CASES = {  # name: (architecture, options, dense SAE step?, matmuls the step can
 }
 
 
-def timed(fn, seconds: float = 4.0) -> float:
-    """Mean seconds per call, after two warm-up calls."""
-    fn()
-    fn()
+def timed(fn, seconds: float = 4.0, device: str = "cpu") -> float:
+    """Mean seconds per call, after two warm-up calls (on a GPU, its queue drained before each clock reading)."""
+
+    def call() -> None:
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    call()
+    call()
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or calls < 3:
-        fn()
+        call()
         calls += 1
     return (time.perf_counter() - start) / calls
 
 
-def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(batch, d_in, dtype=dtype), torch.randn(d_in, d_sae, dtype=dtype)
-    out = torch.empty(batch, d_sae, dtype=dtype)
-    return timed(lambda: torch.mm(a, b, out=out))
+def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    a, b = torch.randn(batch, d_in, dtype=dtype, device=device), torch.randn(d_in, d_sae, dtype=dtype, device=device)
+    out = torch.empty(batch, d_sae, dtype=dtype, device=device)
+    return timed(lambda: torch.mm(a, b, out=out), device=device)
 
 
-def run_case(name: str, batch: int, d_in: int, d_sae: int, autocast: bool = False, budget: float = 4.0) -> dict:
-    """Train-step time and peak memory of one case (run in a fresh process)."""
+def run_case(
+    name: str, batch: int, d_in: int, d_sae: int, autocast: bool = False, budget: float = 4.0, device: str = "cpu"
+) -> dict:
+    """Train-step time, peak resident memory (of the process: run it in a fresh one), the Adam step's time and
+    the bound's matmul time of one case."""
     import saelab
     from saelab.training import TrainConfig, Trainer
 
     architecture, options, dense, _ = CASES[name]
     if architecture == "matryoshka":
         options = {**options, "matryoshka_widths": [d_sae // 8, d_sae // 2, d_sae]}
-    sae = saelab.create_sae(architecture, d_in=d_in, d_sae=d_sae, **options)
+    sae = saelab.create_sae(architecture, d_in=d_in, d_sae=d_sae, device=device, **options)
     if dense and architecture == "topk":
         sae.sparse_training = False
     config = TrainConfig(total_tokens=10**12, batch_size=batch, progress_bar=False, autocast=autocast)
     trainer = Trainer(sae, config)
     trainer.prepared = True
-    x = torch.randn(batch, d_in) * 3
-    seconds = timed(lambda: trainer.train_step(x), budget)
+    x = torch.randn(batch, d_in, device=device) * 3
+    seconds = timed(lambda: trainer.train_step(x), budget, device)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    adam = timed(trainer.units[0].optimizer.step, budget / 2)  # the last step's gradients are still there
+    adam = timed(trainer.units[0].optimizer.step, budget / 2, device)  # the last step's gradients are still there
     # the bound's matmul in the same process, just after the step: the machine's speed drifts between processes
-    gemm = matmul_seconds(batch, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
+    gemm = matmul_seconds(batch, d_in, d_sae, torch.bfloat16 if autocast else torch.float32, device)
     return {"seconds": seconds, "peak_mib": peak_mib, "gemm": gemm, "adam": adam}
 
 
 def harvest_rates(
-    layers: list[int], dtype: str = "float32", contexts: int = 16, context_size: int = 128
+    layers: list[int], dtype: str = "float32", contexts: int = 16, context_size: int = 128, device: str = "cpu"
 ) -> list[tuple[int, float, float]]:
     """(layer, harvest tokens/s, bare forward tokens/s) on the default model."""
     from saelab.activations.harvest import Harvester
     from saelab.models import load_model
 
-    model = load_model(dtype=dtype)
-    tokens = torch.randint(3, 40000, (contexts, context_size))
+    model = load_model(dtype=dtype, device=device)
+    tokens = torch.randint(3, 40000, (contexts, context_size), device=device)
     tokens[:, 0] = model.tokenizer.bos_token_id
     results = []
     for layer in layers:
         harvester = Harvester(model, [f"blocks.{layer}.hook_resid_post"], [model.tokenizer.bos_token_id])
-        harvest = timed(partial(harvester, tokens))
+        harvest = timed(partial(harvester, tokens), device=device)
         base, all_blocks = model.model.model, model.blocks
         base.layers = all_blocks[: layer + 1]  # the same model cut after the block: no hooks, no copies
         try:
             with torch.no_grad():
-                bare = timed(partial(base, input_ids=tokens, use_cache=False))
+                bare = timed(partial(base, input_ids=tokens, use_cache=False), device=device)
         finally:
             base.layers = all_blocks
         results.append((layer, tokens.numel() / harvest, tokens.numel() / bare))
