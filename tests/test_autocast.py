@@ -140,3 +140,41 @@ def test_autocast_in_end_to_end_training_from_the_cli(tmp_path, capsys):
     assert records and all(math.isfinite(r["model/kl"]) for r in records if "model/kl" in r)
     sae = saelab.load_sae(tmp_path / "run" / "sae")
     assert all(p.dtype == torch.float32 for p in sae.parameters())
+
+
+@pytest.mark.parametrize(("model_dtype", "expected"), [("bfloat16", True), ("float32", False)])
+def test_auto_autocast_follows_the_models_dtype(tmp_path, monkeypatch, model_dtype, expected):
+    """`saelab train`'s default train.autocast 'auto' runs the SAE steps under autocast when the model runs in
+    bfloat16 (and records what ran in config.yaml), not when it runs in float32."""
+    import yaml
+    from tiny import save_tiny_model, sentences, write_jsonl
+
+    from saelab.saes.topk import TopKSAE
+
+    seen: list[bool] = []
+    original = TopKSAE.training_forward
+
+    def recording(self, x):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(self, x)
+
+    monkeypatch.setattr(TopKSAE, "training_forward", recording)
+    config = {
+        "model": {
+            "name": str(save_tiny_model(tmp_path / "model")),
+            "dtype": model_dtype,
+            "hook_name": "blocks.1.hook_resid_post",
+        },
+        "data": {
+            "dataset": str(write_jsonl(tmp_path / "text.jsonl", sentences(300))),
+            "context_size": 16,
+            "heldout_contexts": 4,
+        },
+        "train": {"total_tokens": 512, "batch_size": 128, "progress_bar": False, "eval_every": 0},
+        "sae": {"k": 4, "expansion_factor": 2},
+        "out_dir": str(tmp_path / "run"),
+    }
+    saelab.train(config)
+    assert seen and set(seen) == {expected}
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["train"]["autocast"] is expected

@@ -198,6 +198,10 @@ def test_the_cli_uses_no_private_argparse_attributes():
         ({"train": {"lr": "fast"}}, "config.train.lr must be a number, got 'fast'"),
         ({"train": {"total_tokens": 1.5}}, "config.train.total_tokens must be an integer, got 1.5"),
         ({"train": {"progress_bar": 1}}, "config.train.progress_bar must be true or false, got 1"),
+        (
+            {"train": {"autocast": "sometimes"}},
+            "config.train.autocast must be true or false or 'auto', got 'sometimes'",
+        ),
         ({"model": {"hook_name": 5}}, "config.model.hook_name must be a string, got 5"),
         ({"source": "disk"}, "config.source must be 'model' or 'synthetic', got 'disk'"),
         ({"saes": {"a": 3}}, "config.saes.a must be a mapping, got 3"),

@@ -111,7 +111,24 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
         adapter = _adapter(cls)  # type: ignore[arg-type]  # a class is Hashable (python/mypy#11470)
         return adapter.validate_json(text, strict=True)
     except ValidationError as e:
-        raise _config_error(cls, e.errors()[0], where) from None
+        raise _config_error(cls, _first_error(e.errors()), where) from None
+
+
+def _first_error(errors: list[Any]) -> Any:
+    """The first error; for a value matching no member of a union (`bool | Literal['auto']`), one error that
+    names what each member would accept."""
+    first, field = errors[0], errors[0]["loc"][:-1]
+    accepted = [text for e in errors if e["loc"][:-1] == field and (text := _expected_of(e))]
+    if len(accepted) < 2 or first["type"] == "unexpected_keyword_argument":
+        return first
+    expected = " or ".join(dict.fromkeys(accepted))
+    return {**first, "type": "literal_error", "ctx": {"expected": expected}}
+
+
+def _expected_of(error: Any) -> str | None:
+    if error["type"] == "literal_error":
+        return str(error["ctx"]["expected"])
+    return _EXPECTED.get(error["type"].split("_")[0])
 
 
 _EXPECTED = {

@@ -47,7 +47,12 @@ class RunConfig:
     entry), all trained side by side from one stream of activations."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            total_tokens=DEFAULT_TOKENS, batch_size=1024, lr=1e-3, dead_window_tokens=10_000, eval_every=250
+            total_tokens=DEFAULT_TOKENS,
+            batch_size=1024,
+            lr=1e-3,
+            dead_window_tokens=10_000,
+            eval_every=250,
+            autocast="auto",
         )
     )
     """Optimisation settings."""

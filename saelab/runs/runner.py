@@ -122,6 +122,13 @@ def activation_source(
     return source, models.hook_widths(hooks), info, layers, model
 
 
+def resolved_autocast(autocast: bool | str, model: Any) -> bool:
+    """train.autocast 'auto': bfloat16 matmuls in the SAEs when the live model they read runs in bfloat16."""
+    if autocast != "auto":
+        return bool(autocast)
+    return model is not None and next(model.model.parameters()).dtype == torch.bfloat16
+
+
 def make_trainer(
     config: RunConfig, saes: dict[str, SAE], model: Any, out_dir: Path | None, dist: Distributed | None = None
 ) -> Trainer:
@@ -305,6 +312,7 @@ def _run(config: RunConfig, overwrite: bool = False, resuming: RunConfig | None 
         run_folder.on_main(dist, lambda: run_folder.check_new_run(out_dir, overwrite))
     torch.manual_seed(config.train.seed)
     source, widths, origin, layers, model = activation_source(config, dist)
+    config.train.autocast = resolved_autocast(config.train.autocast, model)  # config.yaml records what ran
     saes = build_saes(config, widths, origin, layers)
     if dist.module_parallel:
         saes = {name: sae for i, (name, sae) in enumerate(saes.items()) if dist.owns(i)}

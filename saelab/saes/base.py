@@ -152,9 +152,15 @@ class SAE(nn.Module):
     def training_forward(self, x: Tensor) -> TrainOutput:
         """Forward pass that keeps what the losses need."""
         sae_in, hidden_pre = self._training_projection(x, self.b_enc)
-        latents = self.activate(hidden_pre)
+        latents, extras = self.training_latents(hidden_pre)
         skip = self.skip(x)
-        return TrainOutput(sae_in, hidden_pre, self.with_skip(self.decode(latents), skip), latents=latents, skip=skip)
+        output = self.with_skip(self.decode(latents), skip)
+        return TrainOutput(sae_in, hidden_pre, output, latents=latents, skip=skip, extras=extras)
+
+    def training_latents(self, hidden_pre: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The latents of a training forward and what the losses read besides (`TrainOutput.extras`); an
+        architecture whose penalty can be computed with its activation does both here (standard: the L1)."""
+        return self.activate(hidden_pre), {}
 
     def _centring(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """(normalised input, the shift the encoder subtracts (b_dec, or None), sae_in) for training kernels that

@@ -14,7 +14,7 @@ from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
-from saelab.saes.standard import decoder_weighted_lp
+from saelab.saes.standard import relu_weighted_l1
 
 
 @dataclass
@@ -71,14 +71,15 @@ class GatedSAE(SAE):
         gate_pre, magnitude_pre, latents = self._gated(projected)
         skip = self.skip(x)
         output = self.with_skip(self.decode(latents), skip)
-        extras = {"gate": torch.relu(gate_pre)}  # the gate, read by the L1 and the auxiliary loss
+        gate, weighted_l1 = relu_weighted_l1(gate_pre, self.W_dec)  # the gate, read by the auxiliary loss too
+        extras = {"gate": gate, "weighted_l1": weighted_l1}
         return TrainOutput(sae_in, magnitude_pre, output, latents=latents, skip=skip, extras=extras)
 
     def sparsity_coefficient(self) -> float:
         return self.cfg.l1_coefficient
 
     def sparsity_loss(self, out: TrainOutput) -> Tensor:
-        return decoder_weighted_lp(out.extras["gate"], self.W_dec, 1.0)
+        return out.extras["weighted_l1"].mean()
 
     def aux_coefficient(self) -> float:
         return self.cfg.aux_coefficient

@@ -68,5 +68,6 @@ class TrainOutput:
         if self._latents is None and self.sparse is not None:
             cols, _, values = self.sparse
             return torch.bincount(cols[values > 0], minlength=d_sae).float()
-        # float sums run much faster than bool sums on CPU; float32 counts stay exact (bfloat16 ones would not)
-        return (self.latents != 0).reshape(-1, d_sae).float().sum(dim=0)
+        # |sign| is 1 where a latent fired: two passes, where a bool mask then its float copy and their sum take
+        # three (bool sums are slower still on CPU); float32 counts stay exact (bfloat16 ones would not)
+        return torch.sign(self.latents.reshape(-1, d_sae)).abs_().sum(dim=0, dtype=torch.float32)

@@ -60,10 +60,12 @@ class TrainConfig:
     compile: bool = False
     """Run each SAE's training forward through torch.compile (its first steps are slow while it compiles; on
     this machine's CPU it gained nothing: the step is matmul-bound; worth trying on a GPU)."""
-    autocast: bool = False
+    autocast: bool | Literal["auto"] = False
     """Run the forward pass (the SAEs' matmuls; end-to-end: the model's too) in bfloat16 under torch.autocast.
     Weights, gradients, optimiser state and losses stay float32. Fast on GPUs and on CPUs with bfloat16
-    instructions (avx512_bf16 / AMX); slow on CPUs without them."""
+    instructions (avx512_bf16 / AMX); slow on CPUs without them. 'auto' (the default of `saelab train`): on when
+    the activations come from a model running in bfloat16 (model.dtype auto on such hardware), whose activations
+    carry bfloat16's precision already; off otherwise, and off for a Trainer used without a run."""
     distributed: Literal["data", "module"] = "data"
     """Under torchrun with several processes: 'data' (each rank trains replicas of every SAE on its own share of
     the data, batch_size split between ranks, gradients averaged) or 'module' (the SAEs are dealt out to the

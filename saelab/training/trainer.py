@@ -191,7 +191,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> None:
         """One step of every SAE: forward, losses, one backward, then each SAE's own update and statistics."""
-        with torch.autocast(self.units[0].sae.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+        with torch.autocast(self.units[0].sae.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast is True):
             forwards, run = self._forward(batch)
             unit_terms = {
                 u.name: u.loss_terms(forwards[u.name], self.step, self.cfg.dead_window_tokens) for u in self.units
