@@ -104,6 +104,39 @@ def test_with_the_error_term_any_sae_gives_the_clean_logits(tiny, dtype):
     assert result["ce_loss_with_sae_and_error"] == pytest.approx(result["ce_loss_without_sae"], abs=1e-6)
 
 
+def test_spliced_losses_equal_cross_entropy_and_kl_written_out(tiny):
+    """The evaluation shares one log-softmax per run between its CE and KL: the same numbers as computing each
+    from the logits."""
+    import torch.nn.functional as F
+
+    from saelab.splice import spliced
+
+    model, data = tiny
+    sae = saelab.create_sae("topk", d_in=32, d_sae=64, k=3, hook_name=HOOK)
+    bos = model.tokenizer.bos_token_id
+    result = run(model, data, sae, error_term=False)
+    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "kl_sae": 0.0, "counted": 0, "kept": 0}
+    with torch.no_grad():
+        for tokens in heldout_contexts(model, data, 8, 4):
+            keep = tokens != bos
+            clean = model.logits(tokens)
+            with spliced(model, [sae], positions=keep):
+                with_sae = model.logits(tokens)
+            counted = keep[:, :-1]
+            for name, logits in (("ce_clean", clean), ("ce_sae", with_sae)):
+                losses = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten(), reduction="none"
+                )
+                sums[name] += float(losses[counted.flatten()].sum())
+            sums["kl_sae"] += float(M.kl_divergence(clean, with_sae)[keep].sum())
+            sums["counted"] += int(counted.sum())
+            sums["kept"] += int(keep.sum())
+    assert result["ce_loss_without_sae"] == pytest.approx(sums["ce_clean"] / sums["counted"], rel=1e-12)
+    assert result["ce_loss_with_sae"] == pytest.approx(sums["ce_sae"] / sums["counted"], rel=1e-12)
+    assert result["kl_div_with_sae"] == pytest.approx(sums["kl_sae"] / sums["kept"], rel=1e-9)
+    assert result["kl_div_with_sae"] > 1e-3
+
+
 def test_evaluate_writes_eval_json_and_plots(tiny, tmp_path):
     model, data = tiny
     sae = saelab.create_sae("topk", d_in=32, d_sae=64, k=3, hook_name=HOOK)

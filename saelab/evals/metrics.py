@@ -101,9 +101,14 @@ def density_metrics(fire_counts: Tensor, n_tokens: int) -> dict[str, float]:
 def kl_divergence(clean_logits: Tensor, other_logits: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """KL(clean || other) of the next-token distributions, per position, computed in `dtype` (differentiable:
     end-to-end training uses it as its loss, in float32, since a vocabulary-wide float64 copy per token is large)."""
-    clean = clean_logits.to(dtype).log_softmax(-1)
-    other = other_logits.to(dtype).log_softmax(-1)
-    return (clean.exp() * (clean - other)).sum(-1)
+    return kl_from_log_probs(clean_logits.to(dtype).log_softmax(-1), other_logits.to(dtype).log_softmax(-1))
+
+
+def kl_from_log_probs(clean: Tensor, other: Tensor, clean_probs: Tensor | None = None) -> Tensor:
+    """KL(clean || other) per position from log-probabilities; `clean_probs` is `clean.exp()` when the caller
+    compares one clean distribution with several others and computes it once."""
+    probs = clean.exp() if clean_probs is None else clean_probs
+    return (probs * (clean - other)).sum(-1)
 
 
 def recovered_fraction(ablated: float, with_sae: float, clean: float) -> float:

@@ -15,18 +15,22 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.evals.metrics import kl_divergence, recovered_fraction
+from saelab.evals.metrics import kl_from_log_probs, recovered_fraction
 from saelab.saes.base import SAE
 from saelab.splice import check_splice, spliced
 
 
-def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+def _log_probs(logits: Tensor) -> Tensor:
+    """Next-token log-probabilities in float64, computed once per run and shared by its CE and KL."""
+    return logits.double().log_softmax(-1)
+
+
+def _next_token_loss(log_probs: Tensor, tokens: Tensor) -> Tensor:
     """Cross-entropy of each position's prediction of the next token, `(batch, positions - 1)`."""
-    predictions, targets = logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten().to(logits.device)
-    return F.cross_entropy(predictions, targets, reduction="none").view(tokens.shape[0], -1)
+    targets = tokens[:, 1:].to(log_probs.device).unsqueeze(-1)
+    return -log_probs[:, :-1].gather(-1, targets).squeeze(-1)
 
 
 class SplicedEvaluation:
@@ -56,15 +60,17 @@ class SplicedEvaluation:
         keep = ~torch.isin(tokens, self.excluded)
         counted = keep[:, :-1]
         clean = self.model.logits(tokens)
-        ce_clean = _next_token_loss(clean, tokens)
+        clean_log_probs = _log_probs(clean)
+        clean_probs = clean_log_probs.exp()
         runs = ["sae", "zero"] + (["sae+error"] if self.error_term else [])
-        self.sums["ce_loss_without_sae"] += float(ce_clean[counted].sum())
+        self.sums["ce_loss_without_sae"] += float(_next_token_loss(clean_log_probs, tokens)[counted].sum())
         clean_top1 = clean.argmax(-1)
         for mode in runs:
             logits = self._run(tokens, keep, mode)
+            log_probs = _log_probs(logits)
             name = {"sae": "with_sae", "zero": "with_ablation", "sae+error": "with_sae_and_error"}[mode]
-            self.sums[f"ce_loss_{name}"] += float(_next_token_loss(logits, tokens)[counted].sum())
-            self.sums[f"kl_div_{name}"] += float(kl_divergence(clean, logits)[keep].sum())
+            self.sums[f"ce_loss_{name}"] += float(_next_token_loss(log_probs, tokens)[counted].sum())
+            self.sums[f"kl_div_{name}"] += float(kl_from_log_probs(clean_log_probs, log_probs, clean_probs)[keep].sum())
             if mode == "sae":
                 self.sums["top1_agreement_with_sae"] += float((logits.argmax(-1) == clean_top1)[keep].sum())
         self.counts["ce"] += int(counted.sum())
