@@ -145,6 +145,12 @@ def test_module_parallel_trains_each_layer_on_its_rank_as_one_process_would(tiny
             assert torch.equal(split.state_dict()[key], tensor), (name, key)
     summary = (tmp_path / "two" / "summary.json").read_text()
     assert '"early"' in summary and '"late"' in summary
+    logged = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    keys = {key for record in logged for key in record}
+    assert {"early/l0", "late/l0", "early/explained_variance", "late/explained_variance"} <= keys
+    assert "l0" not in keys  # one rank's SAE must not log under no name (and the other's overwrite it)
+    for name in ("early", "late"):  # the final evaluation of each, gathered from its rank
+        assert any(key.startswith(f"{name}/eval/") for key in keys), name
 
 
 @pytest.mark.parametrize("mode", ["module", "data"])

@@ -230,7 +230,7 @@ class Trainer:
             "tokens_per_second": self.tokens_per_second(),
         }
         for unit in self.units:
-            prefix = "" if len(self.units) == 1 else f"{unit.name}/"
+            prefix = self._metric_prefix(unit.name)
             record[prefix + "lr"] = unit.lr * lr_factor(self.step - 1, self.cfg)
             for name, values in unit.window.items():
                 record[prefix + name] = sum(values) / len(values)
@@ -244,8 +244,13 @@ class Trainer:
         assert self.logger is not None
         self.logger.log(self.step, record)
         self.last_record = record
-        first = "" if len(self.units) == 1 else f"{self.units[0].name}/"
+        first = self._metric_prefix(self.units[0].name)
         return {k: round(record[first + k], 4) for k in ("loss", "l0", "explained_variance", "dead_fraction")}
+
+    def _metric_prefix(self, name: str) -> str:
+        """How an SAE's metrics are named in logs: bare when it is the run's only SAE. A module-parallel rank may
+        hold one SAE of several, whose metrics meet the others' in one gathered record: always named there."""
+        return "" if len(self.units) == 1 and not self.dist.module_parallel else f"{name}/"
 
     def _evaluate(self, final: bool) -> None:
         """Run the evaluator on the SAEs as they would be saved now (`final`: the run's last evaluation, which may
@@ -258,7 +263,7 @@ class Trainer:
             results = {k: v for r in self.dist.gather_objects(results) for k, v in r.items()}
         record = {}
         for name, metrics in results.items():
-            prefix = "eval/" if len(self.units) == 1 else f"{name}/eval/"
+            prefix = self._metric_prefix(name) + "eval/"
             record.update({prefix + key: value for key, value in metrics.items()})
         self.logger.log(self.step, record)
         self.last_eval = results
@@ -298,7 +303,7 @@ class Trainer:
         """Per SAE: the metrics of the last logged window and the dead fraction now."""
         result = {}
         for unit in self.units:
-            prefix = "" if len(self.units) == 1 else f"{unit.name}/"
+            prefix = self._metric_prefix(unit.name)
             result[unit.name] = {
                 "architecture": unit.sae.cfg.architecture,
                 "steps": self.step,
