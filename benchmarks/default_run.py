@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--out_dir", default=None, help="run folder (default: a temporary one, removed)")
     parser.add_argument("--set", nargs="*", default=[], help="more options as section.key=value (YAML values)")
     args = parser.parse_args()
-    config: dict = defaultdict(dict)
+    config: dict = defaultdict(dict, {"train": {"progress_bar": False}})
     if args.tokens:
         config["train"]["total_tokens"] = args.tokens
     for option in args.set:

@@ -142,8 +142,9 @@ def test_matryoshka_sums_prefix_reconstructions():
         saelab.create_sae("matryoshka", 8, 16, k=4, matryoshka_widths=[8, 4])
 
 
-def test_auxk_reconstructs_the_residual_from_dead_latents():
-    sae = randomised(saelab.create_sae("topk", 8, 16, k=2, k_aux=3)).train()
+@pytest.mark.parametrize("k_aux", [3, 5, 8])  # fewer than the 5 dead latents, as many, more (then all of them)
+def test_auxk_reconstructs_the_residual_from_dead_latents(k_aux):
+    sae = randomised(saelab.create_sae("topk", 8, 16, k=2, k_aux=k_aux)).train()
     x = torch.randn(10, 8)
     out = sae.training_forward(x)
     assert sae.auxiliary_loss(out, x, torch.zeros(16, dtype=torch.bool)) is None
@@ -151,9 +152,9 @@ def test_auxk_reconstructs_the_residual_from_dead_latents():
     dead[[1, 4, 6, 9, 12]] = True
     residual = x - out.output.detach()
     masked = out.hidden_pre.masked_fill(~dead, float("-inf"))
-    top = masked.topk(3, dim=-1)
+    top = masked.topk(min(k_aux, 5), dim=-1)
     aux_latents = torch.zeros_like(masked).scatter(-1, top.indices, torch.relu(top.values))
-    by_hand = min(1.0, 5 / 3) * (aux_latents @ sae.W_dec - residual).pow(2).sum(-1).mean()
+    by_hand = (aux_latents @ sae.W_dec - residual).pow(2).sum(-1).mean()
     assert torch.allclose(sae.auxiliary_loss(out, x, dead), by_hand)
 
 

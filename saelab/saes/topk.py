@@ -45,7 +45,9 @@ def keep_topk(values: Tensor, k: int) -> Tensor:
 def auxk_loss(sae: SAE, out: TrainOutput, target: Tensor, dead_mask: Tensor | None, k_aux: int) -> Tensor | None:
     """Squared error of the dead latents' top-k_aux reconstruction of the live latents' residual.
 
-    Scaled by min(1, dead / k_aux) so that it fades as latents revive (Gao et al., appendix A.2).
+    At full weight however few latents are dead (sparsify scales it by min(1, dead / k_aux), which with k_aux =
+    d_sae / 2 all but switches it off once most latents live): the default run's aux_coefficient was chosen
+    with this loss at full weight to keep latents alive within 1M tokens.
     """
     if dead_mask is None:
         return None
@@ -57,11 +59,13 @@ def auxk_loss(sae: SAE, out: TrainOutput, target: Tensor, dead_mask: Tensor | No
     dead = dead_mask.nonzero().squeeze(1)
     dead_pre = out.sae_in.reshape(-1, sae.cfg.d_in) @ sae.W_enc[:, dead] + sae.b_enc[dead]
     k_aux = min(k_aux, num_dead)
-    top = dead_pre.topk(k_aux, dim=-1, sorted=False)
-    aux_latents = torch.zeros_like(dead_pre).scatter(-1, top.indices, torch.relu(top.values))
+    if k_aux == num_dead:  # every dead latent takes part (the usual case, k_aux being d_sae / 2): no selection
+        aux_latents = torch.relu(dead_pre)
+    else:
+        top = dead_pre.topk(k_aux, dim=-1, sorted=False)
+        aux_latents = torch.zeros_like(dead_pre).scatter(-1, top.indices, torch.relu(top.values))
     predicted = aux_latents @ sae.W_dec[dead]
-    scale = min(1.0, num_dead / k_aux)
-    return scale * (predicted.reshape(residual.shape) - residual).pow(2).sum(dim=-1).mean()
+    return (predicted.reshape(residual.shape) - residual).pow(2).sum(dim=-1).mean()
 
 
 @register("topk")
