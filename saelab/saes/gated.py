@@ -17,6 +17,25 @@ from saelab.saes.registry import register
 from saelab.saes.standard import relu_weighted_l1
 
 
+class _GatedLatents(torch.autograd.Function):
+    """relu(magnitude pre-activations) where the gate is open, else 0; the gradient reaches the magnitude path only
+    (the gate's step has none), where the latent is positive. aten's `threshold_backward(values, mask_source, 0)`
+    keeps the values where the source is positive: the fastest masked select on CPU (`where`, `masked_fill` or a
+    bool product run 3-8x slower), so forward and backward are three passes where autograd on
+    `where(gate > 0, relu(magnitude), 0)` took five."""
+
+    @staticmethod
+    def forward(ctx, gate_pre: Tensor, magnitude_pre: Tensor) -> Tensor:
+        latents = torch.ops.aten.threshold_backward(torch.relu(magnitude_pre), gate_pre, 0)
+        ctx.save_for_backward(latents)
+        return latents
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        (latents,) = ctx.saved_tensors
+        return None, torch.ops.aten.threshold_backward(grad, latents, 0)
+
+
 @dataclass
 class GatedConfig(SAEConfig):
     l1_coefficient: float = 3.0
@@ -59,9 +78,8 @@ class GatedSAE(SAE):
         """Gate pre-activations, magnitude pre-activations and latents from `sae_in @ W_enc`, which both paths
         share: one encoder matmul forward and one backward, not two of each."""
         gate_pre = projected + self.b_gate
-        magnitude_pre = projected * self.r_mag.exp() + self.b_mag
-        latents = torch.where(gate_pre > 0, torch.relu(magnitude_pre), 0.0)
-        return gate_pre, magnitude_pre, latents
+        magnitude_pre = torch.addcmul(self.b_mag, projected, self.r_mag.exp())
+        return gate_pre, magnitude_pre, _GatedLatents.apply(gate_pre, magnitude_pre)
 
     def encode(self, x: Tensor) -> Tensor:
         return self._gated(self._sae_input(x) @ self.W_enc)[2]

@@ -33,14 +33,18 @@ class _JumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(x, threshold)
+        # aten's threshold_backward(values, source, 0) keeps the values where the source is positive: two passes
+        # where a bool mask, its float copy and the product take three
+        latents = torch.ops.aten.threshold_backward(x, x - threshold, 0)
+        ctx.save_for_backward(x, threshold, latents)
         ctx.bandwidth = bandwidth
-        return x * (x > threshold).to(x)
+        return latents
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, threshold = ctx.saved_tensors
-        grad_x = (x > threshold).to(grad) * grad
+        x, threshold, latents = ctx.saved_tensors
+        # thresholds are positive (exp of a parameter), so a latent is positive exactly where x > threshold
+        grad_x = torch.ops.aten.threshold_backward(grad, latents, 0)
         # summed over tokens first, scaled per latent after: no full-size pass for the scale
         summed = (in_window(x, threshold, ctx.bandwidth) * grad.reshape(-1, x.shape[-1])).sum(0)
         return grad_x, -(threshold / ctx.bandwidth) * summed, None
