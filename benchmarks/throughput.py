@@ -41,27 +41,33 @@ CASES = {  # name: (architecture, options, dense SAE step?, matmuls the step can
 }
 
 
-def timed(fn, seconds: float = 4.0, device: str = "cpu") -> float:
-    """Mean seconds per call, after two warm-up calls (on a GPU, its queue drained before each clock reading)."""
+def timed(fn, seconds: float = 4.0, device: str = "cpu", warmup: int = 2, min_calls: int = 3) -> float:
+    """Mean seconds per call over at least `seconds` and `min_calls` calls, after `warmup` calls (on a GPU, its
+    queue drained before each clock reading)."""
 
     def call() -> None:
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
 
-    call()
-    call()
+    for _ in range(warmup):
+        call()
     calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or calls < 3:
+    while time.perf_counter() - start < seconds or calls < min_calls:
         call()
         calls += 1
     return (time.perf_counter() - start) / calls
 
 
-def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+def bound_matmul(batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The bounds' (batch x d_in x d_sae) matmul, into a preallocated output, as a function to time."""
     a, b = torch.randn(batch, d_in, dtype=dtype, device=device), torch.randn(d_in, d_sae, dtype=dtype, device=device)
     out = torch.empty(batch, d_sae, dtype=dtype, device=device)
-    return timed(lambda: torch.mm(a, b, out=out), device=device)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def matmul_seconds(batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    return timed(bound_matmul(batch, d_in, d_sae, dtype, device), device=device)
 
 
 def run_case(
@@ -82,11 +88,19 @@ def run_case(
     trainer = Trainer(sae, config)
     trainer.prepared = True
     x = torch.randn(batch, d_in, device=device) * 3
-    seconds = timed(lambda: trainer.train_step(x), budget, device)
+
+    def step() -> None:
+        trainer.train_step(x)
+
+    matmul = bound_matmul(batch, d_in, d_sae, torch.bfloat16 if autocast else torch.float32, device)
+    for warmup in (step, step, matmul, matmul):
+        warmup()
+    # The machine's speed drifts by ~10% within a minute: the step and its bound's matmul take turns in short
+    # rounds, and each keeps its median round, so that a ratio compares the two at the same speed.
+    rounds = [(timed(step, budget / 5, device, 0, 1), timed(matmul, budget / 10, device, 0, 1)) for _ in range(5)]
+    seconds, gemm = (sorted(times)[2] for times in zip(*rounds, strict=True))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     adam = timed(trainer.units[0].optimizer.step, budget / 2, device)  # the last step's gradients are still there
-    # the bound's matmul in the same process, just after the step: the machine's speed drifts between processes
-    gemm = matmul_seconds(batch, d_in, d_sae, torch.bfloat16 if autocast else torch.float32, device)
     return {"seconds": seconds, "peak_mib": peak_mib, "gemm": gemm, "adam": adam}
 
 
