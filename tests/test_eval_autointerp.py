@@ -353,4 +353,8 @@ def test_smollm2_explains_latents_of_an_sae_on_itself():
         assert 0 <= detail["autointerp_score"] <= 1
         record = result["eval_result_unstructured"]["latents"][str(detail["latent"])]
         assert record["explanation_answer"] and "<|im_start|>" not in record["explanation_answer"]
-        assert "<<" in record["explanation_prompt"][-1]["content"]
+        prompt = record["explanation_prompt"]  # the examples, then the answer's start as the assistant's turn
+        assert "<<" in prompt[-2]["content"] and prompt[-1] == {
+            "role": "assistant",
+            "content": "This feature activates on",
+        }

@@ -23,8 +23,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype: float32, bfloat16, float16, or auto = bfloat16 where the hardware runs it fast (CUDA GPUs with
     bfloat16; CPUs with avx512_bf16 or AMX), else float32; end-to-end training, which backpropagates through the
-    model, keeps float32 under auto. The SAEs train in their own dtype (float32) either way; bfloat16 only rounds
-    the activations they read, and harvests ~3x faster on such a CPU."""
+    model, keeps float32 under auto. The SAEs keep float32 weights either way (`train.autocast auto` runs their
+    matmuls in bfloat16 when the model does); bfloat16 rounds the activations they read, and harvests ~3x faster
+    on such a CPU."""
     device: str = "cpu"
     """Device of the model and of the activations."""
     compare_with: str | None = None

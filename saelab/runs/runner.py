@@ -333,7 +333,7 @@ def _run(config: RunConfig, overwrite: bool = False, resuming: RunConfig | None 
     if config.source == "synthetic":  # ground truth is known: report how much of it each SAE found
         found = {name: feature_recovery(sae.W_dec, config.synthetic.features) for name, sae in saes.items()}
         if dist.module_parallel:
-            found = {k: v for part in dist.gather_objects(found) for k, v in part.items()}
+            found = dist.merged(found)
         if main:
             summary = json.loads((out_dir / "summary.json").read_text())
             for name, recovery in found.items():

@@ -114,6 +114,10 @@ class Distributed:
         self._run("all-gather", dist.all_gather_object, result, obj)
         return result
 
+    def merged(self, mapping: dict[str, Any]) -> dict[str, Any]:
+        """Every rank's mapping merged into one (module parallel: each rank's entries are its own SAEs')."""
+        return {key: value for part in self.gather_objects(mapping) for key, value in part.items()}
+
     def barrier(self) -> None:
         self._run("barrier", dist.barrier)
 

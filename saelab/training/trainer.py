@@ -225,10 +225,7 @@ class Trainer:
         return {unit.name: unit.forward_local(batch) for unit in self.units}, None
 
     def _log(self) -> dict[str, float]:
-        record: dict[str, Any] = {
-            "tokens": self.tokens,
-            "tokens_per_second": self.tokens_per_second(),
-        }
+        record: dict[str, Any] = {"tokens": self.tokens, "tokens_per_second": self.tokens_per_second()}
         for unit in self.units:
             prefix = self._metric_prefix(unit.name)
             record[prefix + "lr"] = unit.lr * lr_factor(self.step - 1, self.cfg)
@@ -240,7 +237,7 @@ class Trainer:
             record[f"{WHOLE_MODEL}/{name}"] = sum(values) / len(values)
         self.model_window.clear()
         if self.dist.module_parallel:  # every rank's SAEs in one record
-            record = {k: v for r in self.dist.gather_objects(record) for k, v in r.items()}
+            record = self.dist.merged(record)
         assert self.logger is not None
         self.logger.log(self.step, record)
         self.last_record = record
@@ -260,7 +257,7 @@ class Trainer:
             return  # replicas are equal: rank 0 evaluates
         results = self.evaluator(self.final_saes(), final)
         if self.dist.module_parallel:
-            results = {k: v for r in self.dist.gather_objects(results) for k, v in r.items()}
+            results = self.dist.merged(results)
         record = {}
         for name, metrics in results.items():
             prefix = self._metric_prefix(name) + "eval/"
@@ -287,13 +284,12 @@ class Trainer:
         if main or self.dist.module_parallel:  # module parallel: each rank saves its own SAEs
             for unit in self.units:
                 density = log_feature_density(unit.fire_counts, self.tokens)
-                # replaced whole: nothing written for older weights (a resumed run's, evaluations) survives beside
-                # the new ones
+                # replaced whole: nothing written for older weights (a resumed run's, evaluations) stays beside
                 with replacing_directory(self.out_dir / unit.name) as folder:
                     saes[unit.name].save(folder, sparsity=density)
         summary = self.summary()
         if self.dist.module_parallel:
-            summary = {k: v for r in self.dist.gather_objects(summary) for k, v in r.items()}
+            summary = self.dist.merged(summary)
         if main:
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
         self.dist.barrier()  # no rank returns before every file of the run is written
@@ -330,7 +326,7 @@ class Trainer:
         units = {u.name: {**u.state_dict(), "identity": self._unit_identity[u.name]} for u in self.units}
         source_state = source.state_dict() if hasattr(source, "state_dict") else None
         if self.dist.module_parallel:
-            units = {k: v for r in self.dist.gather_objects(units) for k, v in r.items()}
+            units = self.dist.merged(units)
         if self.dist.data_parallel:
             source_state = {f"rank_{i}": s for i, s in enumerate(self.dist.gather_objects(source_state))}
         return {
