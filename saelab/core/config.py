@@ -126,6 +126,7 @@ def _first_error(errors: list[Any]) -> Any:
 
 
 def _expected_of(error: Any) -> str | None:
+    """What a pydantic error says the value must be ('true or false', "'auto'", ...), when it says."""
     if error["type"] == "literal_error":
         return str(error["ctx"]["expected"])
     return _EXPECTED.get(error["type"].split("_")[0])
@@ -162,9 +163,7 @@ def _config_error(cls: type, error: Any, where: str) -> ConfigError:
         return ConfigError(f"{key}: {raised}")
     if kind == "missing":
         return ConfigError(f"{key.rpartition('.')[0] or where}: missing key '{path[-1]}'")
-    if kind == "literal_error":
-        return ConfigError(f"{key} must be {error['ctx']['expected']}, got {error['input']!r}")
-    expected = _EXPECTED.get(kind.split("_")[0])
+    expected = _expected_of(error)
     if expected:
         return ConfigError(f"{key} must be {expected}, got {error['input']!r}")
     return ConfigError(f"{key}: {error['msg']}, got {error['input']!r}")

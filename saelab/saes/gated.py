@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
+from saelab.saes.masking import where_positive
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
 from saelab.saes.standard import relu_weighted_l1
@@ -19,21 +20,19 @@ from saelab.saes.standard import relu_weighted_l1
 
 class _GatedLatents(torch.autograd.Function):
     """relu(magnitude pre-activations) where the gate is open, else 0; the gradient reaches the magnitude path only
-    (the gate's step has none), where the latent is positive. aten's `threshold_backward(values, mask_source, 0)`
-    keeps the values where the source is positive: the fastest masked select on CPU (`where`, `masked_fill` or a
-    bool product run 3-8x slower), so forward and backward are three passes where autograd on
-    `where(gate > 0, relu(magnitude), 0)` took five."""
+    (the gate's step has none), where the latent is positive. Forward and backward are three passes with the
+    masked select of `saes/masking.py`, where autograd on `where(gate > 0, relu(magnitude), 0)` took five."""
 
     @staticmethod
     def forward(ctx, gate_pre: Tensor, magnitude_pre: Tensor) -> Tensor:
-        latents = torch.ops.aten.threshold_backward(torch.relu(magnitude_pre), gate_pre, 0)
+        latents = where_positive(torch.relu(magnitude_pre), gate_pre)
         ctx.save_for_backward(latents)
         return latents
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
         (latents,) = ctx.saved_tensors
-        return None, torch.ops.aten.threshold_backward(grad, latents, 0)
+        return None, where_positive(grad, latents)
 
 
 @dataclass

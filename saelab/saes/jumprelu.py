@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
+from saelab.saes.masking import where_positive
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
 
@@ -33,9 +34,9 @@ class _JumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        # aten's threshold_backward(values, source, 0) keeps the values where the source is positive: two passes
-        # where a bool mask, its float copy and the product take three
-        latents = torch.ops.aten.threshold_backward(x, x - threshold, 0)
+        latents = where_positive(
+            x, x - threshold
+        )  # two passes, where a bool mask, its float copy and a product take three
         ctx.save_for_backward(x, threshold, latents)
         ctx.bandwidth = bandwidth
         return latents
@@ -44,7 +45,7 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         x, threshold, latents = ctx.saved_tensors
         # thresholds are positive (exp of a parameter), so a latent is positive exactly where x > threshold
-        grad_x = torch.ops.aten.threshold_backward(grad, latents, 0)
+        grad_x = where_positive(grad, latents)
         # summed over tokens first, scaled per latent after: no full-size pass for the scale
         summed = (in_window(x, threshold, ctx.bandwidth) * grad.reshape(-1, x.shape[-1])).sum(0)
         return grad_x, -(threshold / ctx.bandwidth) * summed, None

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from saelab.saes.base import SAE
 from saelab.saes.config import SAEConfig
+from saelab.saes.masking import where_positive
 from saelab.saes.outputs import TrainOutput
 from saelab.saes.registry import register
 
@@ -52,7 +53,7 @@ class _ReLUWeightedL1(torch.autograd.Function):
             grad_weights = grad_sums @ latents if ctx.needs_input_grad[1] else None
         if grad is None:
             return None, grad_weights
-        return torch.ops.aten.threshold_backward(grad, latents, 0), grad_weights
+        return where_positive(grad, latents), grad_weights
 
 
 def relu_weighted_l1(pre: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
